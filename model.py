@@ -1,0 +1,187 @@
+"""GPT-2, as in build-nanogpt, with one addition: the forward pass takes a layer plan.
+
+A layer plan is the sequence of block indices to run, in order. Indices may skip blocks (layers
+not yet active in incremental training) or repeat them (Apollo's weight sharing across depths).
+grow.py decides the plan; the model only follows it, so it knows nothing about stages.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # 50257 padded up to a multiple of 128 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# OpenAI's released sizes; vocab padded as for training from scratch
+SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+        self.n_head = config.n_head
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # Compiled twins of the blocks, kept in a plain list so they stay out of the state dict.
+        self.compiled = None
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if hasattr(module, "RESIDUAL_SCALE"):
+                # each block adds two residual branches; keep the residual stream's variance flat
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def compile_blocks(self):
+        """Regional compilation: one graph per block, so any plan (depth, repeats) reuses it."""
+        self.compiled = [torch.compile(block) for block in self.transformer.h]
+
+    def forward(self, idx, targets=None, plan=None, no_grad_prefix=0, gates=None):
+        """idx (B, T) token ids; plan: block indices to run (default: all, in order).
+
+        no_grad_prefix: the first positions of the plan run without autograd, so backward stops
+        above them (phase 1 'isolate'). gates: one μ per plan position; a block at μ < 1 outputs
+        μ·Block(x) + (1 − μ)·x (MSG's function-preserving growth).
+        """
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
+        plan = range(self.config.n_layer) if plan is None else plan
+        blocks = self.compiled if (self.compiled and self.training) else self.transformer.h
+        grad = torch.is_grad_enabled()
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        with torch.set_grad_enabled(grad and no_grad_prefix == 0):
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for t, b in enumerate(plan):
+            with torch.set_grad_enabled(grad and t >= no_grad_prefix):
+                y = blocks[b](x)  # (B, T, C)
+                x = y if gates is None or gates[t] == 1.0 else x + gates[t] * (y - x)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8, fused=False):
+        """AdamW over every parameter (frozen ones included: AdamW skips a parameter with no grad,
+        so freezing and unfreezing never needs a new optimizer). Decay only matrices."""
+        params = list(self.parameters())
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+    @classmethod
+    def from_pretrained(cls, name):
+        """OpenAI's GPT-2 weights via Hugging Face transformers (needs it installed and internet)."""
+        if name not in SIZES:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SIZES)}")
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise SystemExit("GPT.from_pretrained needs transformers: pip install transformers")
+        hf = GPT2LMHeadModel.from_pretrained(name).state_dict()
+        model = cls(GPTConfig(vocab_size=50257, **SIZES[name]))
+        model.load_state_dict(convert_hf_state_dict(hf))
+        return model
+
+
+# OpenAI's checkpoints use Conv1D, which stores these weights as (in, out): transpose to Linear's.
+_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def convert_hf_state_dict(hf):
+    """Hugging Face GPT2LMHeadModel state dict -> this GPT's state dict."""
+    sd = {}
+    for k, v in hf.items():
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+            continue  # causal-mask buffers, not parameters
+        sd[k] = v.t() if k.endswith(_TRANSPOSED) else v
+    return sd
+
+
+def load_model(path, device="cpu"):
+    """A GPT from a train.py checkpoint, in eval mode, with the layer plan it was evaluated with."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, ckpt["eval_plan"]
