@@ -1,0 +1,430 @@
+"""
+Prepare GPT-2 token shards for nanogrow training.
+
+    python prepare_fineweb.py                      # FineWeb-Edu 10B, pre-tokenized shards (~20 GB)
+    python prepare_fineweb.py --shards 10          # the val shard and the first 10 train shards
+    python prepare_fineweb.py --source parquet     # sample-10BT parquet, tokenized here (needs pyarrow)
+    python prepare_fineweb.py --text my.txt        # any local UTF-8 text file
+
+Shards use llm.c's format: a header of 256 int32 (magic, version, token count, zeros), then the
+tokens as uint16. The first shard of a dataset is the val split: {name}_val_000000.bin, the rest
+are {name}_train_000001.bin, {name}_train_000002.bin, ...
+The hub address comes from $HF_ENDPOINT when set, else https://huggingface.co.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+from urllib.parse import quote, urljoin
+
+import numpy as np
+import requests
+import tiktoken
+from tqdm import tqdm
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+EOT = 50256  # GPT-2's <|endoftext|>, placed before every document
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+TOKENS_REPO = "kjj0/finewebedu10B-gpt2"
+TOKENS_REVISION = "main"
+TOKENS_TRAIN_SHARDS = 99
+PARQUET_REPO = "HuggingFaceFW/fineweb-edu"
+PARQUET_REVISION = "fc9850dff5e2d0f8f776efe41b24a1c49556cfc5"  # pinned so the token stream is reproducible
+PARQUET_FOLDER = "sample/10BT"
+# sample-10BT holds 9.97B tokens in 28.5 GB of parquet: at 2 bytes a token the shards take ~0.7x that
+SHARD_BYTES_PER_PARQUET_BYTE = 0.7
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+class DataError(RuntimeError):
+    """A problem the user can fix (disk too small, pyarrow missing, a failed download): one line, no traceback."""
+
+
+class DownloadError(DataError):
+    """A download failed for good: a 4xx answer, retries spent, or a file that does not verify."""
+
+
+class _Transient(Exception):
+    """A server answer worth retrying (5xx, 408, 429, a bad resume)."""
+
+
+_RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Transient)
+
+# -----------------------------------------------------------------------------
+# the shard format
+
+
+def shard_name(name, index):
+    split = "val" if index == 0 else "train"
+    return f"{name}_{split}_{index:06d}.bin"
+
+
+def write_shard(path, tokens):
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: tokens must lie in [0, 65536) to fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    # write beside the target, then rename: a crash never leaves a half-written shard under the real name
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        header.tofile(f)
+        tokens.astype("<u2", copy=False).tofile(f)
+    os.replace(tmp, path)
+
+
+def read_shard(path):
+    path = Path(path)
+    fix = "delete it and re-run prepare_fineweb.py"
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header; {fix}")
+    with open(path, "rb") as f:
+        magic, version, count = np.frombuffer(f.read(12), dtype="<i4").tolist()
+    if magic != MAGIC:
+        raise ValueError(f"{path}: bad magic {magic}, expected {MAGIC} (not a token shard?); {fix}")
+    if version != VERSION:
+        raise ValueError(f"{path}: unsupported version {version}, expected {VERSION}; {fix}")
+    if size != HEADER_BYTES + 2 * count:
+        raise ValueError(f"{path}: header says {count} tokens ({HEADER_BYTES + 2 * count} bytes) "
+                         f"but the file is {size} bytes; {fix}")
+    if count == 0:
+        return np.zeros(0, dtype=np.uint16)  # mmap cannot map zero bytes
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def _shards_ok(paths):
+    try:
+        for p in paths:
+            read_shard(p)
+    except (OSError, ValueError):
+        return False
+    return True
+
+# -----------------------------------------------------------------------------
+# downloading
+
+
+def _mismatch(path, sha256, size):
+    """Why path fails verification, or None when it passes (or there is nothing to check)."""
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return f"size is {actual} bytes, expected {size}"
+    if sha256 is not None:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != sha256.lower():
+            return f"sha256 is {digest}, expected {sha256}"
+    return None
+
+
+def _get(url, headers, timeout):
+    r = requests.get(url, headers=headers, stream=True, timeout=timeout)
+    if r.status_code >= 500 or r.status_code in (408, 429):
+        r.close()
+        raise _Transient(f"HTTP {r.status_code} {r.reason}")
+    if r.status_code >= 400 and r.status_code != 416:
+        r.close()
+        raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
+    return r
+
+
+def _retrying(attempt, what, retries, backoff):
+    """Call attempt() until it succeeds, sleeping backoff * 2**n between tries of a transient failure."""
+    for n in range(retries + 1):
+        try:
+            return attempt()
+        except _RETRYABLE as e:
+            if n == retries:
+                reason = " ".join(str(e).split())  # requests' messages can span lines
+                raise DownloadError(f"{what}: failed after {retries + 1} attempts: {reason}") from None
+            time.sleep(backoff * 2**n)
+
+
+def _fetch_rest(url, part, size, timeout, desc):
+    """One attempt to bring part up to the whole file, resuming from what it already holds."""
+    have = part.stat().st_size if part.exists() else 0
+    if have and have == size:
+        return  # an earlier run got every byte but stopped before verifying
+    # every attempt asks the hub again, so an expired signed CDN redirect is replaced by a fresh one
+    with _get(url, {"Range": f"bytes={have}-"} if have else {}, timeout) as r:
+        if r.status_code == 416:
+            part.unlink()  # we hold more bytes than the file has: junk, start over
+            raise _Transient(f"{part.name} is longer than the remote file")
+        if r.status_code != 206:
+            have = 0  # the server ignored Range and sends the whole file
+        length = int(r.headers.get("Content-Length", 0))
+        total = size if size is not None else (have + length if length else None)
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                     desc=desc, disable=None, leave=False) as bar:
+            for chunk in r.iter_content(chunk_size=1 << 16):
+                f.write(chunk)
+                bar.update(len(chunk))
+
+
+def download(url, dest, *, sha256=None, size=None, timeout=30, retries=5, backoff=1.0, desc=None):
+    """Download url to dest, resuming a previous partial download, verified by size and sha256 when given."""
+    dest = Path(dest)
+    if dest.exists():
+        if _mismatch(dest, sha256, size) is None:
+            return dest
+        dest.unlink()  # a stale or damaged copy
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    _retrying(lambda: _fetch_rest(url, part, size, timeout, desc or dest.name), url, retries, backoff)
+    problem = _mismatch(part, sha256, size)
+    if problem:
+        part.unlink()
+        raise DownloadError(f"{dest} from {url}: {problem}; deleted the download, run again to retry")
+    os.replace(part, dest)
+    return dest
+
+
+def hub_listing(endpoint, repo, revision, folder="", *, timeout=30, retries=5, backoff=1.0):
+    """{path: entry} for the files of a hub dataset repo folder; entry has size and lfs.oid (the sha256)."""
+    url = f"{endpoint}/api/datasets/{repo}/tree/{revision}"
+    if folder:
+        url += "/" + quote(folder, safe="")
+    files = {}
+    while url:
+        entries, next_url = _retrying(lambda: _get_page(url, timeout), url, retries, backoff)
+        files.update((e["path"], e) for e in entries if e.get("type") == "file")
+        url = next_url and urljoin(url, next_url)
+    return files
+
+
+def _get_page(url, timeout):
+    """One page of a hub listing and the URL of the next one (the hub paginates through the Link header)."""
+    with _get(url, {}, timeout) as r:
+        return r.json(), r.links.get("next", {}).get("url")
+
+
+def check_disk(folder, needed):
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DataError(f"not enough disk space in {folder}: need {needed:,} bytes ({needed / 1e9:.1f} GB), "
+                        f"{free:,} bytes ({free / 1e9:.1f} GB) free")
+
+
+def _bytes_to_fetch(dest, size):
+    if dest.exists() and dest.stat().st_size == size:
+        return 0
+    part = dest.with_name(dest.name + ".part")
+    return max(0, size - (part.stat().st_size if part.exists() else 0))
+
+
+def fetch_files(endpoint, repo, revision, entries, dest_dir, *, extra_bytes=0):
+    """Download hub listing entries into dest_dir, after checking the disk can hold them plus extra_bytes."""
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dests = [dest_dir / Path(e["path"]).name for e in entries]
+    check_disk(dest_dir, sum(_bytes_to_fetch(d, e["size"]) for d, e in zip(dests, entries)) + extra_bytes)
+    for dest, e in zip(dests, entries):
+        url = f"{endpoint}/datasets/{repo}/resolve/{revision}/{e['path']}"
+        download(url, dest, sha256=(e.get("lfs") or {}).get("oid"), size=e["size"])
+        print(f"ok {dest}")
+    return dests
+
+# -----------------------------------------------------------------------------
+# tokenizing
+
+
+def tokenize_text(text_path, out_dir, name, val_frac=0.1):
+    """Tokenize one text file (one document) into a val shard (its last val_frac) and a train shard."""
+    if not 0 < val_frac < 1:
+        raise ValueError(f"val_frac must be between 0 and 1, got {val_frac}")
+    enc = tiktoken.get_encoding("gpt2")
+    text = Path(text_path).read_text(encoding="utf-8")
+    tokens = np.array([EOT] + enc.encode_ordinary(text), dtype=np.uint16)
+    n_train = int(len(tokens) * (1 - val_frac))
+    out_dir = Path(out_dir)
+    val, train = out_dir / shard_name(name, 0), out_dir / shard_name(name, 1)
+    write_shard(val, tokens[n_train:])
+    write_shard(train, tokens[:n_train])
+    return [val, train]
+
+
+def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE_URL, *, retries=2):
+    """Make sure data_dir holds Tiny Shakespeare's shards, downloading input.txt if it is not there."""
+    data_dir = Path(data_dir)
+    if _shards_ok([data_dir / shard_name("tinyshakespeare", i) for i in (0, 1)]):
+        return data_dir
+    text = data_dir / "input.txt"
+    if not text.exists():
+        try:
+            download(url, text, retries=retries, desc="tinyshakespeare")
+        except DownloadError as e:
+            raise DownloadError(f"could not download Tiny Shakespeare ({e}); "
+                                f"save {TINYSHAKESPEARE_URL} as {text} and run again") from None
+    tokenize_text(text, data_dir, "tinyshakespeare")
+    return data_dir
+
+
+def write_token_shards(chunks, out_dir, name, shard_size, bar=None):
+    """Pack a stream of token arrays, in order, into shards of shard_size tokens (the last may be short)."""
+    out_dir = Path(out_dir)
+    buf = np.empty(shard_size, dtype=np.uint16)
+    filled, paths = 0, []
+    for tokens in chunks:
+        if bar is not None:
+            bar.update(len(tokens))
+        # a document that crosses a shard boundary is split across the two shards
+        while len(tokens):
+            take = min(shard_size - filled, len(tokens))
+            buf[filled:filled + take] = tokens[:take]
+            filled += take
+            tokens = tokens[take:]
+            if filled == shard_size:
+                paths.append(out_dir / shard_name(name, len(paths)))
+                write_shard(paths[-1], buf)
+                filled = 0
+    if filled:
+        paths.append(out_dir / shard_name(name, len(paths)))
+        write_shard(paths[-1], buf[:filled])
+    return paths
+
+
+def _require_pyarrow():
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DataError("reading parquet needs pyarrow: pip install pyarrow") from None
+
+
+def _text_batches(files, batch_size):
+    import pyarrow.parquet as pq
+    for path in files:
+        # batch by batch, only the text column: a 2 GB file never sits in memory whole
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["text"]):
+            yield batch.column(0).to_pylist()
+
+
+def _expected_tokens(files):
+    """Total tokens to come, from fineweb's token_count column, so the bar shows an ETA; None if unknown."""
+    import pyarrow.parquet as pq
+    total = 0
+    for path in files:
+        f = pq.ParquetFile(path)
+        if "token_count" not in f.schema_arrow.names:
+            return None
+        counts = f.read(columns=["token_count"]).column(0)
+        total += int(counts.to_numpy().sum()) + f.metadata.num_rows  # + one EOT per document
+    return int(total)
+
+
+def _tokenize_batch(texts):
+    enc = tiktoken.get_encoding("gpt2")  # cached by tiktoken after the first call in each worker
+    tokens = []
+    for text in texts:
+        tokens.append(EOT)
+        tokens.extend(enc.encode_ordinary(text))
+    return np.array(tokens, dtype=np.uint16)
+
+
+def tokenize_parquet(files, out_dir, name="finewebedu", shard_size=100_000_000, workers=None, batch_size=1024):
+    """Tokenize the text column of parquet files in a process pool into shards, in document order."""
+    _require_pyarrow()
+    with Pool(workers) as pool, \
+            tqdm(total=_expected_tokens(files), unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar:
+        # imap keeps the input order, so documents land in the shards in the order they were read
+        chunks = pool.imap(_tokenize_batch, _text_batches(files, batch_size))
+        return write_token_shards(chunks, out_dir, name, shard_size, bar)
+
+# -----------------------------------------------------------------------------
+# the two FineWeb-Edu sources
+
+
+def prepare_tokens(out_dir, endpoint, shards=TOKENS_TRAIN_SHARDS):
+    """Download the val shard and the first `shards` pre-tokenized train shards."""
+    names = [shard_name("finewebedu", i) for i in range(shards + 1)]
+    listing = hub_listing(endpoint, TOKENS_REPO, TOKENS_REVISION)
+    missing = [n for n in names if n not in listing]
+    if missing:
+        raise DownloadError(f"{endpoint}/datasets/{TOKENS_REPO} has no {missing[0]} ({len(missing)} files missing)")
+    paths = fetch_files(endpoint, TOKENS_REPO, TOKENS_REVISION, [listing[n] for n in names], out_dir)
+    for p in paths:
+        read_shard(p)
+    return paths
+
+
+def prepare_parquet(out_dir, endpoint, shard_size=100_000_000, workers=None):
+    """Download sample-10BT's parquet into out_dir/parquet and tokenize it into out_dir."""
+    out_dir = Path(out_dir)
+    # a finished tokenization leaves this record, so a re-run with the same settings is skipped
+    record = out_dir / "finewebedu_parquet.json"
+    if record.exists():
+        done = json.loads(record.read_text())
+        paths = [out_dir / n for n in done["shards"]]
+        if done["shard_size"] == shard_size and _shards_ok(paths):
+            print(f"{out_dir} already holds the tokenized shards")
+            return paths
+    _require_pyarrow()
+    listing = hub_listing(endpoint, PARQUET_REPO, PARQUET_REVISION, PARQUET_FOLDER)
+    entries = [listing[p] for p in sorted(listing) if p.endswith(".parquet")]
+    shard_bytes = int(SHARD_BYTES_PER_PARQUET_BYTE * sum(e["size"] for e in entries))
+    files = fetch_files(endpoint, PARQUET_REPO, PARQUET_REVISION, entries, out_dir / "parquet",
+                        extra_bytes=shard_bytes)
+    record.unlink(missing_ok=True)  # shards being rewritten are not finished ones
+    paths = tokenize_parquet(files, out_dir, "finewebedu", shard_size, workers)
+    # shards left by an earlier run with another --shard-size would repeat documents in training
+    for stale in set(out_dir.glob("finewebedu_*.bin")) - set(paths):
+        stale.unlink()
+    record.write_text(json.dumps({"revision": PARQUET_REVISION, "shard_size": shard_size,
+                                  "shards": [p.name for p in paths]}, indent=1))
+    return paths
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=["tokens", "parquet"], default="tokens",
+                        help="tokens: download pre-tokenized shards; parquet: download text and tokenize it here")
+    parser.add_argument("--shards", type=int, default=TOKENS_TRAIN_SHARDS,
+                        help=f"--source tokens: how many train shards of 100M tokens (0-{TOKENS_TRAIN_SHARDS})")
+    parser.add_argument("--shard-size", type=int, default=100_000_000, help="--source parquet: tokens per shard")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--source parquet: tokenizer processes")
+    parser.add_argument("--text", type=Path, help="tokenize this local UTF-8 text file instead")
+    parser.add_argument("--name", help="--text: shard name prefix (default: the file's stem)")
+    parser.add_argument("--val-frac", type=float, default=0.1, help="--text: the last fraction that becomes val")
+    parser.add_argument("--out", type=Path, help="output folder (default data/fineweb10B, or data/NAME for --text)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.shards <= TOKENS_TRAIN_SHARDS:
+        parser.error(f"--shards must be between 0 and {TOKENS_TRAIN_SHARDS}")
+    if args.shard_size < 1 or args.workers < 1:
+        parser.error("--shard-size and --workers must be positive")
+    if not 0 < args.val_frac < 1:
+        parser.error("--val-frac must be between 0 and 1")
+    endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+
+    try:
+        if args.text:
+            name = args.name or args.text.stem
+            paths = tokenize_text(args.text, args.out or Path("data") / name, name, args.val_frac)
+        elif args.source == "tokens":
+            paths = prepare_tokens(args.out or Path("data/fineweb10B"), endpoint, args.shards)
+        else:
+            paths = prepare_parquet(args.out or Path("data/fineweb10B"), endpoint, args.shard_size, args.workers)
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tokens = sum(len(read_shard(p)) for p in paths)
+    print(f"{len(paths)} shards, {tokens:,} tokens in {paths[0].parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
