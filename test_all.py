@@ -1,0 +1,697 @@
+"""nanogrow's test suite: `python -m pytest -q test_all.py`. No network; offline copies of the data
+come from ../shared/data (CI puts it beside the checkout)."""
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared" / "data"
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
+
+import tiktoken  # noqa: E402
+
+import grow  # noqa: E402
+import prepare_fineweb as pf  # noqa: E402
+import train  # noqa: E402
+from cost import step_flops  # noqa: E402
+from model import GPT, GPTConfig, convert_hf_state_dict, load_model  # noqa: E402
+
+SMALL = GPTConfig(block_size=32, vocab_size=512, n_layer=4, n_head=2, n_embd=32)
+
+
+def small_model(seed=0, cfg=SMALL):
+    torch.manual_seed(seed)
+    return GPT(cfg)
+
+
+def tokens(seed, n, vocab=512):
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# model.py
+
+
+def test_shapes_and_initial_loss():
+    cfg = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
+    model = small_model(cfg=cfg)
+    x, y = tokens(1, 64, 50257), tokens(2, 64, 50257)
+    logits, loss = model(x, y)
+    assert logits.shape == (2, 64, 50304)
+    assert abs(loss.item() - math.log(50257)) < 0.2  # a fresh model guesses uniformly
+
+
+def test_weight_tying():
+    model = small_model()
+    assert model.transformer.wte.weight is model.lm_head.weight
+    n = sum(p.numel() for p in model.parameters())  # parameters() yields the tied tensor once
+    assert n == sum(p.numel() for name, p in model.named_parameters() if name != "lm_head.weight")
+
+
+def test_hf_state_dict_round_trip():
+    model = small_model()
+    # Build what transformers' GPT2LMHeadModel would hold: Conv1D weights stored (in, out), plus mask buffers
+    hf = {}
+    for k, v in model.state_dict().items():
+        hf[k] = v.t().clone() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v.clone()
+    for i in range(SMALL.n_layer):
+        hf[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32)
+        hf[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    other = small_model(seed=1)
+    other.load_state_dict(convert_hf_state_dict(hf))
+    x = tokens(0, 16)
+    assert torch.equal(model(x)[0], other(x)[0])
+
+
+def test_layer_plan_skips_and_repeats_blocks():
+    model = small_model().eval()
+    x = tokens(0, 16)
+    h = model.transformer
+    pos = torch.arange(16)
+
+    def by_hand(plan):
+        z = h.wte(x) + h.wpe(pos)
+        for b in plan:
+            z = h.h[b](z)
+        return model.lm_head(h.ln_f(z))
+
+    with torch.no_grad():
+        for plan in ([0, 1, 2, 3], [0, 2], [1, 1, 1], [3, 0]):
+            assert torch.allclose(model(x, plan=plan)[0], by_hand(plan), atol=1e-6)
+        assert torch.equal(model(x)[0], model(x, plan=[0, 1, 2, 3])[0])
+        assert not torch.allclose(model(x, plan=[0, 1])[0], model(x)[0])
+
+
+def test_no_grad_prefix_stops_backward_and_gates_interpolate():
+    model = small_model()
+    x = tokens(0, 16)
+    _, loss = model(x, x, plan=[0, 1, 2], no_grad_prefix=2)
+    loss.backward()
+    assert all(p.grad is None for b in (0, 1) for p in model.transformer.h[b].parameters())
+    assert all(p.grad is not None for p in model.transformer.h[2].parameters())
+    assert model.transformer.wpe.weight.grad is None
+    with torch.no_grad():  # μ = 0 skips the block; μ = 1 is the plain block
+        assert torch.allclose(model(x, plan=[0, 1], gates=[1.0, 0.0])[0], model(x, plan=[0])[0], atol=1e-6)
+        assert torch.equal(model(x, plan=[0, 1], gates=[1.0, 1.0])[0], model(x, plan=[0, 1])[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py pieces: schedule, loader
+
+
+def lr_args(**kw):
+    base = dict(lr=6e-4, min_lr=6e-5, warmup=715, max_steps=19073, schedule="cosine", rewarm=0)
+    base.update(kw)
+    return type("Args", (), base)
+
+
+def test_lr_schedule_at_known_steps():
+    a = lr_args()
+    assert train.get_lr(0, a, 0) == pytest.approx(6e-4 / 715)
+    assert train.get_lr(714, a, 0) == pytest.approx(6e-4)
+    assert train.get_lr(715, a, 0) == pytest.approx(6e-4)
+    mid = 715 + (19073 - 715) // 2
+    assert train.get_lr(mid, a, 0) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
+    assert train.get_lr(19073, a, 0) == pytest.approx(6e-5)
+    assert train.get_lr(5000, lr_args(schedule="constant"), 0) == 6e-4
+    rew = lr_args(rewarm=100)
+    assert train.get_lr(5000, rew, 5000) == pytest.approx(train.get_lr(5000, a, 0) / 100)
+    assert train.get_lr(5100, rew, 5000) == pytest.approx(train.get_lr(5100, a, 0))
+
+
+def make_shards(folder, n_train=2, train_len=4097, val_len=2049, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pf.write_shard(folder / "toy_val_000000.bin", rng.integers(0, 512, val_len))
+    for i in range(n_train):
+        pf.write_shard(folder / f"toy_train_{i + 1:06d}.bin", rng.integers(0, 512, train_len))
+    return folder
+
+
+def test_loader_two_ranks_read_every_token_once(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    # token values are their own positions, so we can see which were read
+    pf.write_shard(folder / "a_train_000001.bin", np.arange(0, 1025))
+    pf.write_shard(folder / "a_train_000002.bin", np.arange(2000, 3025))
+    files, _ = sorted(folder.glob("*train*")), None
+    B, T = 2, 64
+    seen = []
+    loaders = [train.ShardLoader(files, B, T, rank, 2, seed=3) for rank in range(2)]
+    for _ in range(8):  # 1024 inputs per shard / (2·64·2) = 4 windows per shard
+        for ld in loaders:
+            x, y = ld.next_batch()
+            assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+            seen += x.flatten().tolist()
+    expected = list(range(0, 1024)) + list(range(2000, 3024))
+    assert sorted(seen) == expected  # every token once, none twice
+    assert loaders[0].state_dict() == {"epoch": 0, "shard": 1, "pos": 1024}
+    loaders[0].next_batch()
+    assert loaders[0].state_dict()["epoch"] == 1
+    # shard order differs between epochs (seeded), the same for every rank
+    assert [loaders[0].order(e) for e in range(6)] == [loaders[1].order(e) for e in range(6)]
+    assert len({tuple(loaders[0].order(e)) for e in range(6)}) == 2
+
+
+def test_loader_refuses_bad_shards(tmp_path):
+    bad = tmp_path / "x_train_000001.bin"
+    pf.write_shard(bad, np.arange(100))
+    raw = bytearray(bad.read_bytes())
+    raw[0] = 7  # break the magic number
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="x_train_000001.bin"):
+        train.ShardLoader([bad], 2, 8, 0, 1, 0).next_batch()
+    small = tmp_path / "y_train_000001.bin"
+    pf.write_shard(small, np.arange(10))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        train.ShardLoader([small], 2, 8, 0, 1, 0).next_batch()
+
+
+# ----------------------------------------------------------------------------------------------
+# Running train.py end to end on a toy config
+
+
+TOY = ["--n-layer", "4", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--batch-size", "4",
+       "--total-batch", "256", "--val-tokens", "256", "--eval-every", "4", "--warmup", "2",
+       "--lr", "3e-3", "--min-lr", "3e-4", "--hellaswag-every", "0", "--device", "cpu"]
+
+
+def run_train(out, data, *flags):
+    train.main(["--preset", "tiny", "--data-dir", str(data), "--out", str(out), *TOY, *flags])
+    return read_log(out)
+
+
+def read_log(out):
+    """Step records, the last one written for each step (a resumed run may log a step again)."""
+    recs = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in recs if "loss" in r}
+    return [steps[k] for k in sorted(steps)], [r for r in recs if "val_loss" in r]
+
+
+def torchrun(out, data, *flags, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29500 + os.getpid() % 1000), str(HERE / "train.py"), "--preset", "tiny",
+           "--data-dir", str(data), "--out", str(out), *TOY, *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return read_log(out)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("data"))
+
+
+def test_baseline_run_learns_and_logs(tmp_path, data):
+    steps, evals = run_train(tmp_path, data, "--max-steps", "12")
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    rec = steps[0]
+    assert {"step", "loss", "lr", "tokens", "flops", "dt", "stage", "phase", "active_layers",
+            "trainable_layers"} <= set(rec)
+    cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
+    full = list(range(4))
+    assert rec["flops"] == step_flops(cfg, full, full, 0, 256, 32)
+    assert steps[-1]["flops"] == 12 * rec["flops"] and steps[-1]["tokens"] == 12 * 256
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain data only
+    assert ckpt["step"] == 12 and isinstance(ckpt["config"], dict)
+    model, plan = load_model(tmp_path / "ckpt.pt")
+    assert plan == full and model.config.n_layer == 4
+
+
+def killed_run(out, data, at_step, *flags):
+    """Run train.py in a subprocess and SIGTERM it once it prints step `at_step`: the stop path a
+    cluster's preemption takes. Returns the step its checkpoint holds."""
+    cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny", "--data-dir", str(data),
+           "--out", str(out), *TOY, "--ckpt-every", "100", *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith(f"step {at_step:5d} |"):
+            proc.send_signal(signal.SIGTERM)  # checkpoints at the end of the step it is in
+    assert proc.wait(timeout=120) == 0
+    return torch.load(out / "ckpt.pt", weights_only=True)["step"]
+
+
+def test_resume_after_sigterm_reproduces_losses_exactly(tmp_path, data):
+    full, _ = run_train(tmp_path / "a", data, "--max-steps", "10")
+    out = tmp_path / "b"
+    assert 3 <= killed_run(out, data, 3, "--max-steps", "10") < 10
+    resumed, _ = run_train(out, data, "--max-steps", "10", "--resume")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["flops"] for r in resumed] == [r["flops"] for r in full]
+
+
+def test_ddp_two_ranks_match_one_process_with_twice_the_accumulation(tmp_path, data):
+    one, v1 = run_train(tmp_path / "one", data, "--max-steps", "6", "--total-batch", "256")
+    two, v2 = torchrun(tmp_path / "two", data, "--max-steps", "6", "--total-batch", "256")
+    assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
+    assert np.allclose([r["val_loss"] for r in v1], [r["val_loss"] for r in v2], atol=1e-5, rtol=0)
+    assert [r["flops"] for r in one] == [r["flops"] for r in two]
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
+    def error_of(*flags, data_dir=data):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--preset", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path / "x"),
+                        *TOY, *flags])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err
+        return err
+
+    assert "no train and val shards" in error_of(data_dir=tmp_path / "empty")
+    assert "--total-batch 250 must be a multiple" in error_of("--total-batch", "250")
+    assert "no checkpoint" in error_of("--resume")
+    assert "exceeds the 4 layers" in error_of("--stages", "5")
+    assert "exceeds --max-steps" in error_of("--stages", "2", "--inc-steps", "20", "--max-steps", "10")
+    assert "phase would be empty" in error_of("--stages", "4", "--inc-steps", "4", "--max-steps", "10")
+    assert "must end at the model's 4 layers" in error_of("--regime", "apollo", "--grow-layers", "1,2")
+    corrupt = make_shards(tmp_path / "corrupt")
+    victim = corrupt / "toy_train_000001.bin"
+    victim.write_bytes(victim.read_bytes()[:3000])  # a truncated download
+    assert "toy_train_000001.bin" in error_of("--max-steps", "40", data_dir=corrupt)
+
+
+def test_checkpoint_from_another_config_is_refused_and_nan_keeps_last_good(tmp_path, data, capsys):
+    run_train(tmp_path, data, "--max-steps", "4")
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, data, "--max-steps", "4", "--lr", "1e-3", "--resume")
+    err = capsys.readouterr().err
+    assert "another config" in err and "lr: 0.003 there, 0.001 here" in err
+    # poison the weights: the next step's loss is NaN, the run stops, the checkpoint stays as it was
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.h.0.mlp.c_fc.weight"].fill_(float("nan"))
+    ckpt["config"]["max_steps"] = 8
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, data, "--max-steps", "8", "--resume")
+    assert e.value.code == 2
+    assert "loss is nan at step 4" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# grow.py: the incremental regime (Li, Fung & Huang)
+
+
+@pytest.mark.parametrize("S,sizes", [(4, [3, 3, 3, 3]), (8, [2, 1, 2, 1, 2, 1, 2, 1]), (12, [1] * 12)])
+def test_incremental_plan_on_12_layers(S, sizes):
+    stages = grow.incremental_stages(12, S, 10000)
+    active = [s.layers for s in stages[:-1]]
+    assert np.diff([0] + active).tolist() == sizes
+    assert [s.start for s in stages] == [i * 10000 // S for i in range(S)] + [10000]
+    assert stages[-1] == grow.Stage(10000, 12, 0)  # continual training, all layers
+    for i, st in enumerate(stages[:-1]):
+        end = stages[i + 1].start
+        assert st.phase1 == round((end - st.start) / 2)
+        p1, p2 = grow.step_plan(stages, st.start), grow.step_plan(stages, end - 1)
+        assert (p1.stage, p1.phase, p2.phase) == (i + 1, 1, 2)
+        prev = active[i - 1] if i else 0
+        assert p1.trainable == tuple(range(prev, st.layers)) and p2.trainable == tuple(range(st.layers))
+        assert grow.step_plan(stages, st.start + st.phase1).phase == 2
+        assert grow.step_plan(stages, st.start + st.phase1 - 1).phase == 1
+    last = grow.step_plan(stages, 10000)
+    assert last.trainable == tuple(range(12)) and last.stage == S + 1
+    assert grow.incremental_stages(12, S, 10000, freeze="none")[0].phase1 == 0
+
+
+def phase1_step(mode):
+    """One phase-1 step of stage 2 (blocks 0-1 old, 2-3 new), as train.py takes it."""
+    model = small_model()
+    stages = grow.incremental_stages(4, 2, 100, freeze=mode)
+    sp = grow.step_plan(stages, 50, mode)
+    assert sp.phase == 1 and sp.trainable == (2, 3)
+    grow.set_trainable(model, sp)
+    opt = model.configure_optimizer(1e-2, 0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = tokens(0, 32)
+    _, loss = model(x, x, plan=range(4), no_grad_prefix=sp.isolate)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    opt.step()
+    return model, before, grads, sp
+
+
+@pytest.mark.parametrize("mode", ["freeze", "isolate"])
+def test_phase1_trains_only_new_blocks(mode):
+    model, before, grads, sp = phase1_step(mode)
+    after = model.state_dict()
+    for k in before:
+        if k.startswith(("transformer.h.0.", "transformer.h.1.")):
+            assert torch.equal(before[k], after[k]), k
+            assert grads[k] is None
+        if k.startswith(("transformer.h.2.", "transformer.h.3.")) and k.endswith("weight"):
+            assert not torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # the tied head trains
+    # freeze passes gradients through the old blocks to wpe; isolate stops above them
+    assert (grads["transformer.wpe.weight"] is None) == (mode == "isolate")
+
+
+def test_isolate_cuts_backward_flops():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    counted = {}
+    for mode in ("freeze", "isolate"):
+        model = small_model()
+        sp = grow.step_plan(grow.incremental_stages(4, 2, 100, freeze=mode), 50, mode)
+        grow.set_trainable(model, sp)
+        x = tokens(0, 32)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            _, loss = model(x, x, plan=range(4), no_grad_prefix=sp.isolate)
+            loss.backward()
+        counted[mode] = fc.get_total_flops()
+        assert counted[mode] == step_flops(SMALL, range(4), sp.trainable, sp.isolate, x.numel(), 32)
+    assert counted["isolate"] < counted["freeze"]
+
+
+@pytest.mark.parametrize("op,same", [("zero", True), ("msg", True), ("random", False), ("stack", False),
+                                     ("copy-top", False)])
+def test_growth_ops_that_preserve_the_function(op, same):
+    model = small_model().eval()
+    x = tokens(0, 16)
+    with torch.no_grad():
+        before = model(x, plan=[0, 1])[0]
+        grow.grow(model.transformer.h, 2, 4, op)
+        gates = [1.0, 1.0, 0.0, 0.0] if op == "msg" else None  # MSG's new blocks enter at μ = 0
+        after = model(x, plan=[0, 1, 2, 3], gates=gates)[0]
+    assert torch.allclose(before, after, atol=1e-5) == same
+
+
+def test_ddp_matches_one_process_across_phase_and_stage_boundaries(tmp_path, data):
+    flags = ["--stages", "2", "--inc-steps", "8", "--max-steps", "10", "--phase1-mode", "isolate"]
+    one, _ = run_train(tmp_path / "one", data, *flags)
+    two, _ = torchrun(tmp_path / "two", data, *flags)
+    assert [(r["stage"], r["phase"]) for r in one] == [(1, 1)] * 2 + [(1, 2)] * 2 + [(2, 1)] * 2 + \
+        [(2, 2)] * 2 + [(3, 2)] * 2
+    assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
+
+
+def test_resume_across_stage_and_continual_boundaries(tmp_path, data):
+    flags = ["--stages", "2", "--inc-steps", "8", "--max-steps", "12", "--grow-op", "copy-top",
+             "--continual-optimizer", "fresh"]
+    full, _ = run_train(tmp_path / "a", data, *flags)
+    out = tmp_path / "b"
+    assert killed_run(out, data, 2, *flags) <= 4  # stage 2 starts at step 4
+    resumed, _ = run_train(out, data, *flags, "--resume")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["stage"] for r in resumed] == [1] * 4 + [2] * 4 + [3] * 4
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare_fineweb.py: shards, downloads (against a fake hub on 127.0.0.1), tokenizing
+
+SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
+FAST = dict(retries=3, backoff=0.01)  # keep retry sleeps short
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """Serves server.routes {path: (body, headers)}; honours Range unless told not to; can fail on purpose."""
+
+    def do_GET(self):
+        hub = self.server
+        rng = self.headers.get("Range")
+        hub.log.append((self.path, rng))
+        if hub.errors:  # answer the next requests with these status codes
+            self.send_error(hub.errors.pop(0))
+            return
+        if self.path not in hub.routes:
+            self.send_error(404)
+            return
+        body, headers = hub.routes[self.path]
+        start = int(rng.removeprefix("bytes=").removesuffix("-")) if rng and not hub.ignore_range else 0
+        self.send_response(206 if rng and not hub.ignore_range else 200)
+        if rng and not hub.ignore_range:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Length", str(len(body) - start))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        rest = body[start:]
+        if hub.drops:  # promise the full length, send a third, hang up
+            hub.drops -= 1
+            self.wfile.write(rest[:len(rest) // 3])
+            self.close_connection = True
+            return
+        self.wfile.write(rest)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.routes, server.log, server.errors, server.drops, server.ignore_range = {}, [], [], 0, False
+    server.url = f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def dead_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/input.txt"
+
+
+def entry(path, body):
+    return {"type": "file", "path": path, "size": len(body),
+            "lfs": {"oid": hashlib.sha256(body).hexdigest(), "size": len(body)}}
+
+
+def serve_repo(hub, repo, revision, folder, files, page_size=2):
+    """Serve files {path: bytes} under the resolve URL, and their listing in pages linked by `Link`."""
+    for path, body in files.items():
+        hub.routes[f"/datasets/{repo}/resolve/{revision}/{path}"] = (body, {})
+    listing = [{"type": "directory", "path": "sub"}] + [entry(p, b) for p, b in files.items()]
+    base = f"/api/datasets/{repo}/tree/{revision}" + (f"/{folder.replace('/', '%2F')}" if folder else "")
+    pages = [listing[i:i + page_size] for i in range(0, len(listing), page_size)]
+    for i, page in enumerate(pages):
+        headers = {"Link": f'<{hub.url}{base}?cursor={i + 1}>; rel="next"'} if i + 1 < len(pages) else {}
+        hub.routes[base + (f"?cursor={i}" if i else "")] = (json.dumps(page).encode(), headers)
+
+
+def shard_bytes(tmp_path, tokens):
+    pf.write_shard(tmp_path / "x.bin", tokens)
+    return (tmp_path / "x.bin").read_bytes()
+
+
+def leftovers(folder):
+    return [p.name for p in Path(folder).iterdir() if p.suffix in (".part", ".tmp")]
+
+# -----------------------------------------------------------------------------
+# shard format
+
+
+def test_shard_roundtrip(tmp_path):
+    tokens = np.array([0, 1, 50256, 65535], dtype=np.int64)
+    pf.write_shard(tmp_path / "a.bin", tokens)
+    assert (tmp_path / "a.bin").stat().st_size == 1024 + 2 * 4
+    assert np.array_equal(pf.read_shard(tmp_path / "a.bin"), tokens)
+    pf.write_shard(tmp_path / "empty.bin", [])
+    assert len(pf.read_shard(tmp_path / "empty.bin")) == 0
+    assert leftovers(tmp_path) == []
+    with pytest.raises(ValueError):
+        pf.write_shard(tmp_path / "b.bin", [65536])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: np.int32(123).tobytes() + b[4:], "bad magic 123"),
+    (lambda b: b[:4] + np.int32(7).tobytes() + b[8:], "version 7"),
+    (lambda b: b[:-10], "header says 100 tokens"),
+    (lambda b: b[:500], "shorter than the 1024-byte header"),
+])
+def test_read_shard_errors(tmp_path, damage, message):
+    good = shard_bytes(tmp_path, np.arange(100))
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(damage(good))
+    with pytest.raises(ValueError) as e:
+        pf.read_shard(bad)
+    msg = str(e.value)
+    assert message in msg and str(bad) in msg and "re-run prepare_fineweb.py" in msg and "\n" not in msg
+
+# -----------------------------------------------------------------------------
+# download
+
+
+def test_download_retries_and_resumes(hub, tmp_path):
+    body = os.urandom(300_000)
+    hub.routes["/f.bin"] = (body, {})
+    hub.errors, hub.drops = [503], 2
+    dest = pf.download(f"{hub.url}/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(body).hexdigest(),
+                       size=len(body), **FAST)
+    assert dest.read_bytes() == body and leftovers(tmp_path) == []
+    ranges = [r for _, r in hub.log]
+    assert len(ranges) == 4 and ranges[:2] == [None, None]
+    assert all(r.startswith("bytes=") and r != "bytes=0-" for r in ranges[2:])  # resumed, twice
+    # a verified file is not fetched again
+    pf.download(f"{hub.url}/f.bin", dest, sha256=hashlib.sha256(body).hexdigest(), size=len(body), **FAST)
+    assert len(hub.log) == 4
+
+
+def test_download_restarts_when_range_is_ignored(hub, tmp_path):
+    body = os.urandom(200_000)
+    hub.routes["/f.bin"] = (body, {})
+    hub.drops, hub.ignore_range = 1, True
+    dest = pf.download(f"{hub.url}/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(body).hexdigest(),
+                       size=len(body), **FAST)
+    assert dest.read_bytes() == body and leftovers(tmp_path) == []
+    assert hub.log[1][1] is not None  # it did ask to resume, and coped with a 200
+
+
+def test_download_sha256_mismatch(hub, tmp_path):
+    body = os.urandom(50_000)
+    hub.routes["/f.bin"] = (body[:-1] + bytes([body[-1] ^ 1]), {})
+    with pytest.raises(pf.DownloadError) as e:
+        pf.download(f"{hub.url}/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(body).hexdigest(),
+                    size=len(body), **FAST)
+    assert "f.bin" in str(e.value) and "sha256" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_404_and_dead_server(hub, tmp_path):
+    with pytest.raises(pf.DownloadError, match="404"):
+        pf.download(f"{hub.url}/missing.bin", tmp_path / "m.bin", **FAST)
+    assert len(hub.log) == 1  # a 404 is not retried
+    with pytest.raises(pf.DownloadError, match="failed after 4 attempts"):
+        pf.download(dead_url(), tmp_path / "m.bin", **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+# -----------------------------------------------------------------------------
+# sources
+
+
+def test_tokens_source(hub, tmp_path, monkeypatch, capsys):
+    files = {pf.shard_name("finewebedu", i): shard_bytes(tmp_path, np.arange(100 * i, 100 * i + 50 + i))
+             for i in range(4)}
+    files[".gitattributes"] = b"*.bin filter=lfs\n"
+    serve_repo(hub, pf.TOKENS_REPO, "main", "", files)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    out = tmp_path / "out"
+    assert pf.main(["--source", "tokens", "--shards", "2", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(pf.shard_name("finewebedu", i) for i in range(3))
+    for i in range(3):
+        assert np.array_equal(pf.read_shard(out / pf.shard_name("finewebedu", i)), np.arange(100 * i, 100 * i + 50 + i))
+    # a re-run only reads the listing
+    n = len(hub.log)
+    assert pf.main(["--source", "tokens", "--shards", "2", "--out", str(out)]) == 0
+    assert all("/api/" in path for path, _ in hub.log[n:])
+    # asking for more shards than the hub has is one clear error
+    assert pf.main(["--source", "tokens", "--shards", "9", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "finewebedu_train_000004.bin" in err and err.count("\n") == 1
+
+
+def test_disk_too_small(hub, tmp_path, monkeypatch, capsys):
+    serve_repo(hub, pf.TOKENS_REPO, "main", "", {pf.shard_name("finewebedu", 0): shard_bytes(tmp_path, range(5000))})
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    assert pf.main(["--shards", "0", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "not enough disk space" in err and "11,024 bytes" in err and "100 bytes" in err and err.count("\n") == 1
+
+
+def make_parquet(path, texts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    enc = tiktoken.get_encoding("gpt2")
+    table = pa.table({"id": [f"doc{i}" for i in range(len(texts))], "text": texts,
+                      "token_count": [len(enc.encode_ordinary(t)) for t in texts]})
+    pq.write_table(table, path, row_group_size=3)
+    return path.read_bytes()
+
+
+def test_parquet_source(hub, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    words = ["the", "grow", "layer", "café", "\n", "GPT-2", "<|endoftext|>", "tokens", "😀", "data"]
+    docs = [" ".join(rng.choice(words, size=rng.integers(1, 120))) for _ in range(30)]
+    files = {f"sample/10BT/{i:03d}_00000.parquet": make_parquet(tmp_path / f"{i}.parquet", docs[i * 10:(i + 1) * 10])
+             for i in range(3)}
+    serve_repo(hub, pf.PARQUET_REPO, pf.PARQUET_REVISION, "sample/10BT", files)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    out = tmp_path / "out"
+    argv = ["--source", "parquet", "--shard-size", "256", "--workers", "2", "--out", str(out)]
+    assert pf.main(argv) == 0
+
+    enc = tiktoken.get_encoding("gpt2")
+    expected = np.concatenate([[pf.EOT] + enc.encode_ordinary(d) for d in docs])
+    shards = sorted(out.glob("*.bin"), key=lambda p: p.name.split("_")[-1])
+    assert shards[0].name == "finewebedu_val_000000.bin"
+    assert [p.name for p in shards[1:]] == [pf.shard_name("finewebedu", i) for i in range(1, len(shards))]
+    lengths = [len(pf.read_shard(p)) for p in shards]
+    assert sum(lengths) == len(expected) == sum(1 + len(enc.encode_ordinary(d)) for d in docs)
+    assert set(lengths[:-1]) == {256} and 0 < lengths[-1] <= 256
+    assert np.array_equal(np.concatenate([pf.read_shard(p) for p in shards]), expected)
+    assert sorted(p.name for p in (out / "parquet").iterdir()) == ["000_00000.parquet", "001_00000.parquet", "002_00000.parquet"]
+
+    # a re-run with the same settings makes no request and rewrites nothing
+    n, mtimes = len(hub.log), [p.stat().st_mtime_ns for p in shards]
+    assert pf.main(argv) == 0
+    assert len(hub.log) == n and [p.stat().st_mtime_ns for p in shards] == mtimes
+
+    # another shard size re-tokenizes from the downloaded parquet and leaves no stale shards behind
+    assert pf.main(argv[:2] + ["--shard-size", "100000"] + argv[4:]) == 0
+    assert [p.name for p in out.glob("*.bin")] == ["finewebedu_val_000000.bin"]
+    assert len(hub.log) == n + 2  # the listing only
+
+
+def test_parquet_needs_pyarrow(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert pf.main(["--source", "parquet", "--out", str(tmp_path)]) == 1
+    assert "pip install pyarrow" in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# local text and Tiny Shakespeare
+
+
+def test_text_source(tmp_path):
+    assert pf.main(["--text", str(SHAKESPEARE), "--name", "shakes", "--out", str(tmp_path)]) == 0
+    val = pf.read_shard(tmp_path / "shakes_val_000000.bin")
+    train = pf.read_shard(tmp_path / "shakes_train_000001.bin")
+    assert len(train) + len(val) == 338_026 and train[0] == pf.EOT
+    assert abs(len(val) - 33_803) <= 1
+    enc = tiktoken.get_encoding("gpt2")
+    assert enc.decode(val[-20:].tolist()) in SHAKESPEARE.read_text(encoding="utf-8")[-200:]
+
+
+def test_tinyshakespeare_local_file(tmp_path):
+    shutil.copy(SHAKESPEARE, tmp_path / "input.txt")
+    assert pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0) == tmp_path
+    total = sum(len(pf.read_shard(tmp_path / f)) for f in ["tinyshakespeare_val_000000.bin", "tinyshakespeare_train_000001.bin"])
+    assert total == 338_026
+    (tmp_path / "input.txt").unlink()
+    assert pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0) == tmp_path  # shards are enough
+
+
+def test_tinyshakespeare_download(hub, tmp_path):
+    hub.routes["/input.txt"] = (SHAKESPEARE.read_bytes(), {})
+    data_dir = tmp_path / "ts"
+    assert pf.prepare_tinyshakespeare(data_dir, url=f"{hub.url}/input.txt") == data_dir
+    assert (data_dir / "input.txt").read_bytes() == SHAKESPEARE.read_bytes()
+    assert len(pf.read_shard(data_dir / "tinyshakespeare_train_000001.bin")) > 300_000
+
+
+def test_tinyshakespeare_offline(tmp_path):
+    with pytest.raises(pf.DownloadError) as e:
+        pf.prepare_tinyshakespeare(tmp_path / "ts", url=dead_url(), retries=0)
+    assert str(tmp_path / "ts" / "input.txt") in str(e.value) and "\n" not in str(e.value)
