@@ -4,7 +4,6 @@ A layer plan is the sequence of block indices to run, in order. Indices may skip
 not yet active in incremental training) or repeat them (Apollo's weight sharing across depths).
 grow.py decides the plan; the model only follows it, so it knows nothing about stages.
 """
-import math
 from dataclasses import asdict, dataclass
 
 import torch
