@@ -413,6 +413,106 @@ def test_resume_across_stage_and_continual_boundaries(tmp_path, data):
     assert [r["stage"] for r in resumed] == [1] * 4 + [2] * 4 + [3] * 4
 
 
+
+# ----------------------------------------------------------------------------------------------
+# grow.py: Apollo and the growth operators (Pan et al.; SPEC §3-4)
+
+
+@pytest.mark.parametrize("u,p_u,mean", [(1, 0.736, 1.77), (3, 0.637, 4.23), (6, 0.648, 7.14)])
+def test_lvps_matches_its_closed_form(u, p_u, mean):
+    x = np.random.default_rng(0).uniform(grow.X_MIN, 1.0, 200_000)
+    d = grow.lvps_depth(x, u, 12)
+    assert d.min() >= u and d.max() <= 12
+    probs = grow.lvps_probs(u, 12)
+    assert sorted(probs) == list(range(u, 13)) and sum(probs.values()) == pytest.approx(1.0)
+    emp = np.bincount(d, minlength=13)[u:] / len(d)
+    assert np.abs(emp - [probs[k] for k in range(u, 13)]).max() < 0.005  # ~4 standard errors
+    assert probs[u] == pytest.approx(p_u, abs=0.001) and emp[0] == pytest.approx(p_u, abs=0.005)
+    assert sum(k * p for k, p in probs.items()) == pytest.approx(mean, abs=0.005)
+    assert d.mean() == pytest.approx(mean, abs=0.02)
+    k = u + 2  # SPEC's closed form for u < k < L
+    b = 12 / u + 0.4
+    n = (b * grow.X_MIN - 0.6) / (0.6 - b)
+    assert probs[k] == pytest.approx(0.6 * (n + 1) * u * (1 / k - 1 / (k + 1)) / (1 - grow.X_MIN))
+
+
+def test_depth_samplers_are_pure_and_in_range():
+    assert grow.lvps_depth(np.random.default_rng(1).uniform(size=1000), 12, 12).tolist() == [12] * 1000
+    draws = [grow.sample_depth("lvps", 3, 12, 7, s, m) for s in range(50) for m in range(4)]
+    assert draws == [grow.sample_depth("lvps", 3, 12, 7, s, m) for s in range(50) for m in range(4)]
+    assert set(draws) > {3} and set(draws) <= set(range(3, 13))
+    uni = [grow.sample_depth("uniform", 3, 12, 7, s, 0) for s in range(400)]
+    assert set(uni) == set(range(3, 13))
+    assert grow.sample_depth("full", 3, 12, 7, 0, 0) == 12 and grow.sample_depth("unique", 3, 12, 7, 0, 0) == 3
+
+
+def test_sharing_and_growth_maps():
+    assert grow.layer_plan(12, 3) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert grow.layer_plan(4, 3) == [0, 0, 1, 2]
+    assert grow.layer_plan(6, 3, "cyclic") == [0, 1, 2, 0, 1, 2]
+    assert all(grow.layer_plan(d, u) == [t * u // d for t in range(d)] for d in range(1, 40) for u in range(1, d + 1))
+    assert grow.growth_map(1, 3, "interp") == [0, 0, 0]
+    assert grow.growth_map(3, 6, "interp") == [0, 0, 1, 1, 2, 2]
+    assert grow.growth_map(6, 12, "interp") == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert grow.growth_map(3, 6, "stack") == [0, 1, 2, 0, 1, 2]
+    assert grow.growth_map(3, 12, "stack") == [0, 1, 2] * 4  # G_stack, g = 4
+    assert grow.growth_map(3, 5, "copy-top") == [0, 1, 2, 1, 2]
+    assert grow.growth_map(2, 4, "zero") == [0, 1, None, None]
+
+
+def test_interpolation_preserves_the_function_only_at_integer_ratios():
+    cfg = GPTConfig(block_size=32, vocab_size=512, n_layer=12, n_head=2, n_embd=32)
+    x = tokens(0, 16)
+    for u, u2, same in [(1, 3, True), (3, 6, True), (6, 12, True), (4, 6, False)]:
+        model = small_model(cfg=cfg).eval()
+        with torch.no_grad():
+            before = {d: model(x, plan=grow.layer_plan(d, u))[0] for d in range(u2, 13)}
+            grow.grow(model.transformer.h, u, u2, "interp")
+            kept = [torch.allclose(logits, model(x, plan=grow.layer_plan(d, u2))[0], atol=1e-5)
+                    for d, logits in before.items()]
+        # 4 -> 6 happens to keep depth 6 ([0,0,1,2,2,3] either way) but not the others
+        assert all(kept) if same else not all(kept), (u, u2, kept)
+
+
+def test_apollo_flops_column_is_the_sum_of_sampled_depth_costs(tmp_path, data):
+    steps, _ = run_train(tmp_path, data, "--regime", "apollo", "--max-steps", "20",
+                         "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5")
+    cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
+    total, seen = 0, set()
+    for r in steps:
+        u = r["unique_layers"]
+        assert len(r["depth"]) == 2 and all(u <= d <= 4 for d in r["depth"])  # 2 micro-batches a step
+        for d in r["depth"]:
+            total += step_flops(cfg, grow.layer_plan(d, u), range(u), 0, 128, 32)
+            seen.add((u, d))
+        assert r["flops"] == total
+    assert [r["unique_layers"] for r in steps] == [1] * 5 + [2] * 5 + [4] * 10
+    assert len({d for u, d in seen if u == 1}) > 1  # LVPS really varies the depth
+    model, plan = load_model(tmp_path / "ckpt.pt")  # the end product is a plain 4-layer GPT
+    assert plan == [0, 1, 2, 3]
+
+
+def test_apollo_ddp_draws_the_same_depths_and_matches_one_process(tmp_path, data):
+    flags = ["--regime", "apollo", "--max-steps", "8", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5",
+             "--total-batch", "256"]
+    # two ranks of 4 sequences each read what one process reads as 8 sequences, at the same depths
+    one, _ = run_train(tmp_path / "one", data, *flags, "--batch-size", "8")
+    two, _ = torchrun(tmp_path / "two", data, *flags)
+    assert [r["depth"] for r in one] == [r["depth"] for r in two]
+    assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("regime", ["stack", "gstack", "msg", "zero"])
+def test_growth_regimes_run_and_grow(tmp_path, data, regime):
+    steps, evals = run_train(tmp_path, data, "--regime", regime, "--max-steps", "8",
+                             "--grow-layers", "1,2,4" if regime != "gstack" else "1,4",
+                             "--grow-at", "0.25,0.5" if regime != "gstack" else "0.5")
+    assert steps[-1]["unique_layers"] == 4 and steps[0]["unique_layers"] == 1
+    assert all(r["depth"] == [r["unique_layers"]] * 2 for r in steps)
+    assert math.isfinite(evals[-1]["val_loss"])
+    if regime == "gstack":  # LR rewarms from the boundary
+        assert steps[4]["lr"] < steps[3]["lr"] / 1.5
+
 # ----------------------------------------------------------------------------------------------
 # prepare_fineweb.py: shards, downloads (against a fake hub on 127.0.0.1), tokenizing
 
