@@ -1,8 +1,31 @@
-"""What training really costs, in FLOPs.
+"""What training really costs, in FLOPs, and when an incremental run has spent what the baseline does.
+
+    python cost.py --stages 4                       # the paper's derivation beside exact FLOPs
+    python cost.py --stages 8 --cost exact --phase1-mode isolate
+    python cost.py --regime apollo                  # expected FLOPs of a growth schedule
+    python cost.py --measure                        # time real training steps against their FLOPs
+
+Three models of the same incremental run, coarse to exact:
+  paper          forward and backward each cost c per layer per token (Li et al.'s derivation)
+  fwd 1, bwd 2   per layer, backward twice the forward; frozen layers passed through at 1 (freeze)
+  FLOPs          step_flops on the real config: block matmuls, attention and the lm_head
 
 train.py's cumulative `flops` column comes from step_flops below, so the log and this script agree
 by construction.
 """
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from fractions import Fraction
+
+import grow
+from model import SIZES, GPTConfig
+
+H100_BF16 = 989e12  # FLOP/s, dense bf16 peak (the sparsity figure is twice that)
+APOLLO_REPORTED = {"code": 57.6, "paper": 47.9}  # % of FLOPs saved on GPT-Base: their code's, their paper's
 
 
 def step_flops(cfg, plan, trainable, isolate, tokens, seq_len):
@@ -30,3 +53,448 @@ def step_flops(cfg, plan, trainable, isolate, tokens, seq_len):
             bwd += mm + 2 * att
         grad_below = grad_below or b in trainable
     return tokens * (fwd + bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-layer model of Li et al., in exact fractions. Unit: c × (tokens per step).
+
+
+def per_layer_phases(sizes, steps, backward=1, passthrough=0):
+    """Cost of each stage's two phases when a token costs 1 per active layer forward, `backward`
+    per trained layer and `passthrough` per frozen layer that gradients cross (the paper: 1 and
+    0). sizes: active layers after each stage; each phase lasts steps/(2S).
+    Returns [(L_i, m_i, phase 1, phase 2)]."""
+    phase = Fraction(steps, 2 * len(sizes))
+    rows, prev = [], 0
+    for active in sizes:
+        new = active - prev
+        p1 = phase * (active + backward * new + passthrough * (active - new))
+        rows.append((active, new, p1, phase * (1 + backward) * active))
+        prev = active
+    return rows
+
+
+def per_layer_t_cont(rows, L, steps, backward=1):
+    """Continual steps of the full model that bring the stages' cost up to the baseline's."""
+    full = (1 + backward) * L  # one full-model step
+    return (steps * full - sum(p1 + p2 for _, _, p1, p2 in rows)) / full
+
+
+def paper_closed_form(L, S, steps):
+    """C_inc = T·L·(3S+5)/(4S): the stage sum with backward 1, passthrough 0 and m = L/S."""
+    return Fraction(steps * L * (3 * S + 5), 4 * S)
+
+
+def paper_t_cont(S, steps):
+    return Fraction(5, 8) * (1 - Fraction(1, S)) * steps
+
+
+def round_half_up(x):
+    """The paper rounds its equal-cost steps to the nearest step, halves up: 14,687.5 -> 14,688."""
+    return math.floor(x + Fraction(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact FLOPs of a stage schedule (grow.py's, the one train.py runs)
+
+
+def segments(stages, steps):
+    """[start, end) step ranges of the first `steps` steps over which grow.step_plan stays put."""
+    cuts = sorted({0, steps} | {c for st in stages for c in (st.start, st.start + st.phase1) if 0 < c < steps})
+    return list(zip(cuts, cuts[1:]))
+
+
+def expected_step_flops(cfg, sp, probs, share, tokens, seq_len):
+    """FLOPs of one step under StepPlan sp when each token's micro-batch runs depth d with
+    probability probs[d]. Fractions keep it exact (probs are floats, but exactly representable)."""
+    return sum(Fraction(p) * step_flops(cfg, grow.layer_plan(d, sp.unique, share), sp.trainable,
+                                        sp.isolate, tokens, seq_len) for d, p in probs.items())
+
+
+def schedule_phases(cfg, stages, steps, mode, sampler, share, tokens, seq_len):
+    """One row per stage and phase of the first `steps` steps, with its expected FLOPs per step.
+    step_plan holds for a whole phase, so the rows sum to what train.py logs step by step."""
+    rows = []
+    for start, end in segments(stages, steps):
+        sp = grow.step_plan(stages, start, mode)
+        probs = grow.depth_probs(sampler, sp.unique, cfg.n_layer)
+        rows.append(dict(stage=sp.stage, phase=sp.phase, layers=sp.unique, trained=len(sp.trainable),
+                         steps=end - start, depth=sum(d * p for d, p in probs.items()),
+                         step_flops=expected_step_flops(cfg, sp, probs, share, tokens, seq_len)))
+    return rows
+
+
+def full_step_flops(cfg, tokens, seq_len):
+    full = range(cfg.n_layer)
+    return step_flops(cfg, full, full, 0, tokens, seq_len)
+
+
+def equal_cost_step(spent, full_step, steps):
+    """The first step at which a run that spent `spent` in its first `steps` steps and then runs
+    full-model steps has spent the baseline's steps × full_step (where train.py logs equal_cost)."""
+    return steps + max(0, math.ceil((steps * full_step - spent) / full_step))
+
+
+def gpu_hours(flops, mfu):
+    return flops / (H100_BF16 * mfu) / 3600
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports: each returns one JSON-able dict; the text is printed from the same dict
+
+
+def model_config(name, seq_len):
+    return GPTConfig(block_size=seq_len, **SIZES[name])
+
+
+def gap(step, paper_step):
+    return dict(gap_steps=step - paper_step, gap_percent=100 * (step - paper_step) / paper_step)
+
+
+def incremental_report(name, S, steps, mode, cost, seq_len, batch_tokens, mfu):
+    cfg = model_config(name, seq_len)
+    L = cfg.n_layer
+    sizes = grow.stage_layers(L, S)
+    paper_rows = per_layer_phases(sizes, steps)
+    equal_m = per_layer_phases([Fraction(i * L, S) for i in range(1, S + 1)], steps)
+    closed = paper_closed_form(L, S, steps)
+    stage_sum = sum(p1 + p2 for _, _, p1, p2 in paper_rows)
+    paper_step = round_half_up(steps + paper_t_cont(S, steps))
+    paper = dict(
+        phase_steps=float(Fraction(steps, 2 * S)),
+        stages=[dict(layers=a, new=m, phase1=float(p1), phase2=float(p2)) for a, m, p1, p2 in paper_rows],
+        stage_sum=float(stage_sum), closed_form=float(closed), closed_form_equals_stage_sum=closed == stage_sum,
+        closed_form_equals_equal_m_sum=closed == sum(p1 + p2 for _, _, p1, p2 in equal_m),
+        baseline=2 * steps * L, inc_ratio=float(closed / (2 * steps * L)),
+        t_cont_steps=float(paper_t_cont(S, steps)), equal_cost_step=paper_step,
+        t_cont_steps_real_sizes=float(per_layer_t_cont(paper_rows, L, steps)))
+
+    passthrough = 1 if mode == "freeze" else 0
+    layer_rows = per_layer_phases(sizes, steps, backward=2, passthrough=passthrough)
+    layer_t_cont = per_layer_t_cont(layer_rows, L, steps, backward=2)
+    layer_step = steps + math.ceil(layer_t_cont)
+    per_layer = dict(backward=2, passthrough=passthrough, t_cont_steps=float(layer_t_cont),
+                     inc_ratio=float(1 - layer_t_cont / steps), equal_cost_step=layer_step,
+                     **gap(layer_step, paper_step))
+
+    stages = grow.incremental_stages(L, S, steps, 0.5, mode)
+    phases = schedule_phases(cfg, stages, steps, mode, "unique", "interp", batch_tokens, seq_len)
+    spent = sum(r["steps"] * r["step_flops"] for r in phases)
+    full = full_step_flops(cfg, batch_tokens, seq_len)
+    exact_step = equal_cost_step(spent, full, steps)
+    exact = dict(
+        phases=[{**r, "step_flops": float(r["step_flops"]), "depth": float(r["depth"])} for r in phases],
+        full_step_flops=full, flops=float(spent), baseline_flops=steps * full,
+        inc_ratio=float(spent / (steps * full)), t_cont_steps=float((steps * full - spent) / full),
+        equal_cost_step=exact_step, **gap(exact_step, paper_step),
+        gpu_hours=gpu_hours(float(spent), mfu), baseline_gpu_hours=gpu_hours(steps * full, mfu))
+
+    chosen = paper if cost == "paper" else exact
+    return dict(regime="incremental", model=name, n_layer=L, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+                stages=S, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens, phase1_mode=mode,
+                stage_layers=sizes, cost_model=cost, t_cont_steps=chosen["t_cont_steps"],
+                equal_cost_step=chosen["equal_cost_step"], peak_flops=H100_BF16, mfu=mfu,
+                paper=paper, per_layer=per_layer, exact=exact)
+
+
+def growth_report(name, regime, steps, seq_len, batch_tokens, mfu):
+    from train import GENERIC, REGIMES, scaled_layers  # train.py imports this file: import it late
+
+    cfg = model_config(name, seq_len)
+    L = cfg.n_layer
+    defaults = REGIMES[regime]
+    layers = scaled_layers(defaults["grow_layers"], L)
+    at = [float(x) for x in defaults["grow_at"].split(",")]
+    try:
+        stages = grow.growth_stages(layers, at, steps)
+    except ValueError as e:  # with the regime's own schedule only a short run can fail
+        raise ValueError(f"--steps {steps} is too few for {regime}'s stages, which start at "
+                         f"{defaults['grow_at']}") from e
+    # growth stages have no phase 1, so the freeze mode plays no part
+    phases = schedule_phases(cfg, stages, steps, "freeze", defaults["depth"], GENERIC["share"],
+                             batch_tokens, seq_len)
+    full = full_step_flops(cfg, batch_tokens, seq_len)
+    head = step_flops(cfg, [], (), 0, batch_tokens, seq_len)  # a plan with no blocks: the head alone
+    spent = sum(r["steps"] * r["step_flops"] for r in phases)
+    blocks = spent - steps * head
+    report = dict(
+        regime=regime, model=name, n_layer=L, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
+        grow_layers=layers, grow_at=at, depth=defaults["depth"], share=GENERIC["share"],
+        stages=[{**r, "step_flops": float(r["step_flops"]), "depth": float(r["depth"]),
+                 "vs_full": float(r["step_flops"] / full)} for r in phases],
+        flops=float(spent), baseline_flops=steps * full, saved=float(100 * (1 - spent / (steps * full))),
+        saved_blocks_only=float(100 * (1 - blocks / (steps * (full - head)))),
+        peak_flops=H100_BF16, mfu=mfu, gpu_hours=gpu_hours(float(spent), mfu),
+        baseline_gpu_hours=gpu_hours(steps * full, mfu))
+    if regime == "apollo":
+        report["reported_saved"] = APOLLO_REPORTED
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+
+
+def num(x, places=1):
+    """12,345 for a whole number, else up to `places` decimals: 12,345.6."""
+    return f"{round(x):,}" if x == round(x) else f"{x:,.{places}f}".rstrip("0")
+
+
+def header(r):
+    return (f"{r['model']}: {r['n_layer']} layers, sequence {r['seq_len']:,}, "
+            f"{r['steps']:,} steps of {r['batch_tokens']:,} tokens")
+
+
+def counted(r):
+    cfg = model_config(r["model"], r["seq_len"])
+    d, T, V = cfg.n_embd, r["seq_len"], cfg.vocab_size
+    return [
+        f"FLOPs per token: block matmuls 24*d^2 = {24 * d * d / 1e6:.1f}M, attention 4*T*d = "
+        f"{4 * T * d / 1e6:.1f}M (scores and values",
+        f"over the full TxT; a causal kernel does about half), lm_head 2*d*V = {2 * d * V / 1e6:.1f}M.",
+        "Backward 2x forward; a frozen block that gradients pass through 1x for its matmuls and 2x for",
+        "attention; a block under no_grad 0.",
+    ]
+
+
+def paper_lines(r):
+    p, S, L = r["paper"], r["stages"], r["n_layer"]
+    lines = ["Paper model: forward and backward each cost c per layer per token. Phase 1 runs forward through",
+             "the L_i active layers and backward through the m new ones; phase 2 runs both through all L_i.",
+             f"Each phase is T/(2S) = {num(p['phase_steps'], 2)} steps. Costs in c x tokens per step:"]
+    if L % S:
+        lines += [f"S = {S} does not divide L = {L}: the closed form assumes m = L/S = {Fraction(L, S)} new "
+                  "layers per stage; the",
+                  f"table has the real sizes {','.join(str(s['new']) for s in p['stages'])} (grow.stage_layers)."]
+    lines.append(f"  {'stage':>5} {'L_i':>4} {'m':>3} {'phase 1 (L_i+m)*T/(2S)':>24} "
+                 f"{'phase 2 2*L_i*T/(2S)':>22}")
+    for i, s in enumerate(p["stages"], 1):
+        lines.append(f"  {i:>5} {s['layers']:>4} {s['new']:>3} {num(s['phase1']):>24} {num(s['phase2']):>22}")
+    same = "equal" if p["closed_form_equals_stage_sum"] else (
+        "assumes m = L/S; " + ("equal to" if p["closed_form_equals_equal_m_sum"] else "DIFFERS from")
+        + " the stage sum with m = L/S")
+    lines += [f"  sum over the stages            C_inc  = {num(p['stage_sum'])}",
+              f"  closed form T*L*(3S+5)/(4S)    C_inc  = {num(p['closed_form'])} ({same})",
+              f"  baseline 2*T*L                 C_base = {num(p['baseline'])}",
+              f"  T_cont = (C_base - C_inc)/(2L) = 5/8*(1 - 1/S)*T = {num(p['t_cont_steps'], 2)} steps"
+              + ("" if L % S == 0 else f" (real sizes: {num(p['t_cont_steps_real_sizes'], 2)})"),
+              f"  equal-cost step T + T_cont = {num(r['steps'] + p['t_cont_steps'], 2)} -> "
+              f"{p['equal_cost_step']:,} (to the nearest step, as the paper rounds)"]
+    return lines
+
+
+def exact_lines(r):
+    e = r["exact"]
+    lines = [f"Exact FLOPs per phase (grow.incremental_stages and step_plan, phase 1 {r['phase1_mode']}; "
+             "what train.py logs):",
+             f"  {'stage':>5} {'phase':>5} {'layers':>6} {'trained':>7} {'steps':>7} {'TFLOP/step':>11} "
+             f"{'PFLOP':>9}"]
+    for p in e["phases"]:
+        lines.append(f"  {p['stage']:>5} {p['phase']:>5} {p['layers']:>6} {p['trained']:>7} {p['steps']:>7,} "
+                     f"{p['step_flops'] / 1e12:>11,.1f} {p['steps'] * p['step_flops'] / 1e15:>9,.1f}")
+    lines += [f"  incremental, {r['steps']:,} steps: {e['flops'] / 1e15:,.1f} PFLOP; baseline {r['steps']:,} x "
+              f"{e['full_step_flops'] / 1e12:.1f} TFLOP = {e['baseline_flops'] / 1e15:,.1f} PFLOP",
+              f"  T_cont = (C_base - C_inc)/C_step = {e['t_cont_steps']:,.1f} steps; equal-cost step: the first "
+              f"step at or past it, {e['equal_cost_step']:,}"]
+    return lines
+
+
+def incremental_text(r):
+    p, m, e = r["paper"], r["per_layer"], r["exact"]
+    lines = [f"Incremental training, S = {r['stages']} on {header(r)}", ""]
+    lines += paper_lines(r) if r["cost_model"] == "paper" else exact_lines(r)
+    row = "  {:<26}{:>12}{:>14}{:>12}".format
+    passed = "passed through at 1" if r["phase1_mode"] == "freeze" else "skipped (isolate)"
+    lines += ["", f"Side by side, phase 1 {r['phase1_mode']}:",
+              row("", "paper", "fwd 1, bwd 2", "FLOPs"),
+              row("C_inc / C_base", *(f"{x['inc_ratio']:.4f}" for x in (p, m, e))),
+              row("T_cont (steps)", *(num(x["t_cont_steps"], 2) for x in (p, m, e))),
+              row("equal-cost step", *(f"{x['equal_cost_step']:,}" for x in (p, m, e))),
+              row("gap to the paper (steps)", "", *(f"{x['gap_steps']:+,}" for x in (m, e))),
+              row("gap to the paper (%)", "", *(f"{x['gap_percent']:+.1f}%" for x in (m, e))),
+              "  paper: its formula (backward through the new layers only, c per pass); fwd 1, bwd 2: per",
+              f"  layer, frozen layers {passed}; FLOPs: step_flops, first step at or past the baseline's.",
+              "",
+              f"At {H100_BF16 / 1e12:.0f} TFLOPS (H100 bf16 dense peak) x MFU {r['mfu']:.2f}: baseline "
+              f"{e['baseline_flops'] / 1e15:,.1f} PFLOP = {e['baseline_gpu_hours']:,.2f} GPU-hours,",
+              f"the {r['steps']:,} incremental steps {e['flops'] / 1e15:,.1f} PFLOP = "
+              f"{e['gpu_hours']:,.2f} GPU-hours."]
+    return "\n".join(lines + counted(r))
+
+
+def growth_text(r):
+    lines = [f"{r['regime']} on {header(r)}",
+             f"unique blocks {','.join(map(str, r['grow_layers']))} from "
+             f"{', '.join(f'{a:.0%}' for a in [0] + r['grow_at'])} of the steps; depth per micro-batch: "
+             f"{r['depth']}, sharing: {r['share']}",
+             f"  {'stage':>5} {'unique':>6} {'steps':>7} {'E[depth]':>8} {'TFLOP/step':>11} {'vs full':>8}"]
+    for s in r["stages"]:
+        lines.append(f"  {s['stage']:>5} {s['layers']:>6} {s['steps']:>7,} {s['depth']:>8.2f} "
+                     f"{s['step_flops'] / 1e12:>11,.1f} {s['vs_full']:>8.1%}")
+    lines += [f"  total {r['flops'] / 1e15:,.1f} PFLOP against {r['baseline_flops'] / 1e15:,.1f} PFLOP for "
+              f"{r['steps']:,} full-depth steps: {r['saved']:.1f}% saved",
+              f"  blocks only (lm_head left out): {r['saved_blocks_only']:.1f}% saved",
+              f"  {r['gpu_hours']:,.2f} against {r['baseline_gpu_hours']:,.2f} GPU-hours at "
+              f"{H100_BF16 / 1e12:.0f} TFLOPS (H100 bf16 dense peak) x MFU {r['mfu']:.2f}"]
+    if "reported_saved" in r:
+        rep, last = r["reported_saved"], r["stages"][-1]
+        cap = 100 * (1 - last["steps"] * last["vs_full"] / r["steps"])
+        lines += [f"Apollo's authors report {rep['code']}% (code) / {rep['paper']}% (paper) saved on GPT-Base.",
+                  f"Counting is not the difference: without the head it is {r['saved_blocks_only']:.1f}% "
+                  "(attention grows with depth",
+                  "like the matmuls, so leaving it out changes nothing), and the full-depth last stage caps any",
+                  f"per-step saving at {cap:.0f}%. Theirs must measure something else, presumably the FLOPs to "
+                  "reach the",
+                  "baseline's loss, which counts the steps Apollo would not need."]
+    return "\n".join(lines + counted(r))
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement: real training steps on this machine, as train.py runs them
+
+
+def measure_cases(L, S):
+    """The distinct steps of S-stage incremental training, {(unique, trainable, isolate): (labels, StepPlan)},
+    in step order. Phase 1 of stage 1 equals its phase 2, and the last phase 2 is the baseline."""
+    cases = {}
+    stages = {mode: grow.incremental_stages(L, S, 2 * S, 0.5, mode) for mode in ("freeze", "isolate")}
+    for step in range(2 * S):  # one step per phase
+        for mode, st in stages.items():
+            sp = grow.step_plan(st, step, mode)
+            label = f"stage {sp.stage} phase {sp.phase}" + (f" {mode}" if sp.phase == 1 and sp.stage > 1 else "")
+            labels, _ = cases.setdefault((sp.unique, sp.trainable, sp.isolate), ([], sp))
+            if label not in labels:
+                labels.append(label)
+    return cases
+
+
+def measure(device, batch=4, warmup=1, repeats=9, threads=1, seed=0):
+    """Median seconds of forward + backward and of the AdamW update for each case, with its FLOPs.
+    The config is GPT-2's 12 layers, narrowed so a step takes a fraction of a second on a CPU core;
+    its vocab is cut to 16,384 so the head's share of the forward (~28%) is about GPT-2 124M's (27%).
+    One CPU thread: the ratios are the point, and where other jobs share the cores a second thread
+    stalls the first at every parallel region (we saw steps 8x slower with two)."""
+    import torch
+
+    from model import GPT
+    from train import autocast  # bf16 on CUDA, as train.py
+
+    cfg = GPTConfig(block_size=256, vocab_size=16384, n_layer=12, n_head=4, n_embd=256)
+    T = cfg.block_size
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    model = GPT(cfg).to(device)
+    opt = model.configure_optimizer(6e-4, 0.1, fused=device.type == "cuda")
+    x, y = torch.randint(cfg.vocab_size, (2, batch, T), device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    cases = [(labels, sp, grow.layer_plan(sp.unique, sp.unique))
+             for labels, sp in measure_cases(cfg.n_layer, 4).values()]
+    times = [[] for _ in cases]
+    for i in range(warmup + repeats):  # round-robin, so a shared machine's load hits every case alike
+        for (_, sp, plan), t in zip(cases, times):
+            grow.set_trainable(model, sp)
+            t0 = time.perf_counter()
+            with autocast(device):
+                _, loss = model(x, y, plan=plan, no_grad_prefix=sp.isolate)
+            loss.backward()
+            sync()
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if i >= warmup:
+                t.append((t1 - t0, time.perf_counter() - t1))
+    rows = [dict(step=" = ".join(labels), flops=step_flops(cfg, plan, sp.trainable, sp.isolate, batch * T, T),
+                 fwd_bwd=statistics.median(a for a, _ in t), adamw=statistics.median(b for _, b in t))
+            for (labels, sp, plan), t in zip(cases, times)]
+    return dict(device=str(device), threads=torch.get_num_threads(), config=cfg.to_dict(), batch=batch,
+                warmup=warmup, repeats=repeats, rows=rows)
+
+
+def measure_text(r):
+    base = r["rows"][-1]  # the last phase 2 trains every block: the baseline step
+    c = r["config"]
+    threads = f"{r['threads']} thread{'s' if r['threads'] > 1 else ''}"
+    lines = [f"Measured on {r['device']} ({threads}): {c['n_layer']} layers, d {c['n_embd']}, "
+             f"{c['n_head']} heads, vocab {c['vocab_size']:,}, batch {r['batch']} x {c['block_size']};",
+             f"median of {r['repeats']} rounds over all steps after {r['warmup']} warm-up round; ratios to the "
+             "baseline step (the last row).",
+             "A benchmark, not a test: on a shared machine the times are noisy.",
+             f"  {'step':<38} {'fwd+bwd ms':>10} {'ratio':>6} {'FLOP ratio':>10} {'AdamW ms':>9} "
+             f"{'step ratio':>10}"]
+    for row in r["rows"]:
+        step = row["fwd_bwd"] + row["adamw"]
+        lines.append(f"  {row['step']:<38} {row['fwd_bwd'] * 1e3:>10.0f} "
+                     f"{row['fwd_bwd'] / base['fwd_bwd']:>6.2f} {row['flops'] / base['flops']:>10.2f} "
+                     f"{row['adamw'] * 1e3:>9.0f} "
+                     f"{step / (base['fwd_bwd'] + base['adamw']):>10.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--regime", choices=["incremental", "apollo", "stack", "gstack", "msg", "zero"], default="incremental",
+      help="growth regimes use train.py's defaults for their schedule")
+    a("--stages", type=int, default=4, help="S, incremental stages")
+    a("--steps", type=int, default=10000, help="T: the incremental steps T_inc = T, or a growth run's length")
+    a("--cost", choices=["paper", "exact"], default="paper", help="which model the headline and JSON follow")
+    a("--phase1-mode", choices=["freeze", "isolate"], default="freeze",
+      help="freeze: gradients pass through old blocks (the authors' code); isolate: no_grad (the paper's)")
+    a("--model", choices=SIZES, default="gpt2")
+    a("--seq-len", type=int, default=1024)
+    a("--batch-tokens", type=int, default=524288, help="tokens per optimizer step")
+    a("--mfu", type=float, default=0.40, help="model FLOPs utilization for GPU-hours")
+    a("--json", action="store_true", help="print the results as one JSON object")
+    a("--measure", action="store_true", help="time real training steps on this machine (a benchmark)")
+    a("--device", default="auto", help="for --measure: auto, cpu, cuda")
+    return p.parse_args(argv)
+
+
+def check(args):
+    """A ValueError with a one-line reason for flags that can't work."""
+    L = SIZES[args.model]["n_layer"]
+    if args.regime == "incremental" and not 1 <= args.stages <= L:
+        raise ValueError(f"--stages {args.stages} must be between 1 and the {L} layers of {args.model}")
+    sizes = {"--steps": args.steps, "--seq-len": args.seq_len, "--batch-tokens": args.batch_tokens}
+    for flag, value in sizes.items():
+        if value <= 0:
+            raise ValueError(f"{flag} {value} must be positive")
+    if args.regime == "incremental" and args.steps < 2 * args.stages:  # else a phase would have no step
+        raise ValueError(f"--steps {args.steps} is too few for {args.stages} stages of two phases: "
+                         f"use at least {2 * args.stages}")
+    if not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check(args)
+        if args.measure:
+            import torch
+
+            device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            report, text = measure(torch.device(device)), measure_text
+        elif args.regime == "incremental":
+            report = incremental_report(args.model, args.stages, args.steps, args.phase1_mode, args.cost,
+                                        args.seq_len, args.batch_tokens, args.mfu)
+            text = incremental_text
+        else:
+            report = growth_report(args.model, args.regime, args.steps, args.seq_len, args.batch_tokens, args.mfu)
+            text = growth_text
+    except ValueError as e:  # grow.py's schedule checks too, e.g. a phase shorter than one step
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report) if args.json else text(report))
+
+
+if __name__ == "__main__":
+    main()

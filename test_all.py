@@ -10,12 +10,15 @@ import socket
 import subprocess
 import sys
 import threading
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared" / "data"
@@ -26,7 +29,8 @@ import tiktoken  # noqa: E402
 import grow  # noqa: E402
 import prepare_fineweb as pf  # noqa: E402
 import train  # noqa: E402
-from cost import step_flops  # noqa: E402
+from cost import (expected_step_flops, incremental_report, main as cost_main, paper_closed_form,  # noqa: E402
+                  per_layer_phases, schedule_phases, step_flops)
 from model import GPT, GPTConfig, convert_hf_state_dict, load_model  # noqa: E402
 
 SMALL = GPTConfig(block_size=32, vocab_size=512, n_layer=4, n_head=2, n_embd=32)
@@ -364,8 +368,6 @@ def test_phase1_trains_only_new_blocks(mode):
 
 
 def test_isolate_cuts_backward_flops():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
     counted = {}
     for mode in ("freeze", "isolate"):
         model = small_model()
@@ -512,6 +514,127 @@ def test_growth_regimes_run_and_grow(tmp_path, data, regime):
     assert math.isfinite(evals[-1]["val_loss"])
     if regime == "gstack":  # LR rewarms from the boundary
         assert steps[4]["lr"] < steps[3]["lr"] / 1.5
+
+# ----------------------------------------------------------------------------------------------
+# cost.py: the paper's derivation and the exact count
+
+
+L, T = 12, 10_000  # GPT-2's depth; the paper's T_inc
+
+
+@pytest.mark.parametrize("S, step", [(4, 14_688), (8, 15_469), (12, 15_729)])
+def test_paper_equal_cost_steps(S, step, capsys):
+    cost_main(["--stages", str(S), "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["stages"] == S and r["steps"] == T and r["cost_model"] == "paper"
+    assert r["equal_cost_step"] == r["paper"]["equal_cost_step"] == step
+    assert r["t_cont_steps"] == float(Fraction(5, 8) * (1 - Fraction(1, S)) * T)
+    cost_main(["--stages", str(S)])  # the text shows it too, beside the exact figure
+    text = capsys.readouterr().out
+    assert f"{step:,}" in text and f"{r['exact']['equal_cost_step']:,}" in text
+
+
+@pytest.mark.parametrize("S", range(1, L + 1))
+def test_closed_form_equals_stage_sum(S):
+    # the closed form assumes m = L/S new layers per stage, a fraction when S does not divide L
+    equal = per_layer_phases([Fraction(i * L, S) for i in range(1, S + 1)], T)
+    assert sum(p1 + p2 for _, _, p1, p2 in equal) == paper_closed_form(L, S, T)
+    if L % S == 0:  # then the real stages are the equal ones
+        assert per_layer_phases(grow.stage_layers(L, S), T) == equal
+
+
+@pytest.mark.parametrize("mode", ["freeze", "isolate"])
+@pytest.mark.parametrize("S", range(1, L + 1))
+def test_exact_model_covers_every_layer(S, mode):
+    phases = incremental_report("gpt2", S, T, mode, "exact", 1024, 524288, 0.4)["exact"]["phases"]
+    assert sum(p["steps"] for p in phases) == T
+    assert phases[-1]["layers"] == L
+    assert sum(p["trained"] for p in phases if p["phase"] == 1) == L  # each layer is new once
+
+
+@pytest.mark.parametrize("mode", ["freeze", "isolate"])
+def test_phase_sums_equal_step_by_step_sums(mode):
+    """Summing per phase gives what train.py's loop adds up step by step."""
+    cfg = GPTConfig(n_layer=L)
+    stages = grow.incremental_stages(L, 5, 230, 0.5, mode)
+    per_step = 0
+    for step in range(230):
+        sp = grow.step_plan(stages, step, mode)
+        per_step += step_flops(cfg, grow.layer_plan(sp.unique, sp.unique), sp.trainable, sp.isolate, 4096, 1024)
+    phases = schedule_phases(cfg, stages, 230, mode, "unique", "interp", 4096, 1024)
+    assert sum(p["steps"] * p["step_flops"] for p in phases) == per_step
+
+
+def counted_flops(model, sp, x, y):
+    """FLOPs of one forward + backward as FlopCounterMode counts them: matmuls only (mm, addmm, bmm).
+    Left out, as step_flops leaves them out: layer norms, GELU, softmax, cross-entropy, residual adds
+    and the embedding backward (O(d) or O(V) per token, against O(d²) and O(d·V) for matmuls), and
+    the optimizer (per parameter, not per token). The math SDPA backend builds attention from bmm,
+    which the counter sees; on CPU the flash kernel would not be counted at all."""
+    grow.set_trainable(model, sp)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        _, loss = model(x, y, plan=grow.layer_plan(sp.unique, sp.unique), no_grad_prefix=sp.isolate)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def test_step_flops_match_flop_counter():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=96, n_layer=6, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    B, seq = 2, cfg.block_size
+    x, y = torch.randint(cfg.vocab_size, (2, B, seq))
+    # S=3 stages of 2 layers, one step per phase: steps 4 and 5 are stage 3's phases 1 and 2
+    stages = {mode: grow.incremental_stages(cfg.n_layer, 3, 6, 0.5, mode) for mode in ("freeze", "isolate")}
+    cases = {"stage 3 phase 1 freeze": grow.step_plan(stages["freeze"], 4, "freeze"),
+             "stage 3 phase 1 isolate": grow.step_plan(stages["isolate"], 4, "isolate"),
+             "stage 2 phase 2": grow.step_plan(stages["freeze"], 3),
+             "baseline": grow.step_plan(stages["freeze"], 5)}
+    assert cases["stage 3 phase 1 isolate"].isolate == 4 and len(cases["baseline"].trainable) == 6
+    for name, sp in cases.items():
+        want = step_flops(cfg, grow.layer_plan(sp.unique, sp.unique), sp.trainable, sp.isolate, B * seq, seq)
+        got = counted_flops(model, sp, x, y)
+        assert got == pytest.approx(want, rel=0.02), name
+
+
+def test_apollo_expectation_matches_the_sampler():
+    """E[FLOPs] from depth_probs against the average over the depths train.py actually draws."""
+    cfg = GPTConfig(n_layer=L)
+    for u in (1, 3, 6):
+        sp = grow.StepPlan(1, 2, u, tuple(range(u)), 0)
+        probs = grow.depth_probs("lvps", u, L)
+        expected = float(expected_step_flops(cfg, sp, probs, "interp", 1, 1024))
+        per_depth = {d: step_flops(cfg, grow.layer_plan(d, u), sp.trainable, 0, 1, 1024) for d in range(u, L + 1)}
+        drawn = np.array([per_depth[grow.sample_depth("lvps", u, L, 1337, step, 0)] for step in range(20_000)])
+        assert abs(drawn.mean() - expected) < 4 * drawn.std() / len(drawn) ** 0.5
+        # and without sampling error: the sampler's inverse over a fine grid of uniform draws
+        grid = (np.arange(2_000_000) + 0.5) / 2_000_000
+        depths = grow.lvps_depth(grow.X_MIN + grid * (1 - grow.X_MIN), u, L)
+        assert np.vectorize(per_depth.get)(depths).mean() == pytest.approx(expected, rel=1e-5)
+
+
+def test_apollo_report_saves_less_than_reported(capsys):
+    cost_main(["--regime", "apollo", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert {"regime", "steps", "flops", "baseline_flops", "saved"} <= r.keys()
+    assert [s["layers"] for s in r["stages"]] == [1, 3, 6, 12]
+    assert r["flops"] == pytest.approx(sum(s["steps"] * s["step_flops"] for s in r["stages"]))
+    assert 0 < r["saved"] < r["saved_blocks_only"] < 25 < r["reported_saved"]["paper"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--stages", "0"], ["--stages", "13"], ["--stages", "25", "--model", "gpt2-medium"],
+    ["--steps", "0"], ["--steps", "-5"],
+    ["--steps", "10", "--stages", "12"],  # fewer steps than phases
+    ["--regime", "apollo", "--steps", "10"],  # stages would start at the same step
+])
+def test_bad_input_is_one_line_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cost_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
 
 # ----------------------------------------------------------------------------------------------
 # prepare_fineweb.py: shards, downloads (against a fake hub on 127.0.0.1), tokenizing
