@@ -110,8 +110,8 @@ class GPT(nn.Module):
         """Regional compilation: one graph per block, so any plan (depth, repeats) reuses it."""
         self.compiled = [torch.compile(block) for block in self.transformer.h]
 
-    def forward(self, idx, targets=None, plan=None, no_grad_prefix=0, gates=None):
-        """idx (B, T) token ids; plan: block indices to run (default: all, in order).
+    def hidden(self, idx, plan=None, no_grad_prefix=0, gates=None):
+        """Final hidden states (B, T, C) of idx (B, T) through the layer plan (default: every block).
 
         no_grad_prefix: the first positions of the plan run without autograd, so backward stops
         above them (phase 1 'isolate'). gates: one μ per plan position; a block at μ < 1 outputs
@@ -129,8 +129,11 @@ class GPT(nn.Module):
             with torch.set_grad_enabled(grad and t >= no_grad_prefix):
                 y = blocks[b](x)  # (B, T, C)
                 x = y if gates is None or gates[t] == 1.0 else x + gates[t] * (y - x)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx, targets=None, plan=None, no_grad_prefix=0, gates=None):
+        """Logits (B, T, vocab_size), and the mean cross-entropy when targets (B, T) are given."""
+        logits = self.lm_head(self.hidden(idx, plan, no_grad_prefix, gates))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))

@@ -18,6 +18,10 @@ import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
@@ -27,11 +31,14 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
 import tiktoken  # noqa: E402
 
 import grow  # noqa: E402
+from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate, load_examples,  # noqa: E402
+                       main as hs_main, predict, render, score_batch)
 import prepare_fineweb as pf  # noqa: E402
 import train  # noqa: E402
 from cost import (expected_step_flops, incremental_report, main as cost_main, paper_closed_form,  # noqa: E402
                   per_layer_phases, schedule_phases, step_flops)
 from model import GPT, GPTConfig, convert_hf_state_dict, load_model  # noqa: E402
+from prepare_fineweb import DataError, DownloadError  # noqa: E402
 
 SMALL = GPTConfig(block_size=32, vocab_size=512, n_layer=4, n_head=2, n_embd=32)
 
@@ -783,7 +790,7 @@ def test_download_restarts_when_range_is_ignored(hub, tmp_path):
 def test_download_sha256_mismatch(hub, tmp_path):
     body = os.urandom(50_000)
     hub.routes["/f.bin"] = (body[:-1] + bytes([body[-1] ^ 1]), {})
-    with pytest.raises(pf.DownloadError) as e:
+    with pytest.raises(DownloadError) as e:
         pf.download(f"{hub.url}/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(body).hexdigest(),
                     size=len(body), **FAST)
     assert "f.bin" in str(e.value) and "sha256" in str(e.value)
@@ -791,10 +798,10 @@ def test_download_sha256_mismatch(hub, tmp_path):
 
 
 def test_download_404_and_dead_server(hub, tmp_path):
-    with pytest.raises(pf.DownloadError, match="404"):
+    with pytest.raises(DownloadError, match="404"):
         pf.download(f"{hub.url}/missing.bin", tmp_path / "m.bin", **FAST)
     assert len(hub.log) == 1  # a 404 is not retried
-    with pytest.raises(pf.DownloadError, match="failed after 4 attempts"):
+    with pytest.raises(DownloadError, match="failed after 4 attempts"):
         pf.download(dead_url(), tmp_path / "m.bin", **FAST)
     assert list(tmp_path.iterdir()) == []
 
@@ -915,6 +922,201 @@ def test_tinyshakespeare_download(hub, tmp_path):
 
 
 def test_tinyshakespeare_offline(tmp_path):
-    with pytest.raises(pf.DownloadError) as e:
+    with pytest.raises(DownloadError) as e:
         pf.prepare_tinyshakespeare(tmp_path / "ts", url=dead_url(), retries=0)
     assert str(tmp_path / "ts" / "input.txt") in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# hellaswag.py: completion scoring, batching, data, DDP
+
+VAL = SHARED / "hellaswag" / "hellaswag_val.jsonl"
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32))
+
+
+def save_plain_checkpoint(model, path):
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "eval_plan": None}, path)
+
+
+def test_render_format():
+    enc = tiktoken.get_encoding("gpt2")
+    ex = dict(ctx="A man is sitting on a roof. he", endings=["is", "starts pulling up roofing.", "x", "ok then"], label=1)
+    ctx = enc.encode("A man is sitting on a roof. he")
+    rows, masks = render(ex, enc)
+    for row, mask, ending in zip(rows, masks, ex["endings"]):
+        end = enc.encode(" " + ending)
+        assert row == ctx + end
+        assert mask == [0] * len(ctx) + [1] * len(end)
+    # too long for the model: the context loses its oldest tokens, the ending stays whole
+    rows, masks = render(ex, enc, block_size=8)
+    for row, mask, ending in zip(rows, masks, ex["endings"]):
+        end = enc.encode(" " + ending)
+        assert row == (ctx + end)[-8:] and mask == [0] * (8 - len(end)) + [1] * len(end)
+
+
+class FixedLM(nn.Module):
+    """Predicts the same distribution at every position, so a token's loss is -log probs[token]:
+    its hidden state is the constant 1 and its head maps that to the log-probabilities."""
+
+    def __init__(self, probs, rest):
+        super().__init__()
+        self.config = GPTConfig(block_size=64)
+        logp = torch.full((self.config.vocab_size,), math.log(rest / (self.config.vocab_size - len(probs))))
+        for token, p in probs.items():
+            logp[token] = math.log(p)
+        self.lm_head = nn.Linear(1, self.config.vocab_size, bias=False)
+        self.lm_head.weight.data = logp.view(-1, 1)  # (V, 1)
+
+    def hidden(self, idx, plan=None):
+        return torch.ones(*idx.shape, 1)  # (B, T, 1)
+
+
+def test_acc_and_acc_norm_pick_the_right_ending():
+    enc = tiktoken.get_encoding("gpt2")
+    cheap = enc.encode(" a b c d")  # 4 tokens at loss ln 5 each: larger sum, smaller mean
+    mid = enc.encode(" x")  # 1 token at loss ln 10
+    assert len(cheap) == 4 and len(mid) == 1
+    model = FixedLM({**{t: 0.2 for t in cheap}, mid[0]: 0.1}, rest=0.1)
+    rare = -math.log(0.1 / (model.config.vocab_size - 5))  # every other token
+    ex = dict(ctx="Letters", endings=["a b c d", "x", "the dog", "zebra"], label=1)
+    rendered = [render(ex, enc, model.config.block_size)]
+
+    sum_loss, mean_loss = score_batch(model, rendered, "cpu")
+    expected = torch.tensor([4 * math.log(5), math.log(10), 2 * rare, 2 * rare])
+    # float32 log-softmax over 50304 logits is good to about 1e-4
+    torch.testing.assert_close(sum_loss[0], expected, rtol=0, atol=1e-3)
+    torch.testing.assert_close(mean_loss[0], expected / torch.tensor([4, 1, 2, 2]), rtol=0, atol=1e-3)
+    assert predict(model, [ex], "cpu") == ([1], [0])
+    assert evaluate(model, [ex], "cpu") == dict(acc=1.0, acc_norm=0.0, n=1)
+
+
+def test_batched_equals_one_at_a_time():
+    model = tiny_gpt()
+    enc = tiktoken.get_encoding("gpt2")
+    pool = load_examples(data_file=VAL, limit=3600)  # the first rows over 128 tokens come after 3,250
+    # 8 with rows over block_size, so left truncation is covered too
+    too_long = [ex for ex in pool if max(map(len, render(ex, enc)[0])) > 128][:8]
+    examples = pool[:32] + too_long
+    assert len(too_long) == 8
+
+    assert predict(model, examples, "cpu", batch_size=16) == predict(model, examples, "cpu", batch_size=1)
+    assert evaluate(model, examples, "cpu", batch_size=16) == evaluate(model, examples, "cpu", batch_size=1)
+
+    # the padded batch scores each ending as a plain forward pass over its row alone would
+    rendered = [render(ex, enc, 128) for ex in examples[:8]]
+    sum_loss, _ = score_batch(model.eval(), rendered, "cpu")
+    for i, (rows, masks) in enumerate(rendered):
+        for j, (row, mask) in enumerate(zip(rows, masks)):
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([row]))
+            nll = F.cross_entropy(logits[0, :-1], torch.tensor(row[1:]), reduction="none")
+            torch.testing.assert_close(sum_loss[i, j], nll[mask.index(1) - 1:].sum())
+
+
+def test_evaluate_restores_training_mode():
+    model = tiny_gpt().train()
+    evaluate(model, load_examples(data_file=VAL, limit=2), "cpu")
+    assert model.training
+
+
+def test_real_val_file_parses(monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(VAL.parent))
+    examples = load_examples("val")
+    assert len(examples) == 10042
+    assert all(len(ex["endings"]) == 4 for ex in examples)
+    assert {ex["label"] for ex in examples} == {0, 1, 2, 3}
+    assert load_examples("val", limit=5) == examples[:5]
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    good = VAL.open("rb").readline()
+    for bad in [b'{"ctx": "x", "endings": ["a", "b"', b'{"ctx": "x", "endings": ["a", "b", "c"], "label": 0}',
+                b'{"ctx": "\xff"}']:
+        path = tmp_path / "bad.jsonl"
+        path.write_bytes(good + good + bad + b"\n")
+        with pytest.raises(DataError, match=f"^{path}:3: "):
+            load_examples(data_file=path)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    cases = [
+        ([], "exactly one of --checkpoint"),
+        (["--checkpoint", str(ckpt), "--model", "gpt2"], "exactly one of --checkpoint"),
+        (["--checkpoint", str(ckpt)], "checkpoint not found"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            hs_main(argv)
+    save_plain_checkpoint(tiny_gpt(), ckpt)
+    for argv, message in [(["--data-file", str(bad)], f"{bad}:1: "), (["--data-file", str(tmp_path / "no")], "no such")]:
+        with pytest.raises(SystemExit) as e:
+            hs_main(["--checkpoint", str(ckpt), *argv])
+        assert message in e.value.code and "\n" not in e.value.code
+
+
+def test_cli_json(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    save_plain_checkpoint(tiny_gpt(), ckpt)
+    cmd = [sys.executable, "hellaswag.py", "--checkpoint", str(ckpt), "--data-file", str(VAL),
+           "--limit", "8", "--device", "cpu", "--json"]
+    out = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out)
+    assert result["n"] == 8 and result["scoring"] == SCORING_TAG
+    assert set(result) == {"acc", "acc_norm", "n", "examples_per_s", "scoring"}
+
+
+def hellaswag_url(hub, body=None):
+    hub.routes["/hellaswag_val.jsonl"] = (VAL.read_bytes() if body is None else body, {})
+    return hub.url + "/hellaswag_{split}.jsonl"
+
+
+def test_hellaswag_download(tmp_path, hub):
+    cache = tmp_path / "cache"
+    path = download_split("val", cache, base_url=hellaswag_url(hub))
+    assert path == cache / "hellaswag_val.jsonl" and path.read_bytes() == VAL.read_bytes()
+    assert len(load_examples(data_file=path)) == 10042
+
+
+def test_hellaswag_download_refuses_corrupt_file(tmp_path, hub):
+    cache = tmp_path / "cache"
+    first_line = VAL.open("rb").readline()  # not the file the sha256 names
+    with pytest.raises(DownloadError, match="sha256"):
+        download_split("val", cache, base_url=hellaswag_url(hub, first_line))
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_hellaswag_download_404(tmp_path, hub):
+    with pytest.raises(DownloadError, match="404"):
+        download_split("train", tmp_path / "cache", base_url=hellaswag_url(hub))
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    result = evaluate(tiny_gpt(), load_examples(data_file=VAL, limit=20), "cpu")
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_hellaswag_two_gloo_ranks_match_one_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    single = evaluate(tiny_gpt(), load_examples(data_file=VAL, limit=20), "cpu")
+    assert single["n"] == 20
+    for rank in range(2):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == single
+
+
+def test_train_logs_hellaswag_on_its_cadence(tmp_path, data, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(VAL.parent))
+    _, evals = run_train(tmp_path, data, "--max-steps", "4", "--eval-every", "2", "--hellaswag-every", "3",
+                         "--hellaswag-limit", "8", "--n-layer", "2")
+    hs = [r["step"] for r in evals if "hellaswag_acc" in r]
+    assert hs == [0, 3, 4] and all(r["hellaswag_n"] == 8 for r in evals if "hellaswag_n" in r)
+    assert [r["step"] for r in evals] == [0, 2, 3, 4]

@@ -329,10 +329,16 @@ def train(args, stop):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    if args.data_dir == PRESETS["tiny"]["data_dir"] and master:
+    # rank 0 downloads and tokenizes alone; the other ranks then find the files ready
+    if master and args.data_dir == PRESETS["tiny"]["data_dir"]:
         prepare_tinyshakespeare(args.data_dir)
+    if args.hellaswag_every > 0:
+        from hellaswag import SCORING, evaluate as hellaswag_eval, load_examples
+        hs_examples = load_examples("val", limit=args.hellaswag_limit) if master else None
     if world > 1:
-        dist.barrier()  # the other ranks wait for rank 0's download and tokenization
+        dist.barrier()
+    if args.hellaswag_every > 0 and not master:
+        hs_examples = load_examples("val", limit=args.hellaswag_limit)
     train_files, val_files = list_shards(args.data_dir)
     loader = ShardLoader(train_files, B, T, rank, world, args.seed)
     val = val_batches(val_files, args.val_tokens, B, T)
@@ -360,10 +366,6 @@ def train(args, stop):
     # the equal-cost point: where this run has spent what the full-depth baseline spends in inc_steps
     full = list(range(cfg.n_layer))
     baseline_cost = args.inc_steps * step_flops(cfg, full, full, 0, args.total_batch, T)
-    hs_examples = None
-    if args.hellaswag_every > 0:
-        from hellaswag import evaluate as hellaswag_eval, load_examples
-        hs_examples = load_examples("val", limit=args.hellaswag_limit)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a") if master else None
 
@@ -387,17 +389,20 @@ def train(args, stop):
         gates = grow.msg_gates(plan, stages, step, args.msg_ramp) if args.grow_op == "msg" else None
         return plan, gates
 
-    def evaluate(sp, equal_cost=False):
+    def evaluate(sp, equal_cost=False, last=False):
         plan, gates = eval_plan(sp)
         fields = dict(step=step, val_loss=val_loss(model, val, plan, gates, rank, world, device))
-        if hs_examples is not None:
-            hs = hellaswag_eval(model, hs_examples, device, plan=plan)
+        if args.hellaswag_every > 0 and (step % args.hellaswag_every == 0 or equal_cost or last):
+            hs = hellaswag_eval(model, hs_examples, device, plan=plan,
+                                autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
             fields.update(hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"], hellaswag_n=hs["n"])
         if equal_cost:
             fields["equal_cost"] = True
         record(**fields)
         if master:
             print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
+            if "hellaswag_acc" in fields:
+                print(f"  (HellaSwag: {SCORING})")
 
     if args.resume and master:
         record(step=step, resumed=True)
@@ -418,7 +423,8 @@ def train(args, stop):
             trainable_key = (sp.trainable, sp.isolate)
 
         at_equal_cost = flops >= baseline_cost and not equal_cost_done
-        if not args.bench and (step % args.eval_every == 0 or at_equal_cost):
+        hellaswag_due = args.hellaswag_every > 0 and step % args.hellaswag_every == 0
+        if not args.bench and (step % args.eval_every == 0 or hellaswag_due or at_equal_cost):
             evaluate(sp, equal_cost=at_equal_cost)
             equal_cost_done = equal_cost_done or at_equal_cost
         if args.bench and step == 3:  # the first steps include compilation and allocator warm-up
@@ -482,7 +488,7 @@ def train(args, stop):
             break
     else:  # the final evaluation, after the last step
         evaluate(grow.step_plan(stages, step - 1, args.phase1_mode),
-                 equal_cost=flops >= baseline_cost and not equal_cost_done)
+                 equal_cost=flops >= baseline_cost and not equal_cost_done, last=True)
     if log:
         log.close()
     if world > 1:

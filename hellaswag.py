@@ -1,0 +1,252 @@
+"""HellaSwag evaluation by completion scoring, as in build-nanogpt.
+
+Each example is a context and 4 candidate endings. We feed context + ending for all 4 and pick the
+ending the model finds least surprising: acc by the summed loss over the ending tokens, acc_norm by
+the mean loss per ending token. Eleuther's lm-eval-harness preprocesses the text and normalises by
+the ending's length in bytes instead, so the numbers are not comparable: OpenAI's GPT-2 124M gets
+acc 0.2859 / acc_norm 0.2955 here on the 10,042 val examples, acc_norm 0.3114 in the harness.
+
+    python hellaswag.py --checkpoint out/ckpt.pt
+    python hellaswag.py --model gpt2 --json
+    torchrun --nproc_per_node=8 hellaswag.py --checkpoint out/ckpt.pt
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from model import SIZES, GPT, load_model
+from prepare_fineweb import DataError, download
+
+SCORING = "completion scoring, build-nanogpt style; not comparable with lm-eval-harness"
+SCORING_TAG = "completion (build-nanogpt)"  # the short form, for JSON
+
+BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+SPLITS = ("val", "train", "test")
+# sha256 of the val file, the one we report numbers on; train and test are downloaded unchecked
+SHA256 = {"val": "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"}
+CACHE_DIR = "data/hellaswag"
+DATA_DIR_ENV = "NANOGROW_HELLASWAG_DIR"  # a folder of hellaswag_{split}.jsonl used instead of downloading
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def download_split(split="val", cache_dir=CACHE_DIR, base_url=BASE_URL):
+    """Path of hellaswag_{split}.jsonl in cache_dir, downloaded from base_url if not there yet."""
+    name = f"hellaswag_{split}.jsonl"
+    return download(base_url.format(split=split), Path(cache_dir) / name, sha256=SHA256.get(split), desc=name)
+
+
+def parse_line(line):
+    """One JSON line -> dict(ctx, endings, label); label is None where the file has none (test)."""
+    ex = json.loads(line)
+    if not isinstance(ex, dict):
+        raise ValueError("not a JSON object")
+    ctx, endings, label = ex.get("ctx"), ex.get("endings"), ex.get("label")
+    if not isinstance(ctx, str):
+        raise ValueError("'ctx' is not a string")
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+        raise ValueError("'endings' is not a list of 4 strings")
+    if label is not None and (type(label) is not int or not 0 <= label <= 3):
+        raise ValueError(f"'label' is {label!r}, not 0..3")
+    return dict(ctx=ctx, endings=endings, label=label)
+
+
+def load_examples(split="val", data_file=None, limit=None, cache_dir=CACHE_DIR):
+    """The first `limit` (default all) examples of a split, as dicts with ctx, endings, label.
+
+    Read from data_file if given, else from $NANOGROW_HELLASWAG_DIR if set, else downloaded.
+    """
+    if data_file is None:
+        data_dir = os.environ.get(DATA_DIR_ENV)
+        data_file = Path(data_dir) / f"hellaswag_{split}.jsonl" if data_dir else download_split(split, cache_dir)
+    if not Path(data_file).is_file():
+        raise DataError(f"{data_file}: no such file")
+    examples = []
+    with open(data_file, "rb") as f:  # bytes: json.loads decodes them, so bad UTF-8 gets a line number too
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            try:
+                examples.append(parse_line(line))
+            except ValueError as e:  # JSON and UTF-8 decoding errors are ValueErrors too
+                raise DataError(f"{data_file}:{lineno}: {e}") from None
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+def render(example, enc, block_size=None):
+    """4 token rows (context + " " + ending) and 4 masks that are 1 exactly over the ending."""
+    ctx = enc.encode_ordinary(example["ctx"])
+    rows, masks = [], []
+    for ending in example["endings"]:
+        end = enc.encode_ordinary(" " + ending)  # the space belongs to the ending, as GPT-2 tokenizes it
+        row, mask = ctx + end, [0] * len(ctx) + [1] * len(end)
+        if block_size is not None:
+            # Too long for the model: drop the oldest context tokens, the ending must stay whole.
+            row, mask = row[-block_size:], mask[-block_size:]
+        rows.append(row)
+        masks.append(mask)
+    return rows, masks
+
+
+def score_batch(model, rendered, device, plan=None):
+    """Summed and mean ending loss, each (E, 4), for E rendered examples in one forward pass."""
+    rows = [row for rows, _ in rendered for row in rows]
+    masks = [mask for _, masks in rendered for mask in masks]
+    T = max(len(row) for row in rows)
+    # Right padding: with causal attention a real position never sees the padding after it, so
+    # every real position gets exactly the logits it would get alone.
+    tokens = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)  # (R, T)
+    for i, (row, m) in enumerate(zip(rows, masks)):
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+    tokens, mask = tokens.to(device), mask.to(device)
+    hidden = model.hidden(tokens, plan=plan)  # (R, T, C)
+    # position i predicts token i + 1; only the ending tokens are scored, so only their positions
+    # go through the lm_head: the head over all 50,304 words is most of a small model's work
+    targets, scored = tokens[:, 1:], mask[:, 1:]  # (R, T-1)
+    logits = model.lm_head(hidden[:, :-1][scored])  # (N, V), N scored tokens
+    losses = torch.zeros(scored.shape, device=device)  # (R, T-1)
+    losses[scored] = F.cross_entropy(logits.float(), targets[scored], reduction="none")
+    sum_loss = losses.sum(dim=1)  # (R,)
+    mean_loss = sum_loss / scored.sum(dim=1)  # (R,)
+    return sum_loss.view(-1, 4), mean_loss.view(-1, 4)
+
+
+def predict(model, examples, device, plan=None, batch_size=16, autocast_dtype=None):
+    """Predicted ending per example by summed loss (acc) and by mean loss (acc_norm), in input order.
+
+    model: a GPT, or anything with .config.block_size, .hidden(idx, plan=...) and .lm_head.
+
+    batch_size examples (4 rows each) go through the model at a time; the answers are those of one
+    example at a time.
+    """
+    enc = tiktoken.get_encoding("gpt2")
+    rendered = [render(ex, enc, model.config.block_size) for ex in examples]
+    # longest first: similar lengths share a batch (little padding) and a batch too big fails early
+    order = sorted(range(len(examples)), key=lambda i: -max(len(row) for row in rendered[i][0]))
+    pred, pred_norm = [0] * len(examples), [0] * len(examples)
+    device_type = torch.device(device).type
+    # autocast on cuda only: on cpu and mps bf16 is slower or unsupported, and the reference
+    # numbers are fp32
+    autocast = torch.autocast(device_type, dtype=autocast_dtype,
+                              enabled=autocast_dtype is not None and device_type == "cuda")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                sum_loss, mean_loss = score_batch(model, [rendered[i] for i in batch], device, plan)
+                for i, p, pn in zip(batch, sum_loss.argmin(dim=1).tolist(), mean_loss.argmin(dim=1).tolist()):
+                    pred[i], pred_norm[i] = p, pn
+    finally:
+        model.train(was_training)
+    return pred, pred_norm
+
+
+def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=None):
+    """dict(acc, acc_norm, n) over all examples (SCORING: completion, not lm-eval-harness).
+
+    Under torch.distributed every rank passes the same examples, scores its share and gets the
+    totals; n counts examples across all ranks.
+    """
+    if any(ex["label"] is None for ex in examples):
+        raise DataError("examples without labels (HellaSwag keeps the test split's labels secret)")
+    ddp = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    share = examples[rank::world]
+    pred, pred_norm = predict(model, share, device, plan, batch_size, autocast_dtype)
+    labels = [ex["label"] for ex in share]
+    counts = torch.tensor([
+        sum(p == y for p, y in zip(pred, labels)),
+        sum(p == y for p, y in zip(pred_norm, labels)),
+        len(share),
+    ], dtype=torch.long, device=device)
+    if ddp:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # SUM, not AVG: gloo has no AVG
+    correct, correct_norm, n = counts.tolist()
+    return dict(acc=correct / max(n, 1), acc_norm=correct_norm / max(n, 1), n=n)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", help="a train.py checkpoint (ckpt.pt)")
+    parser.add_argument("--model", choices=list(SIZES), help="OpenAI's weights (needs transformers and internet)")
+    parser.add_argument("--split", choices=SPLITS, default="val")
+    parser.add_argument("--data-file", help="a local hellaswag_{split}.jsonl instead of the download")
+    parser.add_argument("--limit", type=int, help="only the first N examples")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="examples per forward pass (memory: the logits hold 4 x batch x row length x vocab floats)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.model is None):
+        sys.exit("hellaswag.py: error: give exactly one of --checkpoint PATH or --model NAME")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        sys.exit(f"hellaswag.py: error: checkpoint not found: {args.checkpoint}")
+
+    device = pick_device(args.device)
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
+    rank = int(os.environ["RANK"]) if ddp else 0
+    if ddp:
+        if device == "cuda":
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    try:
+        # rank 0 downloads alone; the others wait, then find the verified file in the cache
+        if ddp and rank != 0:
+            dist.barrier()
+        examples = load_examples(args.split, args.data_file, args.limit)
+        if ddp and rank == 0:
+            dist.barrier()
+        if args.checkpoint is not None:
+            model, plan = load_model(args.checkpoint, device)
+        else:
+            model, plan = GPT.from_pretrained(args.model).to(device), None
+        t0 = time.time()
+        result = evaluate(model, examples, device, plan, args.batch_size)
+        result["examples_per_s"] = result["n"] / (time.time() - t0)
+    except DataError as e:  # DownloadError included: a missing or malformed file, a failed download
+        sys.exit(f"hellaswag.py: error: {e}")
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+    if rank != 0:
+        return
+    if args.json:
+        print(json.dumps(dict(result, scoring=SCORING_TAG)))
+    else:
+        print(f"hellaswag {args.split}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
+              f"n {result['n']}  {result['examples_per_s']:.1f} examples/s")
+        print(f"({SCORING})")
+
+
+if __name__ == "__main__":
+    main()
