@@ -1120,3 +1120,14 @@ def test_train_logs_hellaswag_on_its_cadence(tmp_path, data, monkeypatch):
     hs = [r["step"] for r in evals if "hellaswag_acc" in r]
     assert hs == [0, 3, 4] and all(r["hellaswag_n"] == 8 for r in evals if "hellaswag_n" in r)
     assert [r["step"] for r in evals] == [0, 2, 3, 4]
+
+
+@pytest.mark.parametrize("flags", [["--stages", "2", "--phase1-mode", "isolate"], ["--regime", "zero",
+                                   "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5"]])
+def test_budget_steps_spend_the_baselines_flops(tmp_path, data, flags):
+    steps, evals = run_train(tmp_path, data, *flags, "--budget-steps", "8", "--inc-steps", "8")
+    cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
+    budget = 8 * step_flops(cfg, range(4), range(4), 0, 256, 32)
+    assert len(steps) > 8  # cheaper steps buy more of them
+    assert steps[-2]["flops"] < budget <= steps[-1]["flops"]
+    assert [r["step"] for r in evals if r.get("equal_cost")] == [len(steps)]

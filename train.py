@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import grow
-from cost import step_flops
+from cost import full_step_flops, schedule_phases, step_flops
 from model import GPT, GPTConfig
 from prepare_fineweb import DataError, prepare_tinyshakespeare, read_shard
 
@@ -53,7 +53,7 @@ REGIMES = {
     "zero": dict(grow_op="zero", depth="unique", grow_layers="3,6,12", grow_at="0.1,0.25"),
 }
 
-GENERIC = dict(stages=1, phase1_frac=0.5, phase1_mode="freeze", share="interp", msg_ramp=None,
+GENERIC = dict(budget_steps=0, stages=1, phase1_frac=0.5, phase1_mode="freeze", share="interp", msg_ramp=None,
                growth_optimizer="keep", continual_optimizer="keep", rewarm=0, schedule="cosine",
                weight_decay=0.1, grad_clip=1.0, seed=1337, hellaswag_limit=None)
 
@@ -92,6 +92,9 @@ def parse_args(argv=None):
     for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
         g.add_argument("--" + name.replace("_", "-"), type=float)
     g.add_argument("--schedule", choices=["cosine", "constant"], help="cosine: warmup then cosine to --min-lr")
+    g.add_argument("--budget-steps", type=int,
+                   help="set --max-steps so the run spends what the full-depth baseline spends in this "
+                        "many steps (expected FLOPs, from cost.py); equal_cost is marked there too")
     g = p.add_argument_group("data, evaluation, output")
     a("--data-dir")
     a("--val-tokens", type=int)
@@ -113,7 +116,30 @@ def parse_args(argv=None):
         args.msg_ramp = args.warmup
     if args.rewarm == -1:
         args.rewarm = args.warmup
+    if args.budget_steps:
+        args.max_steps = budget_max_steps(args)
     return args
+
+
+def budget_max_steps(args):
+    """The fewest steps whose expected training FLOPs reach the baseline's at --budget-steps: a
+    cheaper regime gets more steps, so regimes compare at equal compute. Stage starts may depend on
+    max_steps (growth regimes), so the schedule is rebuilt for each candidate."""
+    cfg = GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    budget = args.budget_steps * full_step_flops(cfg, args.total_batch, args.seq_len)
+    args.max_steps = 100 * args.budget_steps
+    make_stages(args)  # flag errors that no run length cures surface here, with their own message
+    for steps in range(args.budget_steps, 100 * args.budget_steps):
+        args.max_steps = steps
+        try:
+            stages = make_stages(args)
+        except ValueError:  # too short for its stages (e.g. two growths on one step): try longer
+            continue
+        phases = schedule_phases(cfg, stages, steps, args.phase1_mode, args.depth, args.share,
+                                 args.total_batch, args.seq_len)
+        if sum(p["steps"] * p["step_flops"] for p in phases) >= budget:
+            return steps
+    raise ValueError(f"--budget-steps {args.budget_steps}: no run length reaches the budget")
 
 
 def scaled_layers(spec, L):
@@ -363,9 +389,9 @@ def train(args, stop):
     if args.compile:
         model.compile_blocks()
 
-    # the equal-cost point: where this run has spent what the full-depth baseline spends in inc_steps
-    full = list(range(cfg.n_layer))
-    baseline_cost = args.inc_steps * step_flops(cfg, full, full, 0, args.total_batch, T)
+    # the equal-cost point: where this run has spent what the full-depth baseline spends in
+    # --budget-steps if given, else in --inc-steps (the paper's marked points)
+    baseline_cost = (args.budget_steps or args.inc_steps) * full_step_flops(cfg, args.total_batch, T)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a") if master else None
 
@@ -496,8 +522,8 @@ def train(args, stop):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         with StopFlag() as stop:
             train(args, stop)
     except (ValueError, FileNotFoundError, FloatingPointError, DataError) as e:
