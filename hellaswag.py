@@ -202,7 +202,7 @@ def main(argv=None):
     parser.add_argument("--data-file", help="a local hellaswag_{split}.jsonl instead of the download")
     parser.add_argument("--limit", type=int, help="only the first N examples")
     parser.add_argument("--batch-size", type=int, default=16,
-                        help="examples per forward pass (memory: the logits hold 4 x batch x row length x vocab floats)")
+                        help="examples per forward pass (4 rows each; logits only at the ending tokens)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)

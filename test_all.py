@@ -25,12 +25,14 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent / "shared" / "data"
+# offline copies of the public files the project downloads; CI has them in ../shared/data
+SHARED = Path(os.environ.get("NANOGROW_TEST_DATA", HERE.parent / "shared" / "data"))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
 
 import tiktoken  # noqa: E402
 
 import grow  # noqa: E402
+import plot  # noqa: E402
 from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate, load_examples,  # noqa: E402
                        main as hs_main, predict, render, score_batch)
 import prepare_fineweb as pf  # noqa: E402
@@ -1131,3 +1133,161 @@ def test_budget_steps_spend_the_baselines_flops(tmp_path, data, flags):
     assert len(steps) > 8  # cheaper steps buy more of them
     assert steps[-2]["flops"] < budget <= steps[-1]["flops"]
     assert [r["step"] for r in evals if r.get("equal_cost")] == [len(steps)]
+
+
+# ----------------------------------------------------------------------------------------------
+# plot.py: figures and the results table from real and hand-written logs
+
+
+def write_log(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def step_rec(s, flops, loss=5.0, dt=0.5):
+    return {"step": s, "loss": loss, "lr": 1e-3, "tokens": 128 * s, "flops": flops, "dt": dt}
+
+
+@pytest.fixture(scope="module")
+def real_runs(data, tmp_path_factory):
+    """A full-depth baseline and a 2-stage incremental run, 6 steps each, on random tokens."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, extra in [("baseline", []), ("inc2", ["--stages", "2"])]:
+        run_train(root / name, data, "--n-layer", "2", "--total-batch", "128", "--val-tokens", "128",
+                  "--eval-every", "2", "--max-steps", "6", "--inc-steps", "4", *extra)
+    return [root / "baseline", root / "inc2"]
+
+
+@pytest.fixture
+def hand_runs(tmp_path):
+    """baseline: equal cost at step 2 (20 FLOPs), final val 4.0. inc: cheaper steps, no equal-cost
+    mark, reaches 3.9 at 24 FLOPs. slow: never gets below 8."""
+    hs = {"hellaswag_acc": 0.3, "hellaswag_n": 100}
+    base = write_log(tmp_path / "baseline" / "log.jsonl", [
+        {"step": 0, "val_loss": 10.0, "hellaswag_acc_norm": 0.25, **hs},
+        *[step_rec(s, 10 * s) for s in (1, 2)],
+        {"step": 2, "val_loss": 6.0, "hellaswag_acc_norm": 0.30, "equal_cost": True, **hs},
+        *[step_rec(s, 10 * s) for s in (3, 4)],
+        {"step": 4, "val_loss": 4.0, "hellaswag_acc_norm": 0.35, **hs}])
+    inc = write_log(tmp_path / "inc" / "log.jsonl", [
+        *[step_rec(s, 6 * s, dt=0.25) for s in (1, 2, 3, 4)],
+        {"step": 2, "val_loss": 7.0}, {"step": 3, "val_loss": 5.0}, {"step": 4, "val_loss": 3.9}])
+    slow = write_log(tmp_path / "slow.jsonl", [step_rec(1, 10), step_rec(2, 20), {"step": 2, "val_loss": 8.0}])
+    return [base, inc.parent, slow]
+
+
+def test_figure_from_real_logs(real_runs, tmp_path):
+    png = tmp_path / "figs" / "runs.png"
+    plot.main([str(real_runs[0]), str(real_runs[1] / "log.jsonl"), "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(png.parent.iterdir()) == [png]  # the temp file was renamed, not left behind
+
+    runs = [plot.read_log(p) for p in real_runs]
+    labels = [plot.run_label(p) for p in real_runs]
+    assert labels == ["baseline", "inc2"]
+    fig = plot.make_figure(runs, labels)
+    train_ax, val_ax, hs_ax = fig.axes
+    for ax in (train_ax, val_ax):
+        assert [line.get_label() for line in ax.lines] == labels
+        assert [line.get_color() for line in ax.lines] == ["C0", "C1"]
+    assert list(train_ax.lines[0].get_xdata()) == [r["flops"] for r in runs[0]["steps"]]
+    for run, line in zip(runs, val_ax.lines):
+        flops = {0: 0, **{r["step"]: r["flops"] for r in run["steps"]}}
+        assert list(line.get_xdata()) == [flops[e["step"]] for e in run["evals"]]
+    # one big marker per run that reached the baseline's budget, at that evaluation's FLOPs
+    marked = [[[e["flops"], e["val_loss"]] for e in run["evals"] if e.get("equal_cost")] for run in runs]
+    assert marked[0] and [e["step"] for e in runs[0]["evals"] if e.get("equal_cost")] == [4]
+    points = [c.get_offsets().tolist() for c in val_ax.collections]
+    assert points == [m for m in marked if m]
+    assert not hs_ax.lines and not hs_ax.collections
+    assert [t.get_text() for t in hs_ax.texts] == ["no HellaSwag evaluations"]
+    assert "FLOPs" in train_ax.get_xlabel() and "EMA" in train_ax.get_ylabel()
+
+
+def test_x_step(real_runs):
+    runs = [plot.read_log(p) for p in real_runs]
+    fig = plot.make_figure(runs, ["a", "b"], x="step")
+    train_ax, val_ax, _ = fig.axes
+    assert list(train_ax.lines[0].get_xdata()) == [1, 2, 3, 4, 5, 6]
+    assert list(val_ax.lines[0].get_xdata()) == [0, 2, 4, 6]
+    assert val_ax.collections[0].get_offsets()[0][0] == 4
+    assert all(ax.get_xlabel() == "step" for ax in fig.axes)
+
+
+def test_read_log_last_record_wins(tmp_path):
+    log = write_log(tmp_path / "log.jsonl", [
+        step_rec(1, 10), step_rec(2, 20, loss=9.0), {"step": 2, "val_loss": 9.5}, step_rec(3, 30),
+        {"step": 1, "resumed": True},  # resumed from step 1: steps 2 and 3 come again
+        step_rec(2, 22, loss=4.0), {"step": 2, "val_loss": 4.5}, step_rec(3, 33)])
+    log.write_text(log.read_text() + "\n")  # a blank line is skipped
+    run = plot.read_log(tmp_path)
+    assert [(r["step"], r["flops"]) for r in run["steps"]] == [(1, 10), (2, 22), (3, 33)]
+    assert run["steps"][1]["loss"] == 4.0
+    assert run["evals"] == [{"step": 2, "val_loss": 4.5, "flops": 22}]
+
+
+def test_hellaswag_panel_and_summary(hand_runs, capsys):
+    runs = [plot.read_log(p) for p in hand_runs]
+    labels = [plot.run_label(p) for p in hand_runs]
+    assert labels == ["baseline", "inc", "slow"]
+    _, val_ax, hs_ax = plot.make_figure(runs, labels).axes
+    assert [line.get_label() for line in hs_ax.lines] == ["baseline"]
+    assert [c.get_offsets().tolist() for c in hs_ax.collections] == [[[20, 0.30]]]
+    assert [c.get_offsets().tolist() for c in val_ax.collections] == [[[20, 6.0]]]
+    assert hs_ax.get_ylabel() == "HellaSwag acc_norm (n=100)" and not hs_ax.texts
+
+    rows = plot.summarize(runs, labels)
+    assert rows == [
+        dict(run="baseline", final_val_loss=4.0, budget_val_loss=6.0, flops_to_baseline=40,
+             total_flops=40, train_seconds=2.0),
+        dict(run="inc", final_val_loss=3.9, budget_val_loss=5.0, flops_to_baseline=24,
+             total_flops=24, train_seconds=1.0),
+        dict(run="slow", final_val_loss=8.0, budget_val_loss=8.0, flops_to_baseline=None,
+             total_flops=20, train_seconds=1.0)]
+    plot.main([str(p) for p in hand_runs] + ["--table"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and lines[0].startswith("| run | final val loss |")
+    assert lines[3] == "| inc | 3.9000 | 5.0000 | 2.400e+01 | 2.400e+01 | 1.0 s |"
+    assert "| not reached |" in lines[4]
+    # no run labelled baseline: only the runs' own equal-cost marks count
+    rows = plot.summarize(runs, ["a", "b", "c"])
+    assert [(r["budget_val_loss"], r["flops_to_baseline"]) for r in rows] == [(6.0, None), (None, None),
+                                                                              (None, None)]
+    assert "not reached" not in plot.table(rows)
+
+
+BLOCK_MATPLOTLIB = """
+import sys
+class NoMatplotlib:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoMatplotlib())
+import plot
+plot.main()
+"""
+
+
+def test_missing_matplotlib(hand_runs, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-c", BLOCK_MATPLOTLIB, str(hand_runs[0]), *args],
+                              cwd=HERE, capture_output=True, text=True, timeout=60)
+
+    r = cli("--out", str(tmp_path / "fig.png"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == ["error: plot.py needs matplotlib for the figure: pip install matplotlib"]
+    assert cli("--table").returncode == 0  # the table needs no matplotlib
+
+
+@pytest.mark.parametrize("content", [None, "", json.dumps({"step": 0, "val_loss": 10.0}) + "\n", "{oops\n"])
+def test_plot_bad_input(tmp_path, capsys, content):
+    log = tmp_path / "log.jsonl"
+    if content is not None:
+        log.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(log), "--out", str(tmp_path / "fig.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(log) in err[0]
+    assert not (tmp_path / "fig.png").exists()

@@ -1,0 +1,216 @@
+"""Plot and tabulate train.py runs: training loss, val loss and HellaSwag against cumulative training
+FLOPs (or steps), one line per run, with the equal-cost evaluations drawn as large solid markers as
+in the paper's figures.
+
+    python plot.py out/baseline out/inc4 --out runs.png            # a run folder or its log.jsonl
+    python plot.py out/baseline out/inc4 --out runs.png --x step
+    python plot.py out/baseline out/inc4 --table                   # the README's results table
+
+A run is labelled by its folder name (--labels a,b,... overrides); the run labelled "baseline" is
+the reference for the table's budget columns. matplotlib is needed only for the figure.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EMA = 0.9  # per-step loss is noisy; this smooths over ~10 steps, light next to a run's thousands
+
+
+def log_path(path):
+    """A run folder's log.jsonl, or the path itself when it names a file."""
+    path = Path(path)
+    return path / "log.jsonl" if path.is_dir() else path
+
+
+def run_label(path):
+    """The run's folder name (the file's stem for a log not called log.jsonl)."""
+    path = log_path(path).resolve()
+    return path.parent.name if path.name == "log.jsonl" else path.stem
+
+
+def read_log(path):
+    """{"steps": step records, "evals": eval records}, each sorted by step. A resumed run may write
+    a step again: the last record wins. Each eval gets "flops", the cumulative training FLOPs after
+    the steps before it (eval s runs after s optimizer steps: step record s holds that total)."""
+    path = log_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no log at {path}")
+    steps, evals = {}, {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{n}: not a JSON record") from None
+            if "loss" in rec:
+                steps[rec["step"]] = rec
+            elif "val_loss" in rec:
+                evals[rec["step"]] = rec
+    if not steps:
+        raise ValueError(f"{path}: no step records")
+    flops = {0: 0, **{s: r["flops"] for s, r in steps.items()}}
+    for s, rec in evals.items():
+        if s not in flops:
+            raise ValueError(f"{path}: the evaluation at step {s} has no step record")
+        rec["flops"] = flops[s]
+    return {"steps": [steps[s] for s in sorted(steps)], "evals": [evals[s] for s in sorted(evals)]}
+
+
+def ema(values, beta=EMA):
+    out, avg = [], values[0]
+    for v in values:
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg)
+    return out
+
+
+def make_figure(runs, labels, x="flops"):
+    """Three panels, one line per run in the same colour in each: training loss (EMA), val loss and
+    HellaSwag acc_norm, against x = "flops" (cumulative training FLOPs) or "step"."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError:
+        raise ImportError("plot.py needs matplotlib for the figure: pip install matplotlib") from None
+
+    # a bare Figure on an Agg canvas: no screen, and no pyplot state kept between calls
+    fig = Figure(figsize=(16, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    train_ax, val_ax, hs_ax = fig.subplots(1, 3, sharex=True)
+    hs_sizes = sorted({e["hellaswag_n"] for run in runs for e in run["evals"] if "hellaswag_n" in e})
+    hs_label = "HellaSwag acc_norm" + (f" (n={hs_sizes[0]})" if len(hs_sizes) == 1 else "")
+    panels = [  # (axes, y key, y label, what "no data" means)
+        (val_ax, "val_loss", "validation loss", "no validation evaluations"),
+        (hs_ax, "hellaswag_acc_norm", hs_label, "no HellaSwag evaluations"),
+    ]
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        color = f"C{i}"
+        steps = run["steps"]
+        train_ax.plot([r[x] for r in steps], ema([r["loss"] for r in steps]), color=color, label=label)
+        for ax, key, _, _ in panels:
+            evals = [e for e in run["evals"] if key in e]
+            if evals:
+                ax.plot([e[x] for e in evals], [e[key] for e in evals], "o-", ms=3, color=color, label=label)
+            marked = [e for e in evals if e.get("equal_cost")]
+            if marked:
+                ax.scatter([e[x] for e in marked], [e[key] for e in marked], s=90, color=color, zorder=3)
+
+    train_ax.set_ylabel(f"training loss (EMA, β={EMA})")
+    for ax, _, ylabel, empty in panels:
+        ax.set_ylabel(ylabel)
+        if not ax.lines:
+            ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="gray")
+    for ax in (train_ax, val_ax, hs_ax):
+        ax.set_xlabel("training FLOPs (cumulative)" if x == "flops" else "step")
+        ax.grid(alpha=0.3)
+    marker_key = Line2D([], [], marker="o", ls="", ms=9, color="black",
+                        label="equal cost: the baseline's FLOPs at --inc-steps")
+    fig.legend(handles=train_ax.lines + [marker_key], loc="outside upper center", ncols=len(runs) + 1)
+    return fig
+
+
+def save_figure(fig, out):
+    """Write beside the target, then rename: a reader never sees a half-written image."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp" + out.suffix)  # keeps the extension that picks the format
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, out)
+
+
+def summarize(runs, labels):
+    """One dict per run, for the results table:
+    final_val_loss     the last evaluation's val loss
+    budget_val_loss    val loss at the baseline's budget: the run's equal-cost evaluation, else its
+                       last evaluation within the FLOPs of the baseline's (the run labelled
+                       "baseline") equal-cost evaluation, or of its whole run if it has none
+    flops_to_baseline  FLOPs at the first evaluation at or below the baseline's final val loss
+    total_flops        training FLOPs of the whole run
+    train_seconds      the sum of the step times (evaluation excluded)
+    A value is None where it doesn't exist: no evaluations, no baseline run, a loss not reached."""
+    base = dict(zip(labels, runs)).get("baseline")
+    budget = target = None
+    if base:
+        marked = [e for e in base["evals"] if e.get("equal_cost")]
+        budget = marked[0]["flops"] if marked else base["steps"][-1]["flops"]
+        target = base["evals"][-1]["val_loss"] if base["evals"] else None
+    rows = []
+    for run, label in zip(runs, labels):
+        evals = run["evals"]
+        at_budget = [e for e in evals if e.get("equal_cost")]
+        if not at_budget and budget is not None:
+            at_budget = [e for e in evals if e["flops"] <= budget][-1:]
+        reached = [e for e in evals if e["val_loss"] <= target] if target is not None else []
+        rows.append({
+            "run": label,
+            "final_val_loss": evals[-1]["val_loss"] if evals else None,
+            "budget_val_loss": at_budget[0]["val_loss"] if at_budget else None,
+            "flops_to_baseline": reached[0]["flops"] if reached else None,
+            "total_flops": run["steps"][-1]["flops"],
+            "train_seconds": sum(r["dt"] for r in run["steps"]),
+        })
+    return rows
+
+
+def duration(seconds):
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
+def table(rows):
+    """summarize's rows as a markdown table. The baseline always reaches its own final loss, so a
+    row that reached it tells a missing value apart: "not reached" rather than "–"."""
+    def fmt(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    has_target = any(r["flops_to_baseline"] is not None for r in rows)
+    lines = ["| run | final val loss | val loss at baseline budget | FLOPs to baseline's final val loss "
+             "| training FLOPs | training time |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        to_base = fmt(r["flops_to_baseline"], ".3e")
+        if r["flops_to_baseline"] is None and has_target:
+            to_base = "not reached"
+        lines.append(f"| {r['run']} | {fmt(r['final_val_loss'], '.4f')} | {fmt(r['budget_val_loss'], '.4f')} "
+                     f"| {to_base} | {r['total_flops']:.3e} | {duration(r['train_seconds'])} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("logs", nargs="+", metavar="LOG", help="a run folder or its log.jsonl")
+    p.add_argument("--out", help="the figure to write, e.g. runs.png")
+    p.add_argument("--x", choices=["flops", "step"], default="flops", help="the x axis of every panel")
+    p.add_argument("--labels", help="comma-separated run labels (default: the folder names)")
+    p.add_argument("--table", action="store_true", help="print a markdown table of the results")
+    args = p.parse_args(argv)
+    if not args.out and not args.table:
+        p.error("nothing to do: give --out FIG.png, --table or both")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        labels = args.labels.split(",") if args.labels else [run_label(p) for p in args.logs]
+        if len(labels) != len(args.logs):
+            raise ValueError(f"--labels gives {len(labels)} labels for {len(args.logs)} logs")
+        runs = [read_log(p) for p in args.logs]
+        if args.table:
+            print(table(summarize(runs, labels)))
+        if args.out:
+            save_figure(make_figure(runs, labels, args.x), args.out)
+            print(f"wrote {args.out}")
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
