@@ -36,8 +36,8 @@ PRESETS = {
                  eval_every=250, hellaswag_every=250, ckpt_every=1000),
     # the same 12-layer shape, narrow and short: trains on 2 CPU cores in minutes
     "tiny": dict(n_layer=12, n_head=4, n_embd=128, batch_size=16, seq_len=128,
-                 total_batch=4096, lr=2e-3, min_lr=2e-4, warmup=10, max_steps=150,
-                 inc_steps=100, data_dir="data/tinyshakespeare", val_tokens=32768,
+                 total_batch=4096, lr=2e-3, min_lr=2e-4, warmup=10, max_steps=250,
+                 inc_steps=150, data_dir="data/tinyshakespeare", val_tokens=32768,
                  eval_every=25, hellaswag_every=0, ckpt_every=50),
 }
 
