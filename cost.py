@@ -198,15 +198,13 @@ def incremental_report(name, S, steps, mode, cost, seq_len, batch_tokens, mfu):
 
 
 def growth_report(name, regime, steps, seq_len, batch_tokens, mfu):
-    from train import GENERIC, REGIMES, scaled_layers  # train.py imports this file: import it late
+    from train import GENERIC, REGIMES, growth_schedule  # train.py imports this file: import it late
 
     cfg = model_config(name, seq_len)
     L = cfg.n_layer
     defaults = REGIMES[regime]
-    layers = scaled_layers(defaults["grow_layers"], L)
-    at = [float(x) for x in defaults["grow_at"].split(",")]
     try:
-        stages = grow.growth_stages(layers, at, steps)
+        stages = growth_schedule(defaults["grow_layers"], defaults["grow_at"], L, steps)
     except ValueError as e:  # with the regime's own schedule only a short run can fail
         raise ValueError(f"--steps {steps} is too few for {regime}'s stages, which start at "
                          f"{defaults['grow_at']}") from e
@@ -219,7 +217,7 @@ def growth_report(name, regime, steps, seq_len, batch_tokens, mfu):
     blocks = spent - steps * head
     report = dict(
         regime=regime, model=name, n_layer=L, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
-        grow_layers=layers, grow_at=at, depth=defaults["depth"], share=GENERIC["share"],
+        grow_layers=[s.layers for s in stages], grow_at=[s.start / steps for s in stages[1:]], depth=defaults["depth"], share=GENERIC["share"],
         stages=[{**r, "step_flops": float(r["step_flops"]), "depth": float(r["depth"]),
                  "vs_full": float(r["step_flops"] / full)} for r in phases],
         flops=float(spent), baseline_flops=steps * full, saved=float(100 * (1 - spent / (steps * full))),

@@ -142,10 +142,20 @@ def budget_max_steps(args):
     raise ValueError(f"--budget-steps {args.budget_steps}: no run length reaches the budget")
 
 
-def scaled_layers(spec, L):
-    """A layer list written for 12 layers, for L layers: 1,3,6,12 on 24 layers is 2,6,12,24."""
-    layers = [int(x) for x in spec.split(",")]
-    return [max(1, round(u * L / 12)) for u in layers] if layers[-1] == 12 and L != 12 else layers
+def growth_schedule(layers_spec, at_spec, L, max_steps):
+    """Growth stages from --grow-layers and --grow-at. A list written for 12 layers scales with L
+    (1,3,6,12 on 24 layers is 2,6,12,24); where scaling merges two stages (1,3,6,12 on 4 layers is
+    1,1,2,4) the later start of the pair is dropped."""
+    layers = [int(x) for x in layers_spec.split(",")]
+    starts = [0.0] + [float(x) for x in at_spec.split(",")]
+    if len(starts) != len(layers):
+        raise ValueError(f"--grow-at needs {len(layers) - 1} fractions for {len(layers)} layer counts")
+    if layers[-1] == 12 and L != 12:
+        layers = [max(1, round(u * L / 12)) for u in layers]
+    keep = [i for i in range(len(layers)) if i == 0 or layers[i] != layers[i - 1]]
+    if layers[-1] != L:
+        raise ValueError(f"--grow-layers {layers_spec} must end at the model's {L} layers")
+    return grow.growth_stages([layers[i] for i in keep], [starts[i] for i in keep][1:], max_steps)
 
 
 def make_stages(args):
@@ -161,10 +171,7 @@ def make_stages(args):
         if not 0 <= args.phase1_frac <= 1:
             raise ValueError(f"--phase1-frac {args.phase1_frac} must be between 0 and 1")
         return grow.incremental_stages(L, args.stages, args.inc_steps, args.phase1_frac, args.phase1_mode)
-    layers = scaled_layers(args.grow_layers, L)
-    if layers[-1] != L:
-        raise ValueError(f"--grow-layers {args.grow_layers} must end at the model's {L} layers")
-    return grow.growth_stages(layers, [float(x) for x in args.grow_at.split(",")], args.max_steps)
+    return growth_schedule(args.grow_layers, args.grow_at, L, args.max_steps)
 
 
 def get_lr(step, args, boundary):
