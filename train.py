@@ -108,6 +108,11 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile each block (regional compilation)")
     a("--bench", type=int, default=0, help="time N training steps after warm-up, print, exit")
     args = p.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None}
+    own = {"stages", "phase1_frac", "phase1_mode", "continual_optimizer"}  # the incremental regime's
+    wrong = sorted(given & own if args.regime != "incremental" else given & {"grow_layers", "grow_at"})
+    if wrong:
+        p.error(f"{', '.join('--' + k.replace('_', '-') for k in wrong)} cannot go with --regime {args.regime}")
     for defaults in (PRESETS[args.preset], REGIMES[args.regime], GENERIC):
         for k, v in defaults.items():
             if getattr(args, k, None) is None:
