@@ -72,6 +72,7 @@ def make_figure(runs, labels, x="flops"):
     """Three panels, one line per run in the same colour in each: training loss (EMA), val loss and
     HellaSwag acc_norm, against x = "flops" (cumulative training FLOPs) or "step"."""
     try:
+        import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
@@ -88,8 +89,10 @@ def make_figure(runs, labels, x="flops"):
         (val_ax, "val_loss", "validation loss", "no validation evaluations"),
         (hs_ax, "hellaswag_acc_norm", hs_label, "no HellaSwag evaluations"),
     ]
-    for i, (run, label) in enumerate(zip(runs, labels)):
-        color = f"C{i}"
+    # the default cycle repeats after 10 colours; tab20 keeps up to 20 runs apart
+    colors = [f"C{i}" for i in range(len(runs))] if len(runs) <= 10 else \
+        [matplotlib.colormaps["tab20"](i) for i in range(len(runs))]
+    for run, label, color in zip(runs, labels, colors):
         steps = run["steps"]
         train_ax.plot([r[x] for r in steps], ema([r["loss"] for r in steps]), color=color, label=label)
         for ax, key, _, _ in panels:
@@ -108,10 +111,25 @@ def make_figure(runs, labels, x="flops"):
     for ax in (train_ax, val_ax, hs_ax):
         ax.set_xlabel("training FLOPs (cumulative)" if x == "flops" else "step")
         ax.grid(alpha=0.3)
+    for ax in (train_ax, val_ax):
+        zoom_past_start(ax)
     marker_key = Line2D([], [], marker="o", ls="", ms=9, color="black",
-                        label="equal cost: the baseline's FLOPs at --inc-steps")
-    fig.legend(handles=train_ax.lines + [marker_key], loc="outside upper center", ncols=len(runs) + 1)
+                        label="equal cost: the baseline's FLOPs at --inc-steps (or --budget-steps)")
+    fig.legend(handles=train_ax.lines + [marker_key], loc="outside upper center", ncols=min(len(runs) + 1, 6))
     return fig
+
+
+def zoom_past_start(ax, skip=0.1):
+    """Fit the y axis to the points past the first `skip` of the x range: every loss starts near
+    ln(vocab) and falls fast, and that drop would squeeze the differences between runs flat."""
+    points = [(x, y) for line in ax.lines for x, y in zip(line.get_xdata(), line.get_ydata())]
+    if not points:
+        return
+    x_max = max(x for x, _ in points)
+    late = [y for x, y in points if x >= skip * x_max]
+    lo, hi = min(late), max(late)
+    pad = 0.05 * (hi - lo) or 0.05
+    ax.set_ylim(lo - pad, hi + pad)
 
 
 def save_figure(fig, out):
