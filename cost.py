@@ -10,8 +10,9 @@ Three models of the same incremental run, coarse to exact:
   fwd 1, bwd 2   per layer, backward twice the forward; frozen layers passed through at 1 (freeze)
   FLOPs          step_flops on the real config: block matmuls, attention and the lm_head
 
-train.py's cumulative `flops` column comes from step_flops below, so the log and this script agree
-by construction.
+train.py's cumulative `flops` column comes from model.step_flops, and the tables here from
+grow.schedule_phases over the same Schedule train.py runs, so the log and this script agree by
+construction.
 """
 import argparse
 import json
@@ -22,37 +23,10 @@ import time
 from fractions import Fraction
 
 import grow
-from model import SIZES, GPTConfig
+from model import SIZES, GPTConfig, Plan, full_step_flops, step_flops
 
 H100_BF16 = 989e12  # FLOP/s, dense bf16 peak (the sparsity figure is twice that)
 APOLLO_REPORTED = {"code": 57.6, "paper": 47.9}  # % of FLOPs saved on GPT-Base: their code's, their paper's
-
-
-def step_flops(cfg, plan, trainable, isolate, tokens, seq_len):
-    """Training FLOPs (forward + backward) of `tokens` tokens through the layer plan.
-
-    Counted per token: each block's matmuls 24·d² and its attention scores and values 4·T·d (the
-    full T×T, as FlopCounterMode and nanoGPT's MFU estimate count it; a causal kernel does about
-    half), and the tied lm_head 2·d·V. Backward: a trainable block costs 2× its forward (input and
-    weight gradients); a frozen block that gradients pass through costs its matmuls once (input
-    gradients only) and its attention twice (dq, dk, dv); the first `isolate` positions run under
-    no_grad and cost no backward at all. Left out: layer norms, GELU, softmax, residual adds,
-    embedding lookups and the optimizer update, all O(d) per token against O(d²).
-    """
-    d, V = cfg.n_embd, cfg.vocab_size
-    mm, att, head = 24 * d * d, 4 * seq_len * d, 2 * d * V
-    fwd = len(plan) * (mm + att) + head
-    bwd = 2 * head  # the head's weight is the tied, always trained wte
-    grad_below = isolate == 0  # gradients flow on to the embeddings below the blocks
-    for t, b in enumerate(plan):
-        if t < isolate:
-            continue
-        if b in trainable:
-            bwd += 2 * mm + 2 * att
-        elif grad_below:
-            bwd += mm + 2 * att
-        grad_below = grad_below or b in trainable
-    return tokens * (fwd + bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,38 +69,7 @@ def round_half_up(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact FLOPs of a stage schedule (grow.py's, the one train.py runs)
-
-
-def segments(stages, steps):
-    """[start, end) step ranges of the first `steps` steps over which grow.step_plan stays put."""
-    cuts = sorted({0, steps} | {c for st in stages for c in (st.start, st.start + st.phase1) if 0 < c < steps})
-    return list(zip(cuts, cuts[1:]))
-
-
-def expected_step_flops(cfg, sp, probs, share, tokens, seq_len):
-    """FLOPs of one step under StepPlan sp when each token's micro-batch runs depth d with
-    probability probs[d]. Fractions keep it exact (probs are floats, but exactly representable)."""
-    return sum(Fraction(p) * step_flops(cfg, grow.layer_plan(d, sp.unique, share), sp.trainable,
-                                        sp.isolate, tokens, seq_len) for d, p in probs.items())
-
-
-def schedule_phases(cfg, stages, steps, mode, sampler, share, tokens, seq_len):
-    """One row per stage and phase of the first `steps` steps, with its expected FLOPs per step.
-    step_plan holds for a whole phase, so the rows sum to what train.py logs step by step."""
-    rows = []
-    for start, end in segments(stages, steps):
-        sp = grow.step_plan(stages, start, mode)
-        probs = grow.depth_probs(sampler, sp.unique, cfg.n_layer)
-        rows.append(dict(stage=sp.stage, phase=sp.phase, layers=sp.unique, trained=len(sp.trainable),
-                         steps=end - start, depth=sum(d * p for d, p in probs.items()),
-                         step_flops=expected_step_flops(cfg, sp, probs, share, tokens, seq_len)))
-    return rows
-
-
-def full_step_flops(cfg, tokens, seq_len):
-    full = range(cfg.n_layer)
-    return step_flops(cfg, full, full, 0, tokens, seq_len)
+# Exact FLOPs of a schedule (grow.schedule_phases: the one train.py runs)
 
 
 def equal_cost_step(spent, full_step, steps):
@@ -177,8 +120,9 @@ def incremental_report(name, S, steps, mode, cost, seq_len, batch_tokens, mfu):
                      inc_ratio=float(1 - layer_t_cont / steps), equal_cost_step=layer_step,
                      **gap(layer_step, paper_step))
 
-    stages = grow.incremental_stages(L, S, steps, 0.5, mode)
-    phases = schedule_phases(cfg, stages, steps, mode, "unique", "interp", batch_tokens, seq_len)
+    schedule = grow.build_schedule("incremental", L, steps, steps, 0,
+                                   **grow.regime_options("incremental", 0, stages=S, phase1_mode=mode))
+    phases = grow.schedule_phases(cfg, schedule, steps, batch_tokens, seq_len)
     spent = sum(r["steps"] * r["step_flops"] for r in phases)
     full = full_step_flops(cfg, batch_tokens, seq_len)
     exact_step = equal_cost_step(spent, full, steps)
@@ -198,26 +142,23 @@ def incremental_report(name, S, steps, mode, cost, seq_len, batch_tokens, mfu):
 
 
 def growth_report(name, regime, steps, seq_len, batch_tokens, mfu):
-    from train import GENERIC, REGIMES, growth_schedule  # train.py imports this file: import it late
-
     cfg = model_config(name, seq_len)
     L = cfg.n_layer
-    defaults = REGIMES[regime]
+    opts = grow.regime_options(regime, 0)
     try:
-        stages = growth_schedule(defaults["grow_layers"], defaults["grow_at"], L, steps)
+        schedule = grow.build_schedule(regime, L, steps, steps, 0, **opts)
     except ValueError as e:  # with the regime's own schedule only a short run can fail
         raise ValueError(f"--steps {steps} is too few for {regime}'s stages, which start at "
-                         f"{defaults['grow_at']}") from e
-    # growth stages have no phase 1, so the freeze mode plays no part
-    phases = schedule_phases(cfg, stages, steps, "freeze", defaults["depth"], GENERIC["share"],
-                             batch_tokens, seq_len)
+                         f"{opts['grow_at']}") from e
+    phases = grow.schedule_phases(cfg, schedule, steps, batch_tokens, seq_len)
+    stages = schedule.stages
     full = full_step_flops(cfg, batch_tokens, seq_len)
-    head = step_flops(cfg, [], (), 0, batch_tokens, seq_len)  # a plan with no blocks: the head alone
+    head = step_flops(cfg, Plan(()), (), batch_tokens, seq_len)  # a plan with no blocks: the head alone
     spent = sum(r["steps"] * r["step_flops"] for r in phases)
     blocks = spent - steps * head
     report = dict(
         regime=regime, model=name, n_layer=L, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
-        grow_layers=[s.layers for s in stages], grow_at=[s.start / steps for s in stages[1:]], depth=defaults["depth"], share=GENERIC["share"],
+        grow_layers=[s.layers for s in stages], grow_at=[s.start / steps for s in stages[1:]], depth=opts["depth"], share=opts["share"],
         stages=[{**r, "step_flops": float(r["step_flops"]), "depth": float(r["depth"]),
                  "vs_full": float(r["step_flops"] / full)} for r in phases],
         flops=float(spent), baseline_flops=steps * full, saved=float(100 * (1 - spent / (steps * full))),
@@ -283,7 +224,7 @@ def paper_lines(r):
 
 def exact_lines(r):
     e = r["exact"]
-    lines = [f"Exact FLOPs per phase (grow.incremental_stages and step_plan, phase 1 {r['phase1_mode']}; "
+    lines = [f"Exact FLOPs per phase (grow.build_schedule, phase 1 {r['phase1_mode']}; "
              "what train.py logs):",
              f"  {'stage':>5} {'phase':>5} {'layers':>6} {'trained':>7} {'steps':>7} {'TFLOP/step':>11} "
              f"{'PFLOP':>9}"]
@@ -355,10 +296,12 @@ def measure_cases(L, S):
     """The distinct steps of S-stage incremental training, {(unique, trainable, isolate): (labels, StepPlan)},
     in step order. Phase 1 of stage 1 equals its phase 2, and the last phase 2 is the baseline."""
     cases = {}
-    stages = {mode: grow.incremental_stages(L, S, 2 * S, 0.5, mode) for mode in ("freeze", "isolate")}
+    schedules = {mode: grow.build_schedule("incremental", L, 2 * S, 2 * S, 0,
+                                           **grow.regime_options("incremental", 0, stages=S, phase1_mode=mode))
+                 for mode in ("freeze", "isolate")}
     for step in range(2 * S):  # one step per phase
-        for mode, st in stages.items():
-            sp = grow.step_plan(st, step, mode)
+        for mode, schedule in schedules.items():
+            sp = schedule.step_plan(step)
             label = f"stage {sp.stage} phase {sp.phase}" + (f" {mode}" if sp.phase == 1 and sp.stage > 1 else "")
             labels, _ = cases.setdefault((sp.unique, sp.trainable, sp.isolate), ([], sp))
             if label not in labels:
@@ -367,15 +310,15 @@ def measure_cases(L, S):
 
 
 def measure(device, batch=4, warmup=1, repeats=9, threads=1, seed=0):
-    """Median seconds of forward + backward and of the AdamW update for each case, with its FLOPs.
+    """Median seconds of forward + backward and of the optimizer update for each case, with its
+    FLOPs: the two halves of train.py's step (model.forward_backward and model.optimizer_step).
     The config is GPT-2's 12 layers, narrowed so a step takes a fraction of a second on a CPU core;
     its vocab is cut to 16,384 so the head's share of the forward (~28%) is about GPT-2 124M's (27%).
     One CPU thread: the ratios are the point, and where other jobs share the cores a second thread
     stalls the first at every parallel region (we saw steps 8x slower with two)."""
     import torch
 
-    from model import GPT
-    from train import autocast  # bf16 on CUDA, as train.py
+    from model import GPT, forward_backward, optimizer_step
 
     cfg = GPTConfig(block_size=256, vocab_size=16384, n_layer=12, n_head=4, n_embd=256)
     T = cfg.block_size
@@ -389,25 +332,22 @@ def measure(device, batch=4, warmup=1, repeats=9, threads=1, seed=0):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    cases = [(labels, sp, grow.layer_plan(sp.unique, sp.unique))
+    cases = [(labels, sp, Plan(tuple(range(sp.unique)), sp.isolate))
              for labels, sp in measure_cases(cfg.n_layer, 4).values()]
     times = [[] for _ in cases]
     for i in range(warmup + repeats):  # round-robin, so a shared machine's load hits every case alike
         for (_, sp, plan), t in zip(cases, times):
             grow.set_trainable(model, sp)
             t0 = time.perf_counter()
-            with autocast(device):
-                _, loss = model(x, y, plan=plan, no_grad_prefix=sp.isolate)
-            loss.backward()
+            forward_backward(model, [(x, y, plan)], device)
             sync()
             t1 = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(model, opt, 6e-4, 1.0)
             sync()
             if i >= warmup:
                 t.append((t1 - t0, time.perf_counter() - t1))
-    rows = [dict(step=" = ".join(labels), flops=step_flops(cfg, plan, sp.trainable, sp.isolate, batch * T, T),
-                 fwd_bwd=statistics.median(a for a, _ in t), adamw=statistics.median(b for _, b in t))
+    rows = [dict(step=" = ".join(labels), flops=step_flops(cfg, plan, sp.trainable, batch * T, T),
+                 fwd_bwd=statistics.median(a for a, _ in t), update=statistics.median(b for _, b in t))
             for (labels, sp, plan), t in zip(cases, times)]
     return dict(device=str(device), threads=torch.get_num_threads(), config=cfg.to_dict(), batch=batch,
                 warmup=warmup, repeats=repeats, rows=rows)
@@ -422,14 +362,14 @@ def measure_text(r):
              f"median of {r['repeats']} rounds over all steps after {r['warmup']} warm-up round; ratios to the "
              "baseline step (the last row).",
              "A benchmark, not a test: on a shared machine the times are noisy.",
-             f"  {'step':<38} {'fwd+bwd ms':>10} {'ratio':>6} {'FLOP ratio':>10} {'AdamW ms':>9} "
+             f"  {'step':<38} {'fwd+bwd ms':>10} {'ratio':>6} {'FLOP ratio':>10} {'update ms':>9} "
              f"{'step ratio':>10}"]
     for row in r["rows"]:
-        step = row["fwd_bwd"] + row["adamw"]
+        step = row["fwd_bwd"] + row["update"]
         lines.append(f"  {row['step']:<38} {row['fwd_bwd'] * 1e3:>10.0f} "
                      f"{row['fwd_bwd'] / base['fwd_bwd']:>6.2f} {row['flops'] / base['flops']:>10.2f} "
-                     f"{row['adamw'] * 1e3:>9.0f} "
-                     f"{step / (base['fwd_bwd'] + base['adamw']):>10.2f}")
+                     f"{row['update'] * 1e3:>9.0f} "
+                     f"{step / (base['fwd_bwd'] + base['update']):>10.2f}")
     return "\n".join(lines)
 
 
@@ -439,8 +379,8 @@ def measure_text(r):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--regime", choices=["incremental", "apollo", "stack", "gstack", "msg", "zero"], default="incremental",
-      help="growth regimes use train.py's defaults for their schedule")
+    a("--regime", choices=grow.REGIMES, default="incremental",
+      help="growth regimes use their defaults from grow.REGIMES for their schedule")
     a("--stages", type=int, default=4, help="S, incremental stages")
     a("--steps", type=int, default=10000, help="T: the incremental steps T_inc = T, or a growth run's length")
     a("--cost", choices=["paper", "exact"], default="paper", help="which model the headline and JSON follow")

@@ -1,8 +1,12 @@
-"""Progressive training, told as pure functions: which blocks run, which train, how new ones start.
+"""Progressive training, told as data and pure functions: which blocks run, which train, how new
+ones start, and what a schedule costs.
 
-Every regime is a list of stages. A stage starts at a step, has u unique blocks, and may begin
-with a phase 1 in which only its newly added blocks train. Within a stage each micro-batch runs a
-depth d >= u; when d > u the u blocks are reused (weight sharing). From this one description:
+Every regime is a list of stages. A stage starts at a step, has u unique blocks (slots 0..u-1 of
+the model), may begin with a phase 1 in which only the blocks it added train, and says what happens
+on entering it: how the added blocks start, whether AdamW starts afresh, how long the LR rewarms,
+and how long MSG's gates take to open. Within a stage each micro-batch runs a depth d >= u; when
+d > u the u blocks are reused (weight sharing). A Schedule holds the stages and answers, for any
+step, what trains (step_plan) and what each micro-batch runs (plan, a model.Plan).
 
   incremental (Li, Fung & Huang 2024)  S equal stages adding ceil(i·L/S) - ceil((i-1)·L/S) blocks,
                                        phase 1 trains the new blocks, phase 2 all active ones,
@@ -10,12 +14,74 @@ depth d >= u; when d > u the u blocks are reused (weight sharing). From this one
   apollo (Pan et al. 2024)             u = 1 → 3 → 6 → 12, depth drawn by LVPS, interpolation growth
   stack / gstack / msg / zero          u grows by copying, stacking, gating or zero-init, d = u
 
-The model (model.py) only follows a layer plan; train.py asks this file for it at every step.
+train.py runs a Schedule; cost.py sums its FLOPs. Nothing here reads flags or global state.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fractions import Fraction
 
 import numpy as np
 import torch
+
+from model import Plan, full_step_flops, step_flops
+
+# ----------------------------------------------------------------------------------------------
+# Regimes: each method once, as the defaults of its options. A run's options are what the user
+# gave, else its regime's entry, else DEFAULTS. Layer lists are written for 12 layers and scale to
+# other depths (scale_layers); stage starts are fractions of the run's steps.
+
+REGIMES = {
+    # Li, Fung & Huang 2024: --stages S equal stages over --inc-steps, new blocks randomly
+    # initialised, phase 1 trains only them, then continual training of every block
+    "incremental": dict(grow_op="random", depth="unique"),
+    # Pan et al. 2024: 1 → 3 → 6 → 12 unique blocks, each micro-batch runs a depth drawn by LVPS
+    # over shared blocks, growth by interpolation, AdamW moments kept with their slot
+    "apollo": dict(grow_op="interp", depth="lvps", grow_layers="1,3,6,12", grow_at="0.05,0.1,0.25"),
+    # progressive stacking (Gong et al. 2019): the model is copied on top of itself
+    "stack": dict(grow_op="stack", grow_layers="3,6,12", grow_at="0.1,0.25"),
+    # G_stack (Du et al. 2024): one stacking, 3 → 12 at 25%, fresh AdamW and an LR rewarm
+    "gstack": dict(grow_op="stack", grow_layers="3,12", grow_at="0.25", growth_optimizer="fresh",
+                   rewarm=-1),
+    # MSG (Yao et al. 2024): new blocks enter behind a gate μ ramped 0 → 1 over --msg-ramp steps
+    "msg": dict(grow_op="msg", grow_layers="3,6,12", grow_at="0.1,0.25"),
+    # new blocks start as the identity: their residual output projections are zero
+    "zero": dict(grow_op="zero", grow_layers="3,6,12", grow_at="0.1,0.25"),
+}
+
+DEFAULTS = dict(
+    stages=1,  # incremental: S; 1 is the full-depth baseline
+    phase1_frac=0.5,  # incremental: share of each stage spent in phase 1
+    phase1_mode="freeze",  # incremental: freeze old blocks (gradients pass), isolate them, or none
+    continual_optimizer="keep",  # incremental: AdamW on entering continual training
+    grow_layers=None, grow_at=None,  # growth regimes: unique blocks per stage, stage starts
+    grow_op="random",  # how added blocks start (growth_map)
+    depth="unique",  # depth per micro-batch (depth_probs)
+    share="interp",  # which block at each position of a shared depth (layer_plan)
+    growth_optimizer="keep",  # AdamW on entering a stage (other than continual training)
+    msg_ramp=None,  # MSG: steps for a gate to open; None: as long as the LR warmup
+    rewarm=0,  # LR rewarm steps after each stage start; -1: as long as the LR warmup
+)
+INCREMENTAL_ONLY = ("stages", "phase1_frac", "phase1_mode", "continual_optimizer")
+GROWTH_ONLY = ("grow_layers", "grow_at")
+
+
+def regime_options(regime, warmup, **given):
+    """Every option of a `regime` run: the values given (None = not given), else the regime's, else
+    DEFAULTS; "as long as the warmup" resolved to `warmup` steps."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
+    opts = {**DEFAULTS, **REGIMES[regime], **{k: v for k, v in given.items() if v is not None}}
+    if opts["msg_ramp"] is None:
+        opts["msg_ramp"] = warmup
+    if opts["rewarm"] == -1:
+        opts["rewarm"] = warmup
+    return opts
+
+
+def misplaced(regime, given):
+    """The options in `given` that `regime` would silently ignore."""
+    foreign = GROWTH_ONLY if regime == "incremental" else INCREMENTAL_ONLY
+    return sorted(k for k in foreign if k in given)
+
 
 # ----------------------------------------------------------------------------------------------
 # Stages
@@ -26,6 +92,11 @@ class Stage:
     start: int  # first step of the stage
     layers: int  # unique blocks u, always slots 0..u-1 of the model
     phase1: int = 0  # steps at the start of the stage that train only the blocks it added
+    # on entering the stage (the first stage is entered by building the model):
+    grow_op: str = "random"  # how the blocks it adds start (growth_map)
+    optimizer: str = "keep"  # AdamW's moments kept, or a fresh AdamW
+    rewarm: int = 0  # the LR ramps linearly back up over this many steps
+    ramp: int = 0  # MSG: the added blocks' gates open linearly over this many steps (0: no gates)
 
 
 def stage_layers(L, S):
@@ -53,10 +124,27 @@ def incremental_stages(L, S, inc_steps, phase1_frac=0.5, freeze="freeze"):
     return stages
 
 
-def growth_stages(layers, at, max_steps):
-    """Growth regimes: stage k has layers[k] unique blocks from step round(at[k-1]·max_steps)."""
+def scale_layers(layers, L):
+    """A layer list written for 12 layers, fitted to L: 1,3,6,12 on 24 layers is 2,6,12,24. Where
+    scaling merges two stages (1,3,6,12 on 4 layers is 1,1,2,4) the later one of the pair is dropped.
+    Returns the indices kept and their layer counts."""
+    if layers[-1] == 12 and L != 12:
+        layers = [max(1, round(u * L / 12)) for u in layers]
+    keep = [i for i in range(len(layers)) if i == 0 or layers[i] != layers[i - 1]]
+    return keep, [layers[i] for i in keep]
+
+
+def growth_stages(layers_spec, at_spec, L, max_steps):
+    """Growth regimes: stage k has layers[k] unique blocks from step round(at[k-1]·max_steps), from
+    the comma-separated --grow-layers (scaled to L) and --grow-at."""
+    layers = [int(x) for x in layers_spec.split(",")]
+    at = [float(x) for x in at_spec.split(",")]
     if len(at) != len(layers) - 1:
         raise ValueError(f"--grow-at needs {len(layers) - 1} fractions for {len(layers)} layer counts")
+    keep, layers = scale_layers(layers, L)
+    if layers[-1] != L:
+        raise ValueError(f"--grow-layers {layers_spec} must end at the model's {L} layers")
+    at = [([0.0] + at)[i] for i in keep][1:]
     starts = [0] + [round(f * max_steps) for f in at]
     if any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= max_steps:
         raise ValueError(f"--grow-at {at} must increase strictly and stay below 1")
@@ -65,30 +153,91 @@ def growth_stages(layers, at, max_steps):
     return [Stage(s, u) for s, u in zip(starts, layers)]
 
 
-def stage_index(stages, step):
-    return max(i for i, s in enumerate(stages) if s.start <= step)
-
-
 @dataclass(frozen=True)
 class StepPlan:
     stage: int  # 1-based; len(stages) is continual training in the incremental regime
     phase: int  # 1: only the stage's new blocks train; 2: all active blocks train
     unique: int  # u, the blocks in use
     trainable: tuple  # block indices whose weights train this step
-    isolate: int  # leading plan positions run under no_grad (phase-1 'isolate'), else 0
+    isolate: int  # leading plan positions run without autograd (phase 1 "isolate"), else 0
 
 
-def step_plan(stages, step, freeze="freeze"):
-    """What trains at this step. freeze: 'freeze' keeps old blocks fixed but lets gradients pass
-    through them to the embeddings (the authors' code); 'isolate' runs them without autograd (the
-    paper's cost formula); 'none' never freezes."""
-    i = stage_index(stages, step)
-    st = stages[i]
-    prev = stages[i - 1].layers if i else 0
-    if step < st.start + st.phase1:
-        return StepPlan(i + 1, 1, st.layers, tuple(range(prev, st.layers)),
-                        prev if freeze == "isolate" else 0)
-    return StepPlan(i + 1, 2, st.layers, tuple(range(st.layers)), 0)
+@dataclass(frozen=True)
+class Schedule:
+    """A run's stages and the choices that hold throughout it; every method is a pure function of
+    the step (and micro-batch), so every rank and a resumed run agree without communication."""
+    stages: tuple
+    n_layer: int  # L, the model's blocks
+    depth: str = "unique"  # depth sampler (depth_probs)
+    share: str = "interp"  # block at each position of a shared depth (layer_plan)
+    isolate: bool = False  # phase 1 runs the old blocks without autograd ("isolate") or through them
+    seed: int = 0  # of the depth draws
+
+    def stage_index(self, step):
+        return max(i for i, s in enumerate(self.stages) if s.start <= step)
+
+    def step_plan(self, step):
+        """What trains at this step. Phase 1 trains only the stage's added blocks; the old ones
+        either pass gradients through to the embeddings (freeze, the authors' code) or run without
+        autograd (isolate, the paper's cost formula)."""
+        i = self.stage_index(step)
+        st = self.stages[i]
+        prev = self.stages[i - 1].layers if i else 0
+        if step < st.start + st.phase1:
+            return StepPlan(i + 1, 1, st.layers, tuple(range(prev, st.layers)), prev if self.isolate else 0)
+        return StepPlan(i + 1, 2, st.layers, tuple(range(st.layers)), 0)
+
+    def gates(self, i, step, blocks):
+        """MSG: blocks added at stage i's start enter with μ ramped linearly 0 -> 1 over its ramp.
+        None when every gate is open."""
+        st = self.stages[i]
+        if i == 0 or st.ramp <= 0:
+            return None
+        mu = min(1.0, (step - st.start) / st.ramp)
+        new = range(self.stages[i - 1].layers, st.layers)
+        gates = tuple(mu if b in new else 1.0 for b in blocks)
+        return None if all(g == 1.0 for g in gates) else gates
+
+    def plan(self, sp, step, micro):
+        """What micro-batch `micro` of `step` runs under StepPlan sp: a depth drawn from
+        (seed, step, micro), the shared blocks along it, the isolated prefix, MSG's gates."""
+        d = sample_depth(self.depth, sp.unique, self.n_layer, self.seed, step, micro)
+        blocks = tuple(layer_plan(d, sp.unique, self.share))
+        return Plan(blocks, sp.isolate, self.gates(sp.stage - 1, step, blocks))
+
+    def eval_plan(self, stage, step):
+        """The model as it stands at `step` with `stage` (1-based) entered: full depth where blocks
+        are shared, else the active blocks; gates as training has them."""
+        u = self.stages[stage - 1].layers
+        blocks = tuple(layer_plan(u if self.depth == "unique" else self.n_layer, u, self.share))
+        return Plan(blocks, 0, self.gates(stage - 1, step, blocks))
+
+
+def build_schedule(regime, n_layer, max_steps, inc_steps, seed, *, stages, phase1_frac, phase1_mode,
+                   continual_optimizer, grow_layers, grow_at, grow_op, depth, share, growth_optimizer,
+                   msg_ramp, rewarm):
+    """The Schedule of a run from its regime and options (regime_options), or a ValueError with a
+    one-line reason for a combination that cannot work."""
+    L = n_layer
+    if regime == "incremental":
+        if stages > L:
+            raise ValueError(f"--stages {stages} exceeds the {L} layers: use at most {L}")
+        if stages == 1:  # the baseline: every layer trains from step 0
+            layout = [Stage(0, L)]
+        else:
+            if inc_steps > max_steps:
+                raise ValueError(f"--inc-steps {inc_steps} exceeds --max-steps {max_steps}")
+            if not 0 <= phase1_frac <= 1:
+                raise ValueError(f"--phase1-frac {phase1_frac} must be between 0 and 1")
+            layout = incremental_stages(L, stages, inc_steps, phase1_frac, phase1_mode)
+        continual = len(layout) - 1 if stages > 1 else None
+    else:
+        layout = growth_stages(grow_layers, grow_at, L, max_steps)
+        continual = None
+    entered = [replace(st, grow_op=grow_op, rewarm=rewarm, ramp=msg_ramp if grow_op == "msg" else 0,
+                       optimizer=continual_optimizer if i == continual else growth_optimizer)
+               for i, st in enumerate(layout[1:], 1)]
+    return Schedule((layout[0], *entered), L, depth, share, phase1_mode == "isolate", seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,16 +354,6 @@ def grow(blocks, u, u2, op):
                 proj.bias.zero_()
 
 
-def msg_gates(plan, stages, step, ramp):
-    """MSG: blocks added at the current stage's start enter with μ ramped linearly 0 -> 1."""
-    i = stage_index(stages, step)
-    if i == 0 or ramp <= 0:
-        return None
-    mu = min(1.0, (step - stages[i].start) / ramp)
-    new = range(stages[i - 1].layers, stages[i].layers)
-    return [mu if b in new else 1.0 for b in plan]
-
-
 # ----------------------------------------------------------------------------------------------
 # Freezing: DDP registers the parameters that require grad when it is built, so the trainable
 # set is expressed through requires_grad and train.py re-wraps DDP whenever it changes.
@@ -229,3 +368,50 @@ def set_trainable(model, sp):
     model.transformer.wpe.requires_grad_(sp.isolate == 0)
     model.transformer.wte.requires_grad_(True)
     model.transformer.ln_f.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a schedule costs: expected FLOPs, phase by phase (cost.py's tables, --budget-steps)
+
+
+def segments(schedule, steps):
+    """[start, end) step ranges of the first `steps` steps over which step_plan stays put."""
+    cuts = sorted({0, steps} | {c for st in schedule.stages for c in (st.start, st.start + st.phase1)
+                                if 0 < c < steps})
+    return list(zip(cuts, cuts[1:]))
+
+
+def expected_step_flops(cfg, schedule, sp, probs, tokens, seq_len):
+    """FLOPs of one step under StepPlan sp when each token's micro-batch runs depth d with
+    probability probs[d]. Fractions keep it exact (probs are floats, but exactly representable)."""
+    return sum(Fraction(p) * step_flops(cfg, Plan(tuple(layer_plan(d, sp.unique, schedule.share)), sp.isolate),
+                                        sp.trainable, tokens, seq_len) for d, p in probs.items())
+
+
+def schedule_phases(cfg, schedule, steps, tokens, seq_len):
+    """One row per stage and phase of the first `steps` steps, with its expected FLOPs per step.
+    step_plan holds for a whole phase, so the rows sum to what train.py logs step by step."""
+    rows = []
+    for start, end in segments(schedule, steps):
+        sp = schedule.step_plan(start)
+        probs = depth_probs(schedule.depth, sp.unique, cfg.n_layer)
+        rows.append(dict(stage=sp.stage, phase=sp.phase, layers=sp.unique, trained=len(sp.trainable),
+                         steps=end - start, depth=sum(d * p for d, p in probs.items()),
+                         step_flops=expected_step_flops(cfg, schedule, sp, probs, tokens, seq_len)))
+    return rows
+
+
+def budget_max_steps(build, budget_steps, cfg, tokens, seq_len):
+    """The fewest steps whose expected training FLOPs reach the full-depth baseline's in
+    budget_steps steps: a cheaper regime gets more steps, so regimes compare at equal compute.
+    build(max_steps) -> Schedule, since stage starts may depend on the run's length."""
+    budget = budget_steps * full_step_flops(cfg, tokens, seq_len)
+    build(100 * budget_steps)  # flag errors that no run length cures surface here, with their own message
+    for steps in range(budget_steps, 100 * budget_steps):
+        try:
+            schedule = build(steps)
+        except ValueError:  # too short for its stages (e.g. two growths on one step): try longer
+            continue
+        if sum(p["steps"] * p["step_flops"] for p in schedule_phases(cfg, schedule, steps, tokens, seq_len)) >= budget:
+            return steps
+    raise ValueError(f"--budget-steps {budget_steps}: no run length reaches the budget")

@@ -1,14 +1,20 @@
-"""GPT-2, as in build-nanogpt, with one addition: the forward pass takes a layer plan.
+"""GPT-2, as in build-nanogpt, with one addition: the forward pass follows a Plan.
 
-A layer plan is the sequence of block indices to run, in order. Indices may skip blocks (layers
-not yet active in incremental training) or repeat them (Apollo's weight sharing across depths).
-grow.py decides the plan; the model only follows it, so it knows nothing about stages.
+A Plan says what one forward pass runs: the block indices in order, which may skip blocks (layers
+not yet active in incremental training) or repeat them (Apollo's weight sharing across depths);
+how many leading positions run without autograd (phase 1 "isolate"); and MSG's gates. grow.py
+decides the plan; the model only follows it, so it knows nothing about stages.
+
+Also here, because they describe the model rather than a regime: the training FLOPs of one step
+along a plan (step_flops), and the step itself (forward_backward, optimizer_step), which train.py's
+loop and cost.py --measure both run.
 """
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -21,6 +27,30 @@ class GPTConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one forward pass runs.
+    blocks: block index at each position, in order (positions may skip or repeat blocks).
+    isolate: the first `isolate` positions, and the embeddings below them, run without autograd, so
+        backward stops above them (phase 1 "isolate": old blocks cost no backward at all).
+    gates: None, or one μ per position: a block at μ < 1 outputs μ·Block(x) + (1 − μ)·x (MSG)."""
+    blocks: tuple
+    isolate: int = 0
+    gates: tuple = None
+
+    def to_dict(self):
+        return {"blocks": list(self.blocks), "isolate": self.isolate,
+                "gates": None if self.gates is None else list(self.gates)}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(tuple(d["blocks"]), d["isolate"], None if d["gates"] is None else tuple(d["gates"]))
+
+
+def full_plan(n_layer):
+    return Plan(tuple(range(n_layer)))
 
 
 # OpenAI's released sizes; vocab padded as for training from scratch
@@ -110,30 +140,26 @@ class GPT(nn.Module):
         """Regional compilation: one graph per block, so any plan (depth, repeats) reuses it."""
         self.compiled = [torch.compile(block) for block in self.transformer.h]
 
-    def hidden(self, idx, plan=None, no_grad_prefix=0, gates=None):
-        """Final hidden states (B, T, C) of idx (B, T) through the layer plan (default: every block).
-
-        no_grad_prefix: the first positions of the plan run without autograd, so backward stops
-        above them (phase 1 'isolate'). gates: one μ per plan position; a block at μ < 1 outputs
-        μ·Block(x) + (1 − μ)·x (MSG's function-preserving growth).
-        """
+    def hidden(self, idx, plan=None):
+        """Final hidden states (B, T, C) of idx (B, T) along the Plan (default: every block once)."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
-        plan = range(self.config.n_layer) if plan is None else plan
+        plan = full_plan(self.config.n_layer) if plan is None else plan
         blocks = self.compiled if (self.compiled and self.training) else self.transformer.h
         grad = torch.is_grad_enabled()
+        gates = plan.gates
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
-        with torch.set_grad_enabled(grad and no_grad_prefix == 0):
+        with torch.set_grad_enabled(grad and plan.isolate == 0):
             x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        for t, b in enumerate(plan):
-            with torch.set_grad_enabled(grad and t >= no_grad_prefix):
+        for t, b in enumerate(plan.blocks):
+            with torch.set_grad_enabled(grad and t >= plan.isolate):
                 y = blocks[b](x)  # (B, T, C)
                 x = y if gates is None or gates[t] == 1.0 else x + gates[t] * (y - x)
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, targets=None, plan=None, no_grad_prefix=0, gates=None):
+    def forward(self, idx, targets=None, plan=None):
         """Logits (B, T, vocab_size), and the mean cross-entropy when targets (B, T) are given."""
-        logits = self.lm_head(self.hidden(idx, plan, no_grad_prefix, gates))  # (B, T, vocab_size)
+        logits = self.lm_head(self.hidden(idx, plan))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
@@ -181,9 +207,86 @@ def convert_hf_state_dict(hf):
 
 
 def load_model(path, device="cpu"):
-    """A GPT from a train.py checkpoint, in eval mode, with the layer plan it was evaluated with."""
+    """A GPT from a train.py checkpoint, in eval mode, and the Plan it is evaluated with (shared
+    depths and MSG's gates included)."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    return model, ckpt["eval_plan"]
+    saved = ckpt["eval_plan"]  # checkpoints before Plan existed stored the block list alone
+    return model, Plan.from_dict(saved) if isinstance(saved, dict) else Plan(tuple(saved))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training FLOPs of one step along a plan: train.py's `flops` column and every cost.py figure
+
+
+def step_flops(cfg, plan, trainable, tokens, seq_len):
+    """Training FLOPs (forward + backward) of `tokens` tokens along the Plan, when the blocks in
+    `trainable` train.
+
+    Counted per token: each block's matmuls 24·d² and its attention scores and values 4·T·d (the
+    full T×T, as FlopCounterMode and nanoGPT's MFU estimate count it; a causal kernel does about
+    half), and the tied lm_head 2·d·V. Backward: a trainable block costs 2× its forward (input and
+    weight gradients); a frozen block that gradients pass through costs its matmuls once (input
+    gradients only) and its attention twice (dq, dk, dv); the first plan.isolate positions run
+    under no_grad and cost no backward at all. Left out: layer norms, GELU, softmax, residual adds,
+    embedding lookups and the optimizer update, all O(d) per token against O(d²).
+    """
+    d, V = cfg.n_embd, cfg.vocab_size
+    mm, att, head = 24 * d * d, 4 * seq_len * d, 2 * d * V
+    fwd = len(plan.blocks) * (mm + att) + head
+    bwd = 2 * head  # the head's weight is the tied, always trained wte
+    grad_below = plan.isolate == 0  # gradients flow on to the embeddings below the blocks
+    for t, b in enumerate(plan.blocks):
+        if t < plan.isolate:
+            continue
+        if b in trainable:
+            bwd += 2 * mm + 2 * att
+        elif grad_below:
+            bwd += mm + 2 * att
+        grad_below = grad_below or b in trainable
+    return tokens * (fwd + bwd)
+
+
+def full_step_flops(cfg, tokens, seq_len):
+    """One step of the full-depth baseline: every block runs once and trains."""
+    return step_flops(cfg, full_plan(cfg.n_layer), range(cfg.n_layer), tokens, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training step, in two halves that cost.py --measure times apart
+
+
+def autocast(device):
+    # bf16 on CUDA (no grad scaler needed); fp32 elsewhere
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def forward_backward(model, micro_batches, device):
+    """Forward and backward of each micro-batch (x, y, plan), their gradients summed as one batch's
+    (each loss divided by their number). model may be DDP-wrapped: it then all-reduces gradients
+    on the last backward only. Returns the mean loss on this rank, detached."""
+    n = len(micro_batches)
+    total = torch.zeros((), device=device)
+    for i, (x, y, plan) in enumerate(micro_batches):
+        if isinstance(model, DDP):  # DDP reads this flag in forward
+            model.require_backward_grad_sync = i == n - 1
+        with autocast(device):
+            _, loss = model(x, y, plan=plan)
+        loss = loss / n
+        total += loss.detach()
+        loss.backward()
+    return total
+
+
+def optimizer_step(model, opt, lr, grad_clip):
+    """Clip the gradients' global norm to grad_clip, step AdamW at lr, drop the gradients. Returns
+    the norm before clipping. Blocks that did not train this step have no gradient and are skipped."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm

@@ -1,5 +1,8 @@
 """nanogrow's test suite: `python -m pytest -q test_all.py`. No network; offline copies of the data
-come from ../shared/data (CI puts it beside the checkout)."""
+come from ../shared/data (CI puts it beside the checkout).
+
+Ordered by method, as the README is; test names carry the method, so `pytest -k apollo` (or
+incremental, msg, growth, cost, data, hellaswag, plot, model, baseline) selects all of its tests."""
 import hashlib
 import json
 import math
@@ -24,6 +27,10 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+# ----------------------------------------------------------------------------------------------
+# Shared fixtures and helpers
+
+
 HERE = Path(__file__).resolve().parent
 # offline copies of the public files the project downloads; CI has them in ../shared/data
 SHARED = Path(os.environ.get("NANOGROW_TEST_DATA", HERE.parent / "shared" / "data"))
@@ -37,9 +44,8 @@ from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate, load
                        main as hs_main, predict, render, score_batch)
 import prepare_fineweb as pf  # noqa: E402
 import train  # noqa: E402
-from cost import (expected_step_flops, incremental_report, main as cost_main, paper_closed_form,  # noqa: E402
-                  per_layer_phases, schedule_phases, step_flops)
-from model import GPT, GPTConfig, convert_hf_state_dict, load_model  # noqa: E402
+from cost import incremental_report, main as cost_main, paper_closed_form, per_layer_phases  # noqa: E402
+from model import GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, load_model, step_flops  # noqa: E402
 from prepare_fineweb import DataError, DownloadError  # noqa: E402
 
 SMALL = GPTConfig(block_size=32, vocab_size=512, n_layer=4, n_head=2, n_embd=32)
@@ -54,95 +60,15 @@ def tokens(seed, n, vocab=512):
     return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
 
 
-# ----------------------------------------------------------------------------------------------
-# model.py
+def incremental_schedule(L, S, steps, mode="freeze", **options):
+    """The Schedule train.py runs for --stages S over `steps` incremental steps (then continual)."""
+    opts = grow.regime_options("incremental", 0, stages=S, phase1_mode=mode, **options)
+    return grow.build_schedule("incremental", L, 2 * steps, steps, 0, **opts)
 
 
-def test_shapes_and_initial_loss():
-    cfg = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
-    model = small_model(cfg=cfg)
-    x, y = tokens(1, 64, 50257), tokens(2, 64, 50257)
-    logits, loss = model(x, y)
-    assert logits.shape == (2, 64, 50304)
-    assert abs(loss.item() - math.log(50257)) < 0.2  # a fresh model guesses uniformly
-
-
-def test_weight_tying():
-    model = small_model()
-    assert model.transformer.wte.weight is model.lm_head.weight
-    n = sum(p.numel() for p in model.parameters())  # parameters() yields the tied tensor once
-    assert n == sum(p.numel() for name, p in model.named_parameters() if name != "lm_head.weight")
-
-
-def test_hf_state_dict_round_trip():
-    model = small_model()
-    # Build what transformers' GPT2LMHeadModel would hold: Conv1D weights stored (in, out), plus mask buffers
-    hf = {}
-    for k, v in model.state_dict().items():
-        hf[k] = v.t().clone() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v.clone()
-    for i in range(SMALL.n_layer):
-        hf[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32)
-        hf[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    other = small_model(seed=1)
-    other.load_state_dict(convert_hf_state_dict(hf))
-    x = tokens(0, 16)
-    assert torch.equal(model(x)[0], other(x)[0])
-
-
-def test_layer_plan_skips_and_repeats_blocks():
-    model = small_model().eval()
-    x = tokens(0, 16)
-    h = model.transformer
-    pos = torch.arange(16)
-
-    def by_hand(plan):
-        z = h.wte(x) + h.wpe(pos)
-        for b in plan:
-            z = h.h[b](z)
-        return model.lm_head(h.ln_f(z))
-
-    with torch.no_grad():
-        for plan in ([0, 1, 2, 3], [0, 2], [1, 1, 1], [3, 0]):
-            assert torch.allclose(model(x, plan=plan)[0], by_hand(plan), atol=1e-6)
-        assert torch.equal(model(x)[0], model(x, plan=[0, 1, 2, 3])[0])
-        assert not torch.allclose(model(x, plan=[0, 1])[0], model(x)[0])
-
-
-def test_no_grad_prefix_stops_backward_and_gates_interpolate():
-    model = small_model()
-    x = tokens(0, 16)
-    _, loss = model(x, x, plan=[0, 1, 2], no_grad_prefix=2)
-    loss.backward()
-    assert all(p.grad is None for b in (0, 1) for p in model.transformer.h[b].parameters())
-    assert all(p.grad is not None for p in model.transformer.h[2].parameters())
-    assert model.transformer.wpe.weight.grad is None
-    with torch.no_grad():  # μ = 0 skips the block; μ = 1 is the plain block
-        assert torch.allclose(model(x, plan=[0, 1], gates=[1.0, 0.0])[0], model(x, plan=[0])[0], atol=1e-6)
-        assert torch.equal(model(x, plan=[0, 1], gates=[1.0, 1.0])[0], model(x, plan=[0, 1])[0])
-
-
-# ----------------------------------------------------------------------------------------------
-# train.py pieces: schedule, loader
-
-
-def lr_args(**kw):
-    base = dict(lr=6e-4, min_lr=6e-5, warmup=715, max_steps=19073, schedule="cosine", rewarm=0)
-    base.update(kw)
-    return type("Args", (), base)
-
-
-def test_lr_schedule_at_known_steps():
-    a = lr_args()
-    assert train.get_lr(0, a, 0) == pytest.approx(6e-4 / 715)
-    assert train.get_lr(714, a, 0) == pytest.approx(6e-4)
-    assert train.get_lr(715, a, 0) == pytest.approx(6e-4)
-    mid = 715 + (19073 - 715) // 2
-    assert train.get_lr(mid, a, 0) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
-    assert train.get_lr(19073, a, 0) == pytest.approx(6e-5)
-    assert train.get_lr(5000, lr_args(schedule="constant"), 0) == 6e-4
-    rew = lr_args(rewarm=100)
-    assert train.get_lr(5000, rew, 5000) == pytest.approx(train.get_lr(5000, a, 0) / 100)
-    assert train.get_lr(5100, rew, 5000) == pytest.approx(train.get_lr(5100, a, 0))
+def growth_schedule(regime, L=12, steps=100, warmup=10, **given):
+    opts = grow.regime_options(regime, warmup, **given)
+    return grow.build_schedule(regime, L, steps, steps, 0, **opts)
 
 
 def make_shards(folder, n_train=2, train_len=4097, val_len=2049, seed=0):
@@ -154,47 +80,9 @@ def make_shards(folder, n_train=2, train_len=4097, val_len=2049, seed=0):
     return folder
 
 
-def test_loader_two_ranks_read_every_token_once(tmp_path):
-    folder = tmp_path / "d"
-    folder.mkdir()
-    # token values are their own positions, so we can see which were read
-    pf.write_shard(folder / "a_train_000001.bin", np.arange(0, 1025))
-    pf.write_shard(folder / "a_train_000002.bin", np.arange(2000, 3025))
-    files, _ = sorted(folder.glob("*train*")), None
-    B, T = 2, 64
-    seen = []
-    loaders = [train.ShardLoader(files, B, T, rank, 2, seed=3) for rank in range(2)]
-    for _ in range(8):  # 1024 inputs per shard / (2·64·2) = 4 windows per shard
-        for ld in loaders:
-            x, y = ld.next_batch()
-            assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
-            seen += x.flatten().tolist()
-    expected = list(range(0, 1024)) + list(range(2000, 3024))
-    assert sorted(seen) == expected  # every token once, none twice
-    assert loaders[0].state_dict() == {"epoch": 0, "shard": 1, "pos": 1024}
-    loaders[0].next_batch()
-    assert loaders[0].state_dict()["epoch"] == 1
-    # shard order differs between epochs (seeded), the same for every rank
-    assert [loaders[0].order(e) for e in range(6)] == [loaders[1].order(e) for e in range(6)]
-    assert len({tuple(loaders[0].order(e)) for e in range(6)}) == 2
-
-
-def test_loader_refuses_bad_shards(tmp_path):
-    bad = tmp_path / "x_train_000001.bin"
-    pf.write_shard(bad, np.arange(100))
-    raw = bytearray(bad.read_bytes())
-    raw[0] = 7  # break the magic number
-    bad.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="x_train_000001.bin"):
-        train.ShardLoader([bad], 2, 8, 0, 1, 0).next_batch()
-    small = tmp_path / "y_train_000001.bin"
-    pf.write_shard(small, np.arange(10))
-    with pytest.raises(ValueError, match="fewer than one window"):
-        train.ShardLoader([small], 2, 8, 0, 1, 0).next_batch()
-
-
-# ----------------------------------------------------------------------------------------------
-# Running train.py end to end on a toy config
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("data"))
 
 
 TOY = ["--n-layer", "4", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--batch-size", "4",
@@ -224,29 +112,6 @@ def torchrun(out, data, *flags, nproc=2):
     return read_log(out)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("data"))
-
-
-def test_baseline_run_learns_and_logs(tmp_path, data):
-    steps, evals = run_train(tmp_path, data, "--max-steps", "12")
-    assert [r["step"] for r in steps] == list(range(1, 13))
-    assert steps[-1]["loss"] < steps[0]["loss"]
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
-    rec = steps[0]
-    assert {"step", "loss", "lr", "tokens", "flops", "dt", "stage", "phase", "active_layers",
-            "trainable_layers"} <= set(rec)
-    cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
-    full = list(range(4))
-    assert rec["flops"] == step_flops(cfg, full, full, 0, 256, 32)
-    assert steps[-1]["flops"] == 12 * rec["flops"] and steps[-1]["tokens"] == 12 * 256
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain data only
-    assert ckpt["step"] == 12 and isinstance(ckpt["config"], dict)
-    model, plan = load_model(tmp_path / "ckpt.pt")
-    assert plan == full and model.config.n_layer == 4
-
-
 def killed_run(out, data, at_step, *flags):
     """Run train.py in a subprocess and SIGTERM it once it prints step `at_step`: the stop path a
     cluster's preemption takes. Returns the step its checkpoint holds."""
@@ -258,402 +123,6 @@ def killed_run(out, data, at_step, *flags):
             proc.send_signal(signal.SIGTERM)  # checkpoints at the end of the step it is in
     assert proc.wait(timeout=120) == 0
     return torch.load(out / "ckpt.pt", weights_only=True)["step"]
-
-
-def test_resume_after_sigterm_reproduces_losses_exactly(tmp_path, data):
-    full, _ = run_train(tmp_path / "a", data, "--max-steps", "10")
-    out = tmp_path / "b"
-    assert 3 <= killed_run(out, data, 3, "--max-steps", "10") < 10
-    resumed, _ = run_train(out, data, "--max-steps", "10", "--resume")
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
-    assert [r["flops"] for r in resumed] == [r["flops"] for r in full]
-
-
-def test_ddp_two_ranks_match_one_process_with_twice_the_accumulation(tmp_path, data):
-    one, v1 = run_train(tmp_path / "one", data, "--max-steps", "6", "--total-batch", "256")
-    two, v2 = torchrun(tmp_path / "two", data, "--max-steps", "6", "--total-batch", "256")
-    assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
-    assert np.allclose([r["val_loss"] for r in v1], [r["val_loss"] for r in v2], atol=1e-5, rtol=0)
-    assert [r["flops"] for r in one] == [r["flops"] for r in two]
-
-
-def test_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
-    def error_of(*flags, data_dir=data):
-        with pytest.raises(SystemExit) as e:
-            train.main(["--preset", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path / "x"),
-                        *TOY, *flags])
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert "Traceback" not in err
-        last = err.splitlines()[-1]  # argparse's own errors come after its usage line
-        assert len(err.splitlines()) == 1 or err.startswith("usage:")
-        return last
-
-    assert "no train and val shards" in error_of(data_dir=tmp_path / "empty")
-    assert "--total-batch 250 must be a multiple" in error_of("--total-batch", "250")
-    assert "no checkpoint" in error_of("--resume")
-    assert "exceeds the 4 layers" in error_of("--stages", "5")
-    assert "exceeds --max-steps" in error_of("--stages", "2", "--inc-steps", "20", "--max-steps", "10")
-    assert "phase would be empty" in error_of("--stages", "4", "--inc-steps", "4", "--max-steps", "10")
-    assert "must end at the model's 4 layers" in error_of("--regime", "apollo", "--grow-layers", "1,2", "--grow-at", "0.5")
-    assert "--stages cannot go with --regime apollo" in error_of("--regime", "apollo", "--stages", "2")
-    assert "--grow-at cannot go with --regime incremental" in error_of("--grow-at", "0.5")
-    corrupt = make_shards(tmp_path / "corrupt")
-    victim = corrupt / "toy_train_000001.bin"
-    victim.write_bytes(victim.read_bytes()[:3000])  # a truncated download
-    assert "toy_train_000001.bin" in error_of("--max-steps", "40", data_dir=corrupt)
-
-
-def test_checkpoint_from_another_config_is_refused_and_nan_keeps_last_good(tmp_path, data, capsys):
-    run_train(tmp_path, data, "--max-steps", "4")
-    with pytest.raises(SystemExit):
-        run_train(tmp_path, data, "--max-steps", "4", "--lr", "1e-3", "--resume")
-    err = capsys.readouterr().err
-    assert "another config" in err and "lr: 0.003 there, 0.001 here" in err
-    # poison the weights: the next step's loss is NaN, the run stops, the checkpoint stays as it was
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    ckpt["model"]["transformer.h.0.mlp.c_fc.weight"].fill_(float("nan"))
-    ckpt["config"]["max_steps"] = 8
-    torch.save(ckpt, tmp_path / "ckpt.pt")
-    before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path, data, "--max-steps", "8", "--resume")
-    assert e.value.code == 2
-    assert "loss is nan at step 4" in capsys.readouterr().err
-    assert (tmp_path / "ckpt.pt").read_bytes() == before
-
-
-# ----------------------------------------------------------------------------------------------
-# grow.py: the incremental regime (Li, Fung & Huang)
-
-
-@pytest.mark.parametrize("S,sizes", [(4, [3, 3, 3, 3]), (8, [2, 1, 2, 1, 2, 1, 2, 1]), (12, [1] * 12)])
-def test_incremental_plan_on_12_layers(S, sizes):
-    stages = grow.incremental_stages(12, S, 10000)
-    active = [s.layers for s in stages[:-1]]
-    assert np.diff([0] + active).tolist() == sizes
-    assert [s.start for s in stages] == [i * 10000 // S for i in range(S)] + [10000]
-    assert stages[-1] == grow.Stage(10000, 12, 0)  # continual training, all layers
-    for i, st in enumerate(stages[:-1]):
-        end = stages[i + 1].start
-        assert st.phase1 == round((end - st.start) / 2)
-        p1, p2 = grow.step_plan(stages, st.start), grow.step_plan(stages, end - 1)
-        assert (p1.stage, p1.phase, p2.phase) == (i + 1, 1, 2)
-        prev = active[i - 1] if i else 0
-        assert p1.trainable == tuple(range(prev, st.layers)) and p2.trainable == tuple(range(st.layers))
-        assert grow.step_plan(stages, st.start + st.phase1).phase == 2
-        assert grow.step_plan(stages, st.start + st.phase1 - 1).phase == 1
-    last = grow.step_plan(stages, 10000)
-    assert last.trainable == tuple(range(12)) and last.stage == S + 1
-    assert grow.incremental_stages(12, S, 10000, freeze="none")[0].phase1 == 0
-
-
-def phase1_step(mode):
-    """One phase-1 step of stage 2 (blocks 0-1 old, 2-3 new), as train.py takes it."""
-    model = small_model()
-    stages = grow.incremental_stages(4, 2, 100, freeze=mode)
-    sp = grow.step_plan(stages, 50, mode)
-    assert sp.phase == 1 and sp.trainable == (2, 3)
-    grow.set_trainable(model, sp)
-    opt = model.configure_optimizer(1e-2, 0.1)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = tokens(0, 32)
-    _, loss = model(x, x, plan=range(4), no_grad_prefix=sp.isolate)
-    loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    opt.step()
-    return model, before, grads, sp
-
-
-@pytest.mark.parametrize("mode", ["freeze", "isolate"])
-def test_phase1_trains_only_new_blocks(mode):
-    model, before, grads, sp = phase1_step(mode)
-    after = model.state_dict()
-    for k in before:
-        if k.startswith(("transformer.h.0.", "transformer.h.1.")):
-            assert torch.equal(before[k], after[k]), k
-            assert grads[k] is None
-        if k.startswith(("transformer.h.2.", "transformer.h.3.")) and k.endswith("weight"):
-            assert not torch.equal(before[k], after[k]), k
-    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # the tied head trains
-    # freeze passes gradients through the old blocks to wpe; isolate stops above them
-    assert (grads["transformer.wpe.weight"] is None) == (mode == "isolate")
-
-
-def test_isolate_cuts_backward_flops():
-    counted = {}
-    for mode in ("freeze", "isolate"):
-        model = small_model()
-        sp = grow.step_plan(grow.incremental_stages(4, 2, 100, freeze=mode), 50, mode)
-        grow.set_trainable(model, sp)
-        x = tokens(0, 32)
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-            _, loss = model(x, x, plan=range(4), no_grad_prefix=sp.isolate)
-            loss.backward()
-        counted[mode] = fc.get_total_flops()
-        assert counted[mode] == step_flops(SMALL, range(4), sp.trainable, sp.isolate, x.numel(), 32)
-    assert counted["isolate"] < counted["freeze"]
-
-
-@pytest.mark.parametrize("op,same", [("zero", True), ("msg", True), ("random", False), ("stack", False),
-                                     ("copy-top", False)])
-def test_growth_ops_that_preserve_the_function(op, same):
-    model = small_model().eval()
-    x = tokens(0, 16)
-    with torch.no_grad():
-        before = model(x, plan=[0, 1])[0]
-        grow.grow(model.transformer.h, 2, 4, op)
-        gates = [1.0, 1.0, 0.0, 0.0] if op == "msg" else None  # MSG's new blocks enter at μ = 0
-        after = model(x, plan=[0, 1, 2, 3], gates=gates)[0]
-    assert torch.allclose(before, after, atol=1e-5) == same
-
-
-def test_ddp_matches_one_process_across_phase_and_stage_boundaries(tmp_path, data):
-    flags = ["--stages", "2", "--inc-steps", "8", "--max-steps", "10", "--phase1-mode", "isolate"]
-    one, _ = run_train(tmp_path / "one", data, *flags)
-    two, _ = torchrun(tmp_path / "two", data, *flags)
-    assert [(r["stage"], r["phase"]) for r in one] == [(1, 1)] * 2 + [(1, 2)] * 2 + [(2, 1)] * 2 + \
-        [(2, 2)] * 2 + [(3, 2)] * 2
-    assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
-
-
-def test_resume_across_stage_and_continual_boundaries(tmp_path, data):
-    flags = ["--stages", "2", "--inc-steps", "8", "--max-steps", "12", "--grow-op", "copy-top",
-             "--continual-optimizer", "fresh"]
-    full, _ = run_train(tmp_path / "a", data, *flags)
-    out = tmp_path / "b"
-    assert killed_run(out, data, 2, *flags) <= 4  # stage 2 starts at step 4
-    resumed, _ = run_train(out, data, *flags, "--resume")
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
-    assert [r["stage"] for r in resumed] == [1] * 4 + [2] * 4 + [3] * 4
-
-
-
-# ----------------------------------------------------------------------------------------------
-# grow.py: Apollo and the growth operators (Pan et al.; SPEC §3-4)
-
-
-@pytest.mark.parametrize("u,p_u,mean", [(1, 0.736, 1.77), (3, 0.637, 4.23), (6, 0.648, 7.14)])
-def test_lvps_matches_its_closed_form(u, p_u, mean):
-    x = np.random.default_rng(0).uniform(grow.X_MIN, 1.0, 200_000)
-    d = grow.lvps_depth(x, u, 12)
-    assert d.min() >= u and d.max() <= 12
-    probs = grow.lvps_probs(u, 12)
-    assert sorted(probs) == list(range(u, 13)) and sum(probs.values()) == pytest.approx(1.0)
-    emp = np.bincount(d, minlength=13)[u:] / len(d)
-    assert np.abs(emp - [probs[k] for k in range(u, 13)]).max() < 0.005  # ~4 standard errors
-    assert probs[u] == pytest.approx(p_u, abs=0.001) and emp[0] == pytest.approx(p_u, abs=0.005)
-    assert sum(k * p for k, p in probs.items()) == pytest.approx(mean, abs=0.005)
-    assert d.mean() == pytest.approx(mean, abs=0.02)
-    k = u + 2  # SPEC's closed form for u < k < L
-    b = 12 / u + 0.4
-    n = (b * grow.X_MIN - 0.6) / (0.6 - b)
-    assert probs[k] == pytest.approx(0.6 * (n + 1) * u * (1 / k - 1 / (k + 1)) / (1 - grow.X_MIN))
-
-
-def test_depth_samplers_are_pure_and_in_range():
-    assert grow.lvps_depth(np.random.default_rng(1).uniform(size=1000), 12, 12).tolist() == [12] * 1000
-    draws = [grow.sample_depth("lvps", 3, 12, 7, s, m) for s in range(50) for m in range(4)]
-    assert draws == [grow.sample_depth("lvps", 3, 12, 7, s, m) for s in range(50) for m in range(4)]
-    assert set(draws) > {3} and set(draws) <= set(range(3, 13))
-    uni = [grow.sample_depth("uniform", 3, 12, 7, s, 0) for s in range(400)]
-    assert set(uni) == set(range(3, 13))
-    assert grow.sample_depth("full", 3, 12, 7, 0, 0) == 12 and grow.sample_depth("unique", 3, 12, 7, 0, 0) == 3
-
-
-def test_sharing_and_growth_maps():
-    assert grow.layer_plan(12, 3) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
-    assert grow.layer_plan(4, 3) == [0, 0, 1, 2]
-    assert grow.layer_plan(6, 3, "cyclic") == [0, 1, 2, 0, 1, 2]
-    assert all(grow.layer_plan(d, u) == [t * u // d for t in range(d)] for d in range(1, 40) for u in range(1, d + 1))
-    assert grow.growth_map(1, 3, "interp") == [0, 0, 0]
-    assert grow.growth_map(3, 6, "interp") == [0, 0, 1, 1, 2, 2]
-    assert grow.growth_map(6, 12, "interp") == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
-    assert grow.growth_map(3, 6, "stack") == [0, 1, 2, 0, 1, 2]
-    assert grow.growth_map(3, 12, "stack") == [0, 1, 2] * 4  # G_stack, g = 4
-    assert grow.growth_map(3, 5, "copy-top") == [0, 1, 2, 1, 2]
-    assert grow.growth_map(2, 4, "zero") == [0, 1, None, None]
-
-
-def test_interpolation_preserves_the_function_only_at_integer_ratios():
-    cfg = GPTConfig(block_size=32, vocab_size=512, n_layer=12, n_head=2, n_embd=32)
-    x = tokens(0, 16)
-    for u, u2, same in [(1, 3, True), (3, 6, True), (6, 12, True), (4, 6, False)]:
-        model = small_model(cfg=cfg).eval()
-        with torch.no_grad():
-            before = {d: model(x, plan=grow.layer_plan(d, u))[0] for d in range(u2, 13)}
-            grow.grow(model.transformer.h, u, u2, "interp")
-            kept = [torch.allclose(logits, model(x, plan=grow.layer_plan(d, u2))[0], atol=1e-5)
-                    for d, logits in before.items()]
-        # 4 -> 6 happens to keep depth 6 ([0,0,1,2,2,3] either way) but not the others
-        assert all(kept) if same else not all(kept), (u, u2, kept)
-
-
-def test_apollo_flops_column_is_the_sum_of_sampled_depth_costs(tmp_path, data):
-    steps, _ = run_train(tmp_path, data, "--regime", "apollo", "--max-steps", "20",
-                         "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5")
-    cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
-    total, seen = 0, set()
-    for r in steps:
-        u = r["unique_layers"]
-        assert len(r["depth"]) == 2 and all(u <= d <= 4 for d in r["depth"])  # 2 micro-batches a step
-        for d in r["depth"]:
-            total += step_flops(cfg, grow.layer_plan(d, u), range(u), 0, 128, 32)
-            seen.add((u, d))
-        assert r["flops"] == total
-    assert [r["unique_layers"] for r in steps] == [1] * 5 + [2] * 5 + [4] * 10
-    assert len({d for u, d in seen if u == 1}) > 1  # LVPS really varies the depth
-    model, plan = load_model(tmp_path / "ckpt.pt")  # the end product is a plain 4-layer GPT
-    assert plan == [0, 1, 2, 3]
-
-
-def test_apollo_ddp_draws_the_same_depths_and_matches_one_process(tmp_path, data):
-    flags = ["--regime", "apollo", "--max-steps", "8", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5",
-             "--total-batch", "256"]
-    # two ranks of 4 sequences each read what one process reads as 8 sequences, at the same depths
-    one, _ = run_train(tmp_path / "one", data, *flags, "--batch-size", "8")
-    two, _ = torchrun(tmp_path / "two", data, *flags)
-    assert [r["depth"] for r in one] == [r["depth"] for r in two]
-    assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("regime", ["stack", "gstack", "msg", "zero"])
-def test_growth_regimes_run_and_grow(tmp_path, data, regime):
-    steps, evals = run_train(tmp_path, data, "--regime", regime, "--max-steps", "8",
-                             "--grow-layers", "1,2,4" if regime != "gstack" else "1,4",
-                             "--grow-at", "0.25,0.5" if regime != "gstack" else "0.5")
-    assert steps[-1]["unique_layers"] == 4 and steps[0]["unique_layers"] == 1
-    assert all(r["depth"] == [r["unique_layers"]] * 2 for r in steps)
-    assert math.isfinite(evals[-1]["val_loss"])
-    if regime == "gstack":  # LR rewarms from the boundary
-        assert steps[4]["lr"] < steps[3]["lr"] / 1.5
-
-# ----------------------------------------------------------------------------------------------
-# cost.py: the paper's derivation and the exact count
-
-
-L, T = 12, 10_000  # GPT-2's depth; the paper's T_inc
-
-
-@pytest.mark.parametrize("S, step", [(4, 14_688), (8, 15_469), (12, 15_729)])
-def test_paper_equal_cost_steps(S, step, capsys):
-    cost_main(["--stages", str(S), "--json"])
-    r = json.loads(capsys.readouterr().out)
-    assert r["stages"] == S and r["steps"] == T and r["cost_model"] == "paper"
-    assert r["equal_cost_step"] == r["paper"]["equal_cost_step"] == step
-    assert r["t_cont_steps"] == float(Fraction(5, 8) * (1 - Fraction(1, S)) * T)
-    cost_main(["--stages", str(S)])  # the text shows it too, beside the exact figure
-    text = capsys.readouterr().out
-    assert f"{step:,}" in text and f"{r['exact']['equal_cost_step']:,}" in text
-
-
-@pytest.mark.parametrize("S", range(1, L + 1))
-def test_closed_form_equals_stage_sum(S):
-    # the closed form assumes m = L/S new layers per stage, a fraction when S does not divide L
-    equal = per_layer_phases([Fraction(i * L, S) for i in range(1, S + 1)], T)
-    assert sum(p1 + p2 for _, _, p1, p2 in equal) == paper_closed_form(L, S, T)
-    if L % S == 0:  # then the real stages are the equal ones
-        assert per_layer_phases(grow.stage_layers(L, S), T) == equal
-
-
-@pytest.mark.parametrize("mode", ["freeze", "isolate"])
-@pytest.mark.parametrize("S", range(1, L + 1))
-def test_exact_model_covers_every_layer(S, mode):
-    phases = incremental_report("gpt2", S, T, mode, "exact", 1024, 524288, 0.4)["exact"]["phases"]
-    assert sum(p["steps"] for p in phases) == T
-    assert phases[-1]["layers"] == L
-    assert sum(p["trained"] for p in phases if p["phase"] == 1) == L  # each layer is new once
-
-
-@pytest.mark.parametrize("mode", ["freeze", "isolate"])
-def test_phase_sums_equal_step_by_step_sums(mode):
-    """Summing per phase gives what train.py's loop adds up step by step."""
-    cfg = GPTConfig(n_layer=L)
-    stages = grow.incremental_stages(L, 5, 230, 0.5, mode)
-    per_step = 0
-    for step in range(230):
-        sp = grow.step_plan(stages, step, mode)
-        per_step += step_flops(cfg, grow.layer_plan(sp.unique, sp.unique), sp.trainable, sp.isolate, 4096, 1024)
-    phases = schedule_phases(cfg, stages, 230, mode, "unique", "interp", 4096, 1024)
-    assert sum(p["steps"] * p["step_flops"] for p in phases) == per_step
-
-
-def counted_flops(model, sp, x, y):
-    """FLOPs of one forward + backward as FlopCounterMode counts them: matmuls only (mm, addmm, bmm).
-    Left out, as step_flops leaves them out: layer norms, GELU, softmax, cross-entropy, residual adds
-    and the embedding backward (O(d) or O(V) per token, against O(d²) and O(d·V) for matmuls), and
-    the optimizer (per parameter, not per token). The math SDPA backend builds attention from bmm,
-    which the counter sees; on CPU the flash kernel would not be counted at all."""
-    grow.set_trainable(model, sp)
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        _, loss = model(x, y, plan=grow.layer_plan(sp.unique, sp.unique), no_grad_prefix=sp.isolate)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def test_step_flops_match_flop_counter():
-    torch.manual_seed(0)
-    cfg = GPTConfig(block_size=32, vocab_size=96, n_layer=6, n_head=2, n_embd=32)
-    model = GPT(cfg)
-    B, seq = 2, cfg.block_size
-    x, y = torch.randint(cfg.vocab_size, (2, B, seq))
-    # S=3 stages of 2 layers, one step per phase: steps 4 and 5 are stage 3's phases 1 and 2
-    stages = {mode: grow.incremental_stages(cfg.n_layer, 3, 6, 0.5, mode) for mode in ("freeze", "isolate")}
-    cases = {"stage 3 phase 1 freeze": grow.step_plan(stages["freeze"], 4, "freeze"),
-             "stage 3 phase 1 isolate": grow.step_plan(stages["isolate"], 4, "isolate"),
-             "stage 2 phase 2": grow.step_plan(stages["freeze"], 3),
-             "baseline": grow.step_plan(stages["freeze"], 5)}
-    assert cases["stage 3 phase 1 isolate"].isolate == 4 and len(cases["baseline"].trainable) == 6
-    for name, sp in cases.items():
-        want = step_flops(cfg, grow.layer_plan(sp.unique, sp.unique), sp.trainable, sp.isolate, B * seq, seq)
-        got = counted_flops(model, sp, x, y)
-        assert got == pytest.approx(want, rel=0.02), name
-
-
-def test_apollo_expectation_matches_the_sampler():
-    """E[FLOPs] from depth_probs against the average over the depths train.py actually draws."""
-    cfg = GPTConfig(n_layer=L)
-    for u in (1, 3, 6):
-        sp = grow.StepPlan(1, 2, u, tuple(range(u)), 0)
-        probs = grow.depth_probs("lvps", u, L)
-        expected = float(expected_step_flops(cfg, sp, probs, "interp", 1, 1024))
-        per_depth = {d: step_flops(cfg, grow.layer_plan(d, u), sp.trainable, 0, 1, 1024) for d in range(u, L + 1)}
-        drawn = np.array([per_depth[grow.sample_depth("lvps", u, L, 1337, step, 0)] for step in range(20_000)])
-        assert abs(drawn.mean() - expected) < 4 * drawn.std() / len(drawn) ** 0.5
-        # and without sampling error: the sampler's inverse over a fine grid of uniform draws
-        grid = (np.arange(2_000_000) + 0.5) / 2_000_000
-        depths = grow.lvps_depth(grow.X_MIN + grid * (1 - grow.X_MIN), u, L)
-        assert np.vectorize(per_depth.get)(depths).mean() == pytest.approx(expected, rel=1e-5)
-
-
-def test_apollo_report_saves_less_than_reported(capsys):
-    cost_main(["--regime", "apollo", "--json"])
-    r = json.loads(capsys.readouterr().out)
-    assert {"regime", "steps", "flops", "baseline_flops", "saved"} <= r.keys()
-    assert [s["layers"] for s in r["stages"]] == [1, 3, 6, 12]
-    assert r["flops"] == pytest.approx(sum(s["steps"] * s["step_flops"] for s in r["stages"]))
-    assert 0 < r["saved"] < r["saved_blocks_only"] < 25 < r["reported_saved"]["paper"]
-
-
-@pytest.mark.parametrize("argv", [
-    ["--stages", "0"], ["--stages", "13"], ["--stages", "25", "--model", "gpt2-medium"],
-    ["--steps", "0"], ["--steps", "-5"],
-    ["--steps", "10", "--stages", "12"],  # fewer steps than phases
-    ["--regime", "apollo", "--steps", "10"],  # stages would start at the same step
-])
-def test_bad_input_is_one_line_exit_2(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        cost_main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
-
-# ----------------------------------------------------------------------------------------------
-# prepare_fineweb.py: shards, downloads (against a fake hub on 127.0.0.1), tokenizing
-
-SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
-FAST = dict(retries=3, backoff=0.01)  # keep retry sleeps short
 
 
 class FakeHub(BaseHTTPRequestHandler):
@@ -708,6 +177,649 @@ def dead_url():
     return f"http://127.0.0.1:{port}/input.txt"
 
 
+FAST = dict(retries=3, backoff=0.01)  # keep retry sleeps short
+
+
+# ----------------------------------------------------------------------------------------------
+# model.py: GPT-2 along a Plan, its FLOPs, the import graph
+
+
+def test_model_shapes_and_initial_loss():
+    cfg = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
+    model = small_model(cfg=cfg)
+    x, y = tokens(1, 64, 50257), tokens(2, 64, 50257)
+    logits, loss = model(x, y)
+    assert logits.shape == (2, 64, 50304)
+    assert abs(loss.item() - math.log(50257)) < 0.2  # a fresh model guesses uniformly
+
+
+def test_model_weight_tying():
+    model = small_model()
+    assert model.transformer.wte.weight is model.lm_head.weight
+    n = sum(p.numel() for p in model.parameters())  # parameters() yields the tied tensor once
+    assert n == sum(p.numel() for name, p in model.named_parameters() if name != "lm_head.weight")
+
+
+def test_model_hf_state_dict_round_trip():
+    model = small_model()
+    # Build what transformers' GPT2LMHeadModel would hold: Conv1D weights stored (in, out), plus mask buffers
+    hf = {}
+    for k, v in model.state_dict().items():
+        hf[k] = v.t().clone() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v.clone()
+    for i in range(SMALL.n_layer):
+        hf[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32)
+        hf[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    other = small_model(seed=1)
+    other.load_state_dict(convert_hf_state_dict(hf))
+    x = tokens(0, 16)
+    assert torch.equal(model(x)[0], other(x)[0])
+
+
+def test_model_plan_skips_and_repeats_blocks():
+    model = small_model().eval()
+    x = tokens(0, 16)
+    h = model.transformer
+    pos = torch.arange(16)
+
+    def by_hand(plan):
+        z = h.wte(x) + h.wpe(pos)
+        for b in plan:
+            z = h.h[b](z)
+        return model.lm_head(h.ln_f(z))
+
+    with torch.no_grad():
+        for blocks in ((0, 1, 2, 3), (0, 2), (1, 1, 1), (3, 0)):
+            assert torch.allclose(model(x, plan=Plan(blocks))[0], by_hand(blocks), atol=1e-6)
+        assert torch.equal(model(x)[0], model(x, plan=Plan((0, 1, 2, 3)))[0])
+        assert not torch.allclose(model(x, plan=Plan((0, 1)))[0], model(x)[0])
+
+
+def test_model_isolate_stops_backward_and_gates_interpolate():
+    model = small_model()
+    x = tokens(0, 16)
+    _, loss = model(x, x, plan=Plan((0, 1, 2), isolate=2))
+    loss.backward()
+    assert all(p.grad is None for b in (0, 1) for p in model.transformer.h[b].parameters())
+    assert all(p.grad is not None for p in model.transformer.h[2].parameters())
+    assert model.transformer.wpe.weight.grad is None
+    with torch.no_grad():  # μ = 0 skips the block; μ = 1 is the plain block
+        assert torch.allclose(model(x, plan=Plan((0, 1), gates=(1.0, 0.0)))[0], model(x, plan=Plan((0,)))[0],
+                              atol=1e-6)
+        assert torch.equal(model(x, plan=Plan((0, 1), gates=(1.0, 1.0)))[0], model(x, plan=Plan((0, 1)))[0])
+        h = model.transformer  # μ = 0.5: halfway between skipping block 1 and running it
+        z = h.h[0](h.wte(x) + h.wpe(torch.arange(16)))
+        by_hand = h.ln_f(z + 0.5 * (h.h[1](z) - z))
+        assert torch.allclose(model.hidden(x, Plan((0, 1), gates=(1.0, 0.5))), by_hand, atol=1e-6)
+
+
+def counted_flops(model, sp, x, y):
+    """FLOPs of one forward + backward as FlopCounterMode counts them: matmuls only (mm, addmm, bmm).
+    Left out, as step_flops leaves them out: layer norms, GELU, softmax, cross-entropy, residual adds
+    and the embedding backward (O(d) or O(V) per token, against O(d²) and O(d·V) for matmuls), and
+    the optimizer (per parameter, not per token). The math SDPA backend builds attention from bmm,
+    which the counter sees; on CPU the flash kernel would not be counted at all."""
+    grow.set_trainable(model, sp)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        _, loss = model(x, y, plan=Plan(tuple(range(sp.unique)), sp.isolate))
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def test_model_step_flops_match_flop_counter():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=96, n_layer=6, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    B, seq = 2, cfg.block_size
+    x, y = torch.randint(cfg.vocab_size, (2, B, seq))
+    # S=3 stages of 2 layers, one step per phase: steps 4 and 5 are stage 3's phases 1 and 2
+    schedules = {mode: incremental_schedule(cfg.n_layer, 3, 6, mode) for mode in ("freeze", "isolate")}
+    cases = {"stage 3 phase 1 freeze": schedules["freeze"].step_plan(4),
+             "stage 3 phase 1 isolate": schedules["isolate"].step_plan(4),
+             "stage 2 phase 2": schedules["freeze"].step_plan(3),
+             "baseline": schedules["freeze"].step_plan(5)}
+    assert cases["stage 3 phase 1 isolate"].isolate == 4 and len(cases["baseline"].trainable) == 6
+    for name, sp in cases.items():
+        want = step_flops(cfg, Plan(tuple(range(sp.unique)), sp.isolate), sp.trainable, B * seq, seq)
+        got = counted_flops(model, sp, x, y)
+        assert got == pytest.approx(want, rel=0.02), name
+
+
+def test_model_import_graph_runs_one_way():
+    """model <- grow <- train; cost.py, the CLI, uses model and grow and never train."""
+    code = ("import sys, {mod}; print(sorted(m for m in ('model', 'grow', 'train', 'cost', 'hellaswag') "
+            "if m in sys.modules))")
+    imported = {mod: subprocess.run([sys.executable, "-c", code.format(mod=mod)], cwd=HERE, capture_output=True,
+                                    text=True, check=True).stdout.split("\n")[0]
+                for mod in ("model", "grow", "cost")}
+    assert imported == {"model": "['model']", "grow": "['grow', 'model']", "cost": "['cost', 'grow', 'model']"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The baseline's machinery (train.py): LR, data, runs, DDP, resume, errors, budgets
+
+
+def test_baseline_lr_schedule_at_known_steps():
+    gpt2 = dict(lr=6e-4, min_lr=6e-5, warmup=715, max_steps=19073, schedule="cosine")
+    lr = lambda step, **kw: train.get_lr(step, **{**gpt2, **kw})  # noqa: E731
+    assert lr(0) == 6e-4 / 715 and lr(714) == 6e-4 and lr(715) == 6e-4
+    mid = 715 + (19073 - 715) // 2
+    assert lr(mid) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
+    assert lr(19073) == pytest.approx(6e-5) and lr(30000) == pytest.approx(6e-5)
+    assert lr(5000, schedule="constant") == 6e-4 and lr(0, schedule="constant") == 6e-4
+    # a rewarm ramps linearly from the stage's start and leaves the schedule alone after it
+    assert lr(5000, stage_start=5000, rewarm=100) == lr(5000) / 100
+    assert lr(5049, stage_start=5000, rewarm=100) == lr(5049) * 50 / 100
+    assert lr(5100, stage_start=5000, rewarm=100) == lr(5100)
+    assert lr(4999, stage_start=0, rewarm=0) == lr(4999)
+
+
+def test_baseline_loader_two_ranks_read_every_token_once(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    # token values are their own positions, so we can see which were read
+    pf.write_shard(folder / "a_train_000001.bin", np.arange(0, 1025))
+    pf.write_shard(folder / "a_train_000002.bin", np.arange(2000, 3025))
+    files, _ = sorted(folder.glob("*train*")), None
+    B, T = 2, 64
+    seen = []
+    loaders = [train.ShardLoader(files, B, T, rank, 2, seed=3) for rank in range(2)]
+    for _ in range(8):  # 1024 inputs per shard / (2·64·2) = 4 windows per shard
+        for ld in loaders:
+            x, y = ld.next_batch()
+            assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+            seen += x.flatten().tolist()
+    expected = list(range(0, 1024)) + list(range(2000, 3024))
+    assert sorted(seen) == expected  # every token once, none twice
+    assert loaders[0].state_dict() == {"epoch": 0, "shard": 1, "pos": 1024}
+    loaders[0].next_batch()
+    assert loaders[0].state_dict()["epoch"] == 1
+    # shard order differs between epochs (seeded), the same for every rank
+    assert [loaders[0].order(e) for e in range(6)] == [loaders[1].order(e) for e in range(6)]
+    assert len({tuple(loaders[0].order(e)) for e in range(6)}) == 2
+
+
+def test_baseline_loader_refuses_bad_shards(tmp_path):
+    bad = tmp_path / "x_train_000001.bin"
+    pf.write_shard(bad, np.arange(100))
+    raw = bytearray(bad.read_bytes())
+    raw[0] = 7  # break the magic number
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="x_train_000001.bin"):
+        train.ShardLoader([bad], 2, 8, 0, 1, 0).next_batch()
+    small = tmp_path / "y_train_000001.bin"
+    pf.write_shard(small, np.arange(10))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        train.ShardLoader([small], 2, 8, 0, 1, 0).next_batch()
+
+
+def test_baseline_run_learns_and_logs(tmp_path, data):
+    steps, evals = run_train(tmp_path, data, "--max-steps", "12")
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    rec = steps[0]
+    assert {"step", "loss", "lr", "tokens", "flops", "dt", "stage", "phase", "active_layers",
+            "trainable_layers"} <= set(rec)
+    cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
+    full = list(range(4))
+    assert rec["flops"] == step_flops(cfg, Plan(tuple(full)), full, 256, 32)
+    assert steps[-1]["flops"] == 12 * rec["flops"] and steps[-1]["tokens"] == 12 * 256
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain data only
+    assert ckpt["step"] == 12 and isinstance(ckpt["config"], dict)
+    model, plan = load_model(tmp_path / "ckpt.pt")
+    assert plan == Plan(tuple(full)) and model.config.n_layer == 4
+
+
+def test_baseline_resume_after_sigterm_reproduces_losses_exactly(tmp_path, data):
+    full, _ = run_train(tmp_path / "a", data, "--max-steps", "10")
+    out = tmp_path / "b"
+    assert 3 <= killed_run(out, data, 3, "--max-steps", "10") < 10
+    resumed, _ = run_train(out, data, "--max-steps", "10", "--resume")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["flops"] for r in resumed] == [r["flops"] for r in full]
+
+
+def test_baseline_ddp_two_ranks_match_one_process_with_twice_the_accumulation(tmp_path, data):
+    one, v1 = run_train(tmp_path / "one", data, "--max-steps", "6", "--total-batch", "256")
+    two, v2 = torchrun(tmp_path / "two", data, "--max-steps", "6", "--total-batch", "256")
+    assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
+    assert np.allclose([r["val_loss"] for r in v1], [r["val_loss"] for r in v2], atol=1e-5, rtol=0)
+    assert [r["flops"] for r in one] == [r["flops"] for r in two]
+
+
+def test_baseline_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
+    def error_of(*flags, data_dir=data):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--preset", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path / "x"),
+                        *TOY, *flags])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err
+        last = err.splitlines()[-1]  # argparse's own errors come after its usage line
+        assert len(err.splitlines()) == 1 or err.startswith("usage:")
+        return last
+
+    assert "no train and val shards" in error_of(data_dir=tmp_path / "empty")
+    assert "--total-batch 250 must be a multiple" in error_of("--total-batch", "250")
+    assert "no checkpoint" in error_of("--resume")
+    assert "exceeds the 4 layers" in error_of("--stages", "5")
+    assert "exceeds --max-steps" in error_of("--stages", "2", "--inc-steps", "20", "--max-steps", "10")
+    assert "phase would be empty" in error_of("--stages", "4", "--inc-steps", "4", "--max-steps", "10")
+    assert "must end at the model's 4 layers" in error_of("--regime", "apollo", "--grow-layers", "1,2", "--grow-at", "0.5")
+    assert "--stages cannot go with --regime apollo" in error_of("--regime", "apollo", "--stages", "2")
+    assert "--grow-at cannot go with --regime incremental" in error_of("--grow-at", "0.5")
+    corrupt = make_shards(tmp_path / "corrupt")
+    victim = corrupt / "toy_train_000001.bin"
+    victim.write_bytes(victim.read_bytes()[:3000])  # a truncated download
+    assert "toy_train_000001.bin" in error_of("--max-steps", "40", data_dir=corrupt)
+
+
+def test_baseline_checkpoint_from_another_config_is_refused_and_nan_keeps_last_good(tmp_path, data, capsys):
+    run_train(tmp_path, data, "--max-steps", "4")
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, data, "--max-steps", "4", "--lr", "1e-3", "--resume")
+    err = capsys.readouterr().err
+    assert "another config" in err and "lr: 0.003 there, 0.001 here" in err
+    # poison the weights: the next step's loss is NaN, the run stops, the checkpoint stays as it was
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.h.0.mlp.c_fc.weight"].fill_(float("nan"))
+    ckpt["config"]["max_steps"] = 8
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, data, "--max-steps", "8", "--resume")
+    assert e.value.code == 2
+    assert "loss is nan at step 4" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags", [["--stages", "2", "--phase1-mode", "isolate"], ["--regime", "zero",
+                                   "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5"]])
+def test_baseline_budget_steps_spend_the_baselines_flops(tmp_path, data, flags):
+    steps, evals = run_train(tmp_path, data, *flags, "--budget-steps", "8", "--inc-steps", "8")
+    cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
+    budget = 8 * full_step_flops(cfg, 256, 32)
+    assert len(steps) > 8  # cheaper steps buy more of them
+    assert steps[-2]["flops"] < budget <= steps[-1]["flops"]
+    assert [r["step"] for r in evals if r.get("equal_cost")] == [len(steps)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Incremental training (Li, Fung & Huang): stages, phase 1, stage entry, DDP, resume
+
+
+@pytest.mark.parametrize("S,sizes", [(4, [3, 3, 3, 3]), (8, [2, 1, 2, 1, 2, 1, 2, 1]), (12, [1] * 12)])
+def test_incremental_plan_on_12_layers(S, sizes):
+    stages = grow.incremental_stages(12, S, 10000)
+    schedule = grow.Schedule(tuple(stages), 12)
+    active = [s.layers for s in stages[:-1]]
+    assert np.diff([0] + active).tolist() == sizes
+    assert [s.start for s in stages] == [i * 10000 // S for i in range(S)] + [10000]
+    assert stages[-1] == grow.Stage(10000, 12, 0)  # continual training, all layers
+    for i, st in enumerate(stages[:-1]):
+        end = stages[i + 1].start
+        assert st.phase1 == round((end - st.start) / 2)
+        p1, p2 = schedule.step_plan(st.start), schedule.step_plan(end - 1)
+        assert (p1.stage, p1.phase, p2.phase) == (i + 1, 1, 2)
+        prev = active[i - 1] if i else 0
+        assert p1.trainable == tuple(range(prev, st.layers)) and p2.trainable == tuple(range(st.layers))
+        assert schedule.step_plan(st.start + st.phase1).phase == 2
+        assert schedule.step_plan(st.start + st.phase1 - 1).phase == 1
+    last = schedule.step_plan(10000)
+    assert last.trainable == tuple(range(12)) and last.stage == S + 1
+    assert grow.incremental_stages(12, S, 10000, freeze="none")[0].phase1 == 0
+
+
+def phase1_step(mode):
+    """One phase-1 step of stage 2 (blocks 0-1 old, 2-3 new), as train.py takes it."""
+    model = small_model()
+    sp = incremental_schedule(4, 2, 100, mode).step_plan(50)
+    assert sp.phase == 1 and sp.trainable == (2, 3)
+    grow.set_trainable(model, sp)
+    opt = model.configure_optimizer(1e-2, 0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = tokens(0, 32)
+    _, loss = model(x, x, plan=Plan((0, 1, 2, 3), sp.isolate))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    opt.step()
+    return model, before, grads, sp
+
+
+@pytest.mark.parametrize("mode", ["freeze", "isolate"])
+def test_incremental_phase1_trains_only_new_blocks(mode):
+    model, before, grads, sp = phase1_step(mode)
+    after = model.state_dict()
+    for k in before:
+        if k.startswith(("transformer.h.0.", "transformer.h.1.")):
+            assert torch.equal(before[k], after[k]), k
+            assert grads[k] is None
+        if k.startswith(("transformer.h.2.", "transformer.h.3.")) and k.endswith("weight"):
+            assert not torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # the tied head trains
+    # freeze passes gradients through the old blocks to wpe; isolate stops above them
+    assert (grads["transformer.wpe.weight"] is None) == (mode == "isolate")
+
+
+def test_incremental_isolate_cuts_backward_flops():
+    counted = {}
+    for mode in ("freeze", "isolate"):
+        model = small_model()
+        sp = incremental_schedule(4, 2, 100, mode).step_plan(50)
+        grow.set_trainable(model, sp)
+        x = tokens(0, 32)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            _, loss = model(x, x, plan=Plan((0, 1, 2, 3), sp.isolate))
+            loss.backward()
+        counted[mode] = fc.get_total_flops()
+        assert counted[mode] == step_flops(SMALL, Plan((0, 1, 2, 3), sp.isolate), sp.trainable, x.numel(), 32)
+    assert counted["isolate"] < counted["freeze"]
+
+
+def test_incremental_enter_stage_grows_resets_and_sets_what_trains():
+    """train.enter_stage alone, no DDP, no subprocess: stage 2 of 2 on 4 layers adds blocks 2-3."""
+    schedule = incremental_schedule(4, 2, 8, grow_op="copy-top", continual_optimizer="fresh")
+    model = small_model()
+    opt = model.configure_optimizer(1e-3, 0.1)
+    fresh, wrapped = [], []
+    new_optimizer = lambda: fresh.append(model.configure_optimizer(1e-3, 0.1)) or fresh[-1]  # noqa: E731
+    wrap = lambda m: wrapped.append(m) or m  # noqa: E731
+    sp = schedule.step_plan(4)  # stage 2, phase 1: only the new blocks train
+    assert (sp.stage, sp.phase, sp.trainable) == (2, 1, (2, 3))
+    block1 = {k: v.clone() for k, v in model.transformer.h[1].state_dict().items()}
+    opt2, out = enter_stage_and_check(model, opt, schedule, 1, sp, new_optimizer, wrap)
+    assert opt2 is opt and not fresh and out is model and wrapped == [model]  # growth keeps AdamW
+    for k, v in model.transformer.h[3].state_dict().items():  # copy-top: block 3 copies block 1
+        assert torch.equal(v, block1[k])
+    assert [b.c_attn.weight.requires_grad for b in (h.attn for h in model.transformer.h)] == [False, False, True, True]
+    sp = schedule.step_plan(8)  # continual training: every block, a fresh AdamW as asked
+    assert (sp.stage, sp.trainable) == (3, (0, 1, 2, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt3, _ = enter_stage_and_check(model, opt2, schedule, 2, sp, new_optimizer, wrap)
+    assert opt3 is fresh[0] and len(wrapped) == 2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # 4 -> 4 blocks: no growth
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def enter_stage_and_check(model, opt, schedule, entered, sp, new_optimizer, wrap):
+    opt, wrapped = train.enter_stage(model, opt, schedule, entered, sp, new_optimizer, wrap)
+    trainable = {i for i, b in enumerate(model.transformer.h) if all(p.requires_grad for p in b.parameters())}
+    assert trainable == set(sp.trainable)
+    return opt, wrapped
+
+
+def test_incremental_ddp_matches_one_process_across_phase_and_stage_boundaries(tmp_path, data):
+    flags = ["--stages", "2", "--inc-steps", "8", "--max-steps", "10", "--phase1-mode", "isolate"]
+    one, _ = run_train(tmp_path / "one", data, *flags)
+    two, _ = torchrun(tmp_path / "two", data, *flags)
+    assert [(r["stage"], r["phase"]) for r in one] == [(1, 1)] * 2 + [(1, 2)] * 2 + [(2, 1)] * 2 + \
+        [(2, 2)] * 2 + [(3, 2)] * 2
+    assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
+
+
+def test_incremental_resume_across_stage_and_continual_boundaries(tmp_path, data):
+    flags = ["--stages", "2", "--inc-steps", "8", "--max-steps", "12", "--grow-op", "copy-top",
+             "--continual-optimizer", "fresh"]
+    full, _ = run_train(tmp_path / "a", data, *flags)
+    out = tmp_path / "b"
+    assert killed_run(out, data, 2, *flags) <= 4  # stage 2 starts at step 4
+    resumed, _ = run_train(out, data, *flags, "--resume")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["stage"] for r in resumed] == [1] * 4 + [2] * 4 + [3] * 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Apollo (Pan et al.): LVPS, weight sharing, interpolation, its FLOPs
+
+
+@pytest.mark.parametrize("u,p_u,mean", [(1, 0.736, 1.77), (3, 0.637, 4.23), (6, 0.648, 7.14)])
+def test_apollo_lvps_matches_its_closed_form(u, p_u, mean):
+    x = np.random.default_rng(0).uniform(grow.X_MIN, 1.0, 200_000)
+    d = grow.lvps_depth(x, u, 12)
+    assert d.min() >= u and d.max() <= 12
+    probs = grow.lvps_probs(u, 12)
+    assert sorted(probs) == list(range(u, 13)) and sum(probs.values()) == pytest.approx(1.0)
+    emp = np.bincount(d, minlength=13)[u:] / len(d)
+    assert np.abs(emp - [probs[k] for k in range(u, 13)]).max() < 0.005  # ~4 standard errors
+    assert probs[u] == pytest.approx(p_u, abs=0.001) and emp[0] == pytest.approx(p_u, abs=0.005)
+    assert sum(k * p for k, p in probs.items()) == pytest.approx(mean, abs=0.005)
+    assert d.mean() == pytest.approx(mean, abs=0.02)
+    k = u + 2  # SPEC's closed form for u < k < L
+    b = 12 / u + 0.4
+    n = (b * grow.X_MIN - 0.6) / (0.6 - b)
+    assert probs[k] == pytest.approx(0.6 * (n + 1) * u * (1 / k - 1 / (k + 1)) / (1 - grow.X_MIN))
+
+
+def test_apollo_depth_samplers_are_pure_and_in_range():
+    assert grow.lvps_depth(np.random.default_rng(1).uniform(size=1000), 12, 12).tolist() == [12] * 1000
+    draws = [grow.sample_depth("lvps", 3, 12, 7, s, m) for s in range(50) for m in range(4)]
+    assert draws == [grow.sample_depth("lvps", 3, 12, 7, s, m) for s in range(50) for m in range(4)]
+    assert set(draws) > {3} and set(draws) <= set(range(3, 13))
+    uni = [grow.sample_depth("uniform", 3, 12, 7, s, 0) for s in range(400)]
+    assert set(uni) == set(range(3, 13))
+    assert grow.sample_depth("full", 3, 12, 7, 0, 0) == 12 and grow.sample_depth("unique", 3, 12, 7, 0, 0) == 3
+
+
+def test_apollo_sharing_and_growth_maps():
+    assert grow.layer_plan(12, 3) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert grow.layer_plan(4, 3) == [0, 0, 1, 2]
+    assert grow.layer_plan(6, 3, "cyclic") == [0, 1, 2, 0, 1, 2]
+    assert all(grow.layer_plan(d, u) == [t * u // d for t in range(d)] for d in range(1, 40) for u in range(1, d + 1))
+    assert grow.growth_map(1, 3, "interp") == [0, 0, 0]
+    assert grow.growth_map(3, 6, "interp") == [0, 0, 1, 1, 2, 2]
+    assert grow.growth_map(6, 12, "interp") == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert grow.growth_map(3, 6, "stack") == [0, 1, 2, 0, 1, 2]
+    assert grow.growth_map(3, 12, "stack") == [0, 1, 2] * 4  # G_stack, g = 4
+    assert grow.growth_map(3, 5, "copy-top") == [0, 1, 2, 1, 2]
+    assert grow.growth_map(2, 4, "zero") == [0, 1, None, None]
+
+
+def test_apollo_interpolation_preserves_the_function_only_at_integer_ratios():
+    cfg = GPTConfig(block_size=32, vocab_size=512, n_layer=12, n_head=2, n_embd=32)
+    x = tokens(0, 16)
+    for u, u2, same in [(1, 3, True), (3, 6, True), (6, 12, True), (4, 6, False)]:
+        model = small_model(cfg=cfg).eval()
+        with torch.no_grad():
+            before = {d: model(x, plan=Plan(tuple(grow.layer_plan(d, u))))[0] for d in range(u2, 13)}
+            grow.grow(model.transformer.h, u, u2, "interp")
+            kept = [torch.allclose(logits, model(x, plan=Plan(tuple(grow.layer_plan(d, u2))))[0], atol=1e-5)
+                    for d, logits in before.items()]
+        # 4 -> 6 happens to keep depth 6 ([0,0,1,2,2,3] either way) but not the others
+        assert all(kept) if same else not all(kept), (u, u2, kept)
+
+
+def test_apollo_flops_column_is_the_sum_of_sampled_depth_costs(tmp_path, data):
+    steps, _ = run_train(tmp_path, data, "--regime", "apollo", "--max-steps", "20",
+                         "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5")
+    cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
+    total, seen = 0, set()
+    for r in steps:
+        u = r["unique_layers"]
+        assert len(r["depth"]) == 2 and all(u <= d <= 4 for d in r["depth"])  # 2 micro-batches a step
+        for d in r["depth"]:
+            total += step_flops(cfg, Plan(tuple(grow.layer_plan(d, u))), range(u), 128, 32)
+            seen.add((u, d))
+        assert r["flops"] == total
+    assert [r["unique_layers"] for r in steps] == [1] * 5 + [2] * 5 + [4] * 10
+    assert len({d for u, d in seen if u == 1}) > 1  # LVPS really varies the depth
+    model, plan = load_model(tmp_path / "ckpt.pt")  # the end product is a plain 4-layer GPT
+    assert plan == Plan((0, 1, 2, 3))
+
+
+def test_apollo_ddp_draws_the_same_depths_and_matches_one_process(tmp_path, data):
+    flags = ["--regime", "apollo", "--max-steps", "8", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5",
+             "--total-batch", "256"]
+    # two ranks of 4 sequences each read what one process reads as 8 sequences, at the same depths
+    one, _ = run_train(tmp_path / "one", data, *flags, "--batch-size", "8")
+    two, _ = torchrun(tmp_path / "two", data, *flags)
+    assert [r["depth"] for r in one] == [r["depth"] for r in two]
+    assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
+
+
+def test_apollo_expectation_matches_the_sampler():
+    """E[FLOPs] from depth_probs against the average over the depths train.py actually draws."""
+    L = 12
+    cfg = GPTConfig(n_layer=L)
+    for u in (1, 3, 6):
+        schedule = grow.Schedule((grow.Stage(0, u),), L, depth="lvps")
+        sp = schedule.step_plan(0)
+        probs = grow.depth_probs("lvps", u, L)
+        expected = float(grow.expected_step_flops(cfg, schedule, sp, probs, 1, 1024))
+        per_depth = {d: step_flops(cfg, Plan(tuple(grow.layer_plan(d, u))), sp.trainable, 1, 1024)
+                     for d in range(u, L + 1)}
+        drawn = np.array([per_depth[grow.sample_depth("lvps", u, L, 1337, step, 0)] for step in range(20_000)])
+        assert abs(drawn.mean() - expected) < 4 * drawn.std() / len(drawn) ** 0.5
+        # and without sampling error: the sampler's inverse over a fine grid of uniform draws
+        grid = (np.arange(2_000_000) + 0.5) / 2_000_000
+        depths = grow.lvps_depth(grow.X_MIN + grid * (1 - grow.X_MIN), u, L)
+        assert np.vectorize(per_depth.get)(depths).mean() == pytest.approx(expected, rel=1e-5)
+
+
+def test_apollo_report_saves_less_than_reported(capsys):
+    cost_main(["--regime", "apollo", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert {"regime", "steps", "flops", "baseline_flops", "saved"} <= r.keys()
+    assert [s["layers"] for s in r["stages"]] == [1, 3, 6, 12]
+    assert r["flops"] == pytest.approx(sum(s["steps"] * s["step_flops"] for s in r["stages"]))
+    assert 0 < r["saved"] < r["saved_blocks_only"] < 25 < r["reported_saved"]["paper"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Growth operators and regimes: stack, G_stack, MSG, zero-init, copy-top
+
+
+@pytest.mark.parametrize("op,same", [("zero", True), ("msg", True), ("random", False), ("stack", False),
+                                     ("copy-top", False)])
+def test_growth_ops_that_preserve_the_function(op, same):
+    model = small_model().eval()
+    x = tokens(0, 16)
+    with torch.no_grad():
+        before = model(x, plan=Plan((0, 1)))[0]
+        grow.grow(model.transformer.h, 2, 4, op)
+        gates = (1.0, 1.0, 0.0, 0.0) if op == "msg" else None  # MSG's new blocks enter at μ = 0
+        after = model(x, plan=Plan((0, 1, 2, 3), gates=gates))[0]
+    assert torch.allclose(before, after, atol=1e-5) == same
+
+
+def test_growth_regimes_are_data_and_stages_carry_their_boundary_actions():
+    """Each regime is one entry of grow.REGIMES; its Schedule's stages say what entering them does."""
+    stack = growth_schedule("stack")
+    assert [(s.start, s.layers) for s in stack.stages] == [(0, 3), (10, 6), (25, 12)]
+    assert {(s.grow_op, s.optimizer, s.rewarm, s.ramp) for s in stack.stages[1:]} == {("stack", "keep", 0, 0)}
+    gstack = growth_schedule("gstack")
+    assert [(s.start, s.layers, s.optimizer, s.rewarm) for s in gstack.stages[1:]] == [(25, 12, "fresh", 10)]
+    msg = growth_schedule("msg")  # the gates ramp as long as the warmup unless --msg-ramp says
+    assert [s.ramp for s in msg.stages] == [0, 10, 10]
+    assert [s.ramp for s in growth_schedule("msg", msg_ramp=4).stages] == [0, 4, 4]
+    apollo = growth_schedule("apollo", L=24)  # layer lists written for 12 layers scale
+    assert [s.layers for s in apollo.stages] == [2, 6, 12, 24] and apollo.depth == "lvps"
+    assert [s.layers for s in growth_schedule("apollo", L=4).stages] == [1, 2, 4]  # 1,1,2,4 merged
+    inc = incremental_schedule(12, 4, 100, growth_optimizer="fresh")
+    assert [s.optimizer for s in inc.stages] == ["keep", "fresh", "fresh", "fresh", "keep"]  # continual: keep
+    assert grow.misplaced("apollo", {"stages", "lr"}) == ["stages"]
+    assert grow.misplaced("incremental", {"grow_at"}) == ["grow_at"]
+
+
+def test_msg_gates_ramp_and_reach_every_evaluation(tmp_path, data):
+    """MSG's gates open linearly over the ramp; evaluation and the checkpoint's eval plan use them."""
+    msg = growth_schedule("msg", L=4, steps=20, grow_layers="1,2,4", grow_at="0.25,0.5", msg_ramp=8)
+    sp = msg.step_plan(12)  # 2 steps into stage 3, where blocks 2 and 3 were added
+    assert msg.plan(sp, 12, 0) == Plan((0, 1, 2, 3), 0, (1.0, 1.0, 0.25, 0.25))
+    assert msg.eval_plan(3, 12) == Plan((0, 1, 2, 3), 0, (1.0, 1.0, 0.25, 0.25))
+    assert msg.plan(msg.step_plan(18), 18, 0).gates is None  # fully open: no gating at all
+    steps, evals = run_train(tmp_path, data, "--regime", "msg", "--max-steps", "12", "--grow-layers", "1,2,4",
+                             "--grow-at", "0.25,0.5", "--msg-ramp", "8", "--ckpt-every", "6")
+    model, plan = load_model(tmp_path / "ckpt.pt")  # saved at step 12, mid-ramp: the gates come along
+    assert plan == Plan((0, 1, 2, 3), 0, (1.0, 1.0, 0.75, 0.75))
+    val = train.val_batches(sorted(data.glob("*val*")), 256, 4, 32)
+    assert train.val_loss(model, val, plan, 0, 1, torch.device("cpu")) == evals[-1]["val_loss"]
+
+
+@pytest.mark.parametrize("regime", ["stack", "gstack", "msg", "zero"])
+def test_growth_regimes_run_and_grow(tmp_path, data, regime):
+    steps, evals = run_train(tmp_path, data, "--regime", regime, "--max-steps", "8",
+                             "--grow-layers", "1,2,4" if regime != "gstack" else "1,4",
+                             "--grow-at", "0.25,0.5" if regime != "gstack" else "0.5")
+    assert steps[-1]["unique_layers"] == 4 and steps[0]["unique_layers"] == 1
+    assert all(r["depth"] == [r["unique_layers"]] * 2 for r in steps)
+    assert math.isfinite(evals[-1]["val_loss"])
+    if regime == "gstack":  # LR rewarms from the boundary
+        assert steps[4]["lr"] < steps[3]["lr"] / 1.5
+
+
+# ----------------------------------------------------------------------------------------------
+# cost.py: the paper's derivation of incremental training's cost, and the exact count
+
+
+L, T = 12, 10_000  # GPT-2's depth; the paper's T_inc
+
+
+@pytest.mark.parametrize("S, step", [(4, 14_688), (8, 15_469), (12, 15_729)])
+def test_cost_incremental_paper_equal_cost_steps(S, step, capsys):
+    cost_main(["--stages", str(S), "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["stages"] == S and r["steps"] == T and r["cost_model"] == "paper"
+    assert r["equal_cost_step"] == r["paper"]["equal_cost_step"] == step
+    assert r["t_cont_steps"] == float(Fraction(5, 8) * (1 - Fraction(1, S)) * T)
+    cost_main(["--stages", str(S)])  # the text shows it too, beside the exact figure
+    text = capsys.readouterr().out
+    assert f"{step:,}" in text and f"{r['exact']['equal_cost_step']:,}" in text
+
+
+@pytest.mark.parametrize("S", range(1, L + 1))
+def test_cost_incremental_closed_form_equals_stage_sum(S):
+    # the closed form assumes m = L/S new layers per stage, a fraction when S does not divide L
+    equal = per_layer_phases([Fraction(i * L, S) for i in range(1, S + 1)], T)
+    assert sum(p1 + p2 for _, _, p1, p2 in equal) == paper_closed_form(L, S, T)
+    if L % S == 0:  # then the real stages are the equal ones
+        assert per_layer_phases(grow.stage_layers(L, S), T) == equal
+
+
+@pytest.mark.parametrize("mode", ["freeze", "isolate"])
+@pytest.mark.parametrize("S", range(1, L + 1))
+def test_cost_incremental_exact_model_covers_every_layer(S, mode):
+    phases = incremental_report("gpt2", S, T, mode, "exact", 1024, 524288, 0.4)["exact"]["phases"]
+    assert sum(p["steps"] for p in phases) == T
+    assert phases[-1]["layers"] == L
+    # each layer is new once; S = 1 is the baseline, every layer trained from the start
+    assert sum(p["trained"] for p in phases if p["phase"] == 1) == (L if S > 1 else 0)
+
+
+@pytest.mark.parametrize("mode", ["freeze", "isolate"])
+def test_cost_incremental_phase_sums_equal_step_by_step_sums(mode):
+    """Summing per phase gives what train.py's loop adds up step by step."""
+    cfg = GPTConfig(n_layer=L)
+    schedule = incremental_schedule(L, 5, 200, mode)  # 200 incremental steps, then 30 continual ones
+    per_step = 0
+    for step in range(230):
+        sp = schedule.step_plan(step)
+        per_step += step_flops(cfg, schedule.plan(sp, step, 0), sp.trainable, 4096, 1024)
+    phases = grow.schedule_phases(cfg, schedule, 230, 4096, 1024)
+    assert sum(p["steps"] * p["step_flops"] for p in phases) == per_step
+
+
+@pytest.mark.parametrize("argv", [
+    ["--stages", "0"], ["--stages", "13"], ["--stages", "25", "--model", "gpt2-medium"],
+    ["--steps", "0"], ["--steps", "-5"],
+    ["--steps", "10", "--stages", "12"],  # fewer steps than phases
+    ["--regime", "apollo", "--steps", "10"],  # stages would start at the same step
+])
+def test_cost_bad_input_is_one_line_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cost_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Data (prepare_fineweb.py): shards, downloads against a fake hub on 127.0.0.1, tokenizing
+
+
+SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
+
+
 def entry(path, body):
     return {"type": "file", "path": path, "size": len(body),
             "lfs": {"oid": hashlib.sha256(body).hexdigest(), "size": len(body)}}
@@ -733,11 +845,8 @@ def shard_bytes(tmp_path, tokens):
 def leftovers(folder):
     return [p.name for p in Path(folder).iterdir() if p.suffix in (".part", ".tmp")]
 
-# -----------------------------------------------------------------------------
-# shard format
 
-
-def test_shard_roundtrip(tmp_path):
+def test_data_shard_roundtrip(tmp_path):
     tokens = np.array([0, 1, 50256, 65535], dtype=np.int64)
     pf.write_shard(tmp_path / "a.bin", tokens)
     assert (tmp_path / "a.bin").stat().st_size == 1024 + 2 * 4
@@ -755,7 +864,7 @@ def test_shard_roundtrip(tmp_path):
     (lambda b: b[:-10], "header says 100 tokens"),
     (lambda b: b[:500], "shorter than the 1024-byte header"),
 ])
-def test_read_shard_errors(tmp_path, damage, message):
+def test_data_read_shard_errors(tmp_path, damage, message):
     good = shard_bytes(tmp_path, np.arange(100))
     bad = tmp_path / "bad.bin"
     bad.write_bytes(damage(good))
@@ -764,11 +873,8 @@ def test_read_shard_errors(tmp_path, damage, message):
     msg = str(e.value)
     assert message in msg and str(bad) in msg and "re-run prepare_fineweb.py" in msg and "\n" not in msg
 
-# -----------------------------------------------------------------------------
-# download
 
-
-def test_download_retries_and_resumes(hub, tmp_path):
+def test_data_download_retries_and_resumes(hub, tmp_path):
     body = os.urandom(300_000)
     hub.routes["/f.bin"] = (body, {})
     hub.errors, hub.drops = [503], 2
@@ -783,7 +889,7 @@ def test_download_retries_and_resumes(hub, tmp_path):
     assert len(hub.log) == 4
 
 
-def test_download_restarts_when_range_is_ignored(hub, tmp_path):
+def test_data_download_restarts_when_range_is_ignored(hub, tmp_path):
     body = os.urandom(200_000)
     hub.routes["/f.bin"] = (body, {})
     hub.drops, hub.ignore_range = 1, True
@@ -793,7 +899,7 @@ def test_download_restarts_when_range_is_ignored(hub, tmp_path):
     assert hub.log[1][1] is not None  # it did ask to resume, and coped with a 200
 
 
-def test_download_sha256_mismatch(hub, tmp_path):
+def test_data_download_sha256_mismatch(hub, tmp_path):
     body = os.urandom(50_000)
     hub.routes["/f.bin"] = (body[:-1] + bytes([body[-1] ^ 1]), {})
     with pytest.raises(DownloadError) as e:
@@ -803,7 +909,7 @@ def test_download_sha256_mismatch(hub, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_download_404_and_dead_server(hub, tmp_path):
+def test_data_download_404_and_dead_server(hub, tmp_path):
     with pytest.raises(DownloadError, match="404"):
         pf.download(f"{hub.url}/missing.bin", tmp_path / "m.bin", **FAST)
     assert len(hub.log) == 1  # a 404 is not retried
@@ -811,11 +917,8 @@ def test_download_404_and_dead_server(hub, tmp_path):
         pf.download(dead_url(), tmp_path / "m.bin", **FAST)
     assert list(tmp_path.iterdir()) == []
 
-# -----------------------------------------------------------------------------
-# sources
 
-
-def test_tokens_source(hub, tmp_path, monkeypatch, capsys):
+def test_data_tokens_source(hub, tmp_path, monkeypatch, capsys):
     files = {pf.shard_name("finewebedu", i): shard_bytes(tmp_path, np.arange(100 * i, 100 * i + 50 + i))
              for i in range(4)}
     files[".gitattributes"] = b"*.bin filter=lfs\n"
@@ -837,7 +940,7 @@ def test_tokens_source(hub, tmp_path, monkeypatch, capsys):
     assert "finewebedu_train_000004.bin" in err and err.count("\n") == 1
 
 
-def test_disk_too_small(hub, tmp_path, monkeypatch, capsys):
+def test_data_disk_too_small(hub, tmp_path, monkeypatch, capsys):
     serve_repo(hub, pf.TOKENS_REPO, "main", "", {pf.shard_name("finewebedu", 0): shard_bytes(tmp_path, range(5000))})
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
@@ -856,7 +959,7 @@ def make_parquet(path, texts):
     return path.read_bytes()
 
 
-def test_parquet_source(hub, tmp_path, monkeypatch):
+def test_data_parquet_source(hub, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     words = ["the", "grow", "layer", "café", "\n", "GPT-2", "<|endoftext|>", "tokens", "😀", "data"]
     docs = [" ".join(rng.choice(words, size=rng.integers(1, 120))) for _ in range(30)]
@@ -890,17 +993,14 @@ def test_parquet_source(hub, tmp_path, monkeypatch):
     assert len(hub.log) == n + 2  # the listing only
 
 
-def test_parquet_needs_pyarrow(tmp_path, monkeypatch, capsys):
+def test_data_parquet_needs_pyarrow(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     assert pf.main(["--source", "parquet", "--out", str(tmp_path)]) == 1
     assert "pip install pyarrow" in capsys.readouterr().err
 
-# -----------------------------------------------------------------------------
-# local text and Tiny Shakespeare
 
-
-def test_text_source(tmp_path):
+def test_data_text_source(tmp_path):
     assert pf.main(["--text", str(SHAKESPEARE), "--name", "shakes", "--out", str(tmp_path)]) == 0
     val = pf.read_shard(tmp_path / "shakes_val_000000.bin")
     train = pf.read_shard(tmp_path / "shakes_train_000001.bin")
@@ -910,7 +1010,7 @@ def test_text_source(tmp_path):
     assert enc.decode(val[-20:].tolist()) in SHAKESPEARE.read_text(encoding="utf-8")[-200:]
 
 
-def test_tinyshakespeare_local_file(tmp_path):
+def test_data_tinyshakespeare_local_file(tmp_path):
     shutil.copy(SHAKESPEARE, tmp_path / "input.txt")
     assert pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0) == tmp_path
     total = sum(len(pf.read_shard(tmp_path / f)) for f in ["tinyshakespeare_val_000000.bin", "tinyshakespeare_train_000001.bin"])
@@ -919,7 +1019,7 @@ def test_tinyshakespeare_local_file(tmp_path):
     assert pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0) == tmp_path  # shards are enough
 
 
-def test_tinyshakespeare_download(hub, tmp_path):
+def test_data_tinyshakespeare_download(hub, tmp_path):
     hub.routes["/input.txt"] = (SHAKESPEARE.read_bytes(), {})
     data_dir = tmp_path / "ts"
     assert pf.prepare_tinyshakespeare(data_dir, url=f"{hub.url}/input.txt") == data_dir
@@ -927,14 +1027,15 @@ def test_tinyshakespeare_download(hub, tmp_path):
     assert len(pf.read_shard(data_dir / "tinyshakespeare_train_000001.bin")) > 300_000
 
 
-def test_tinyshakespeare_offline(tmp_path):
+def test_data_tinyshakespeare_offline(tmp_path):
     with pytest.raises(DownloadError) as e:
         pf.prepare_tinyshakespeare(tmp_path / "ts", url=dead_url(), retries=0)
     assert str(tmp_path / "ts" / "input.txt") in str(e.value) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------
-# hellaswag.py: completion scoring, batching, data, DDP
+# HellaSwag (hellaswag.py): completion scoring, batching, data, DDP, inside training
+
 
 VAL = SHARED / "hellaswag" / "hellaswag_val.jsonl"
 
@@ -945,10 +1046,11 @@ def tiny_gpt(seed=0):
 
 
 def save_plain_checkpoint(model, path):
-    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "eval_plan": None}, path)
+    plan = Plan(tuple(range(model.config.n_layer)))
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "eval_plan": plan.to_dict()}, path)
 
 
-def test_render_format():
+def test_hellaswag_render_format():
     enc = tiktoken.get_encoding("gpt2")
     ex = dict(ctx="A man is sitting on a roof. he", endings=["is", "starts pulling up roofing.", "x", "ok then"], label=1)
     ctx = enc.encode("A man is sitting on a roof. he")
@@ -981,7 +1083,7 @@ class FixedLM(nn.Module):
         return torch.ones(*idx.shape, 1)  # (B, T, 1)
 
 
-def test_acc_and_acc_norm_pick_the_right_ending():
+def test_hellaswag_acc_and_acc_norm_pick_the_right_ending():
     enc = tiktoken.get_encoding("gpt2")
     cheap = enc.encode(" a b c d")  # 4 tokens at loss ln 5 each: larger sum, smaller mean
     mid = enc.encode(" x")  # 1 token at loss ln 10
@@ -1000,7 +1102,7 @@ def test_acc_and_acc_norm_pick_the_right_ending():
     assert evaluate(model, [ex], "cpu") == dict(acc=1.0, acc_norm=0.0, n=1)
 
 
-def test_batched_equals_one_at_a_time():
+def test_hellaswag_batched_equals_one_at_a_time():
     model = tiny_gpt()
     enc = tiktoken.get_encoding("gpt2")
     pool = load_examples(data_file=VAL, limit=3600)  # the first rows over 128 tokens come after 3,250
@@ -1023,13 +1125,13 @@ def test_batched_equals_one_at_a_time():
             torch.testing.assert_close(sum_loss[i, j], nll[mask.index(1) - 1:].sum())
 
 
-def test_evaluate_restores_training_mode():
+def test_hellaswag_evaluate_restores_training_mode():
     model = tiny_gpt().train()
     evaluate(model, load_examples(data_file=VAL, limit=2), "cpu")
     assert model.training
 
 
-def test_real_val_file_parses(monkeypatch):
+def test_hellaswag_real_val_file_parses(monkeypatch):
     monkeypatch.setenv(DATA_DIR_ENV, str(VAL.parent))
     examples = load_examples("val")
     assert len(examples) == 10042
@@ -1038,7 +1140,7 @@ def test_real_val_file_parses(monkeypatch):
     assert load_examples("val", limit=5) == examples[:5]
 
 
-def test_malformed_line_names_file_and_line(tmp_path):
+def test_hellaswag_malformed_line_names_file_and_line(tmp_path):
     good = VAL.open("rb").readline()
     for bad in [b'{"ctx": "x", "endings": ["a", "b"', b'{"ctx": "x", "endings": ["a", "b", "c"], "label": 0}',
                 b'{"ctx": "\xff"}']:
@@ -1048,7 +1150,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
             load_examples(data_file=path)
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
+def test_hellaswag_cli_errors_are_one_line(tmp_path, capsys):
     ckpt = tmp_path / "ckpt.pt"
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
@@ -1067,7 +1169,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert message in e.value.code and "\n" not in e.value.code
 
 
-def test_cli_json(tmp_path):
+def test_hellaswag_cli_json(tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     save_plain_checkpoint(tiny_gpt(), ckpt)
     cmd = [sys.executable, "hellaswag.py", "--checkpoint", str(ckpt), "--data-file", str(VAL),
@@ -1119,7 +1221,7 @@ def test_hellaswag_two_gloo_ranks_match_one_process(tmp_path):
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == single
 
 
-def test_train_logs_hellaswag_on_its_cadence(tmp_path, data, monkeypatch):
+def test_hellaswag_logged_by_train_on_its_cadence(tmp_path, data, monkeypatch):
     monkeypatch.setenv(DATA_DIR_ENV, str(VAL.parent))
     _, evals = run_train(tmp_path, data, "--max-steps", "4", "--eval-every", "2", "--hellaswag-every", "3",
                          "--hellaswag-limit", "8", "--n-layer", "2")
@@ -1128,19 +1230,8 @@ def test_train_logs_hellaswag_on_its_cadence(tmp_path, data, monkeypatch):
     assert [r["step"] for r in evals] == [0, 2, 3, 4]
 
 
-@pytest.mark.parametrize("flags", [["--stages", "2", "--phase1-mode", "isolate"], ["--regime", "zero",
-                                   "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5"]])
-def test_budget_steps_spend_the_baselines_flops(tmp_path, data, flags):
-    steps, evals = run_train(tmp_path, data, *flags, "--budget-steps", "8", "--inc-steps", "8")
-    cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
-    budget = 8 * step_flops(cfg, range(4), range(4), 0, 256, 32)
-    assert len(steps) > 8  # cheaper steps buy more of them
-    assert steps[-2]["flops"] < budget <= steps[-1]["flops"]
-    assert [r["step"] for r in evals if r.get("equal_cost")] == [len(steps)]
-
-
 # ----------------------------------------------------------------------------------------------
-# plot.py: figures and the results table from real and hand-written logs
+# plot.py and toy.sh: figures and the results table from real and hand-written logs
 
 
 def write_log(path, records):
@@ -1181,7 +1272,7 @@ def hand_runs(tmp_path):
     return [base, inc.parent, slow]
 
 
-def test_figure_from_real_logs(real_runs, tmp_path):
+def test_plot_figure_from_real_logs(real_runs, tmp_path):
     png = tmp_path / "figs" / "runs.png"
     plot.main([str(real_runs[0]), str(real_runs[1] / "log.jsonl"), "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -1209,7 +1300,7 @@ def test_figure_from_real_logs(real_runs, tmp_path):
     assert "FLOPs" in train_ax.get_xlabel() and "EMA" in train_ax.get_ylabel()
 
 
-def test_x_step(real_runs):
+def test_plot_x_step(real_runs):
     runs = [plot.read_log(p) for p in real_runs]
     fig = plot.make_figure(runs, ["a", "b"], x="step")
     train_ax, val_ax, _ = fig.axes
@@ -1219,7 +1310,7 @@ def test_x_step(real_runs):
     assert all(ax.get_xlabel() == "step" for ax in fig.axes)
 
 
-def test_read_log_last_record_wins(tmp_path):
+def test_plot_read_log_last_record_wins(tmp_path):
     log = write_log(tmp_path / "log.jsonl", [
         step_rec(1, 10), step_rec(2, 20, loss=9.0), {"step": 2, "val_loss": 9.5}, step_rec(3, 30),
         {"step": 1, "resumed": True},  # resumed from step 1: steps 2 and 3 come again
@@ -1231,7 +1322,7 @@ def test_read_log_last_record_wins(tmp_path):
     assert run["evals"] == [{"step": 2, "val_loss": 4.5, "flops": 22}]
 
 
-def test_hellaswag_panel_and_summary(hand_runs, capsys):
+def test_plot_hellaswag_panel_and_summary(hand_runs, capsys):
     runs = [plot.read_log(p) for p in hand_runs]
     labels = [plot.run_label(p) for p in hand_runs]
     assert labels == ["baseline", "inc", "slow"]
@@ -1273,7 +1364,7 @@ plot.main()
 """
 
 
-def test_missing_matplotlib(hand_runs, tmp_path):
+def test_plot_missing_matplotlib(hand_runs, tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-c", BLOCK_MATPLOTLIB, str(hand_runs[0]), *args],
                               cwd=HERE, capture_output=True, text=True, timeout=60)
@@ -1297,7 +1388,7 @@ def test_plot_bad_input(tmp_path, capsys, content):
     assert not (tmp_path / "fig.png").exists()
 
 
-def test_toy_reproduction_script_at_a_very_small_size(tmp_path, data):
+def test_plot_toy_reproduction_script_at_a_very_small_size(tmp_path, data):
     """toy.sh end to end: every regime at one budget, then the figure and the table."""
     out = tmp_path / "toy"
     small = ["--data-dir", str(data), *TOY, "--n-layer", "4", "--total-batch", "128", "--val-tokens", "128",
@@ -1309,7 +1400,7 @@ def test_toy_reproduction_script_at_a_very_small_size(tmp_path, data):
     runs = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert runs == sorted(["baseline", "inc2-freeze", "inc2-isolate", "inc4-freeze", "inc4-isolate",
                            "inc4-copy-top", "apollo", "stack", "gstack", "msg", "zero"])
-    budget = 8 * step_flops(GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32), range(4), range(4), 0, 128, 32)
+    budget = 8 * full_step_flops(GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32), 128, 32)
     for run in runs:
         steps, evals = read_log(out / run)
         assert steps[-1]["flops"] >= budget and evals[-1].get("equal_cost"), run

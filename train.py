@@ -5,6 +5,9 @@ step; this file does the rest: data, DDP, optimizer, LR, evaluation, logging and
     python train.py --preset tiny                         # CPU, Tiny Shakespeare, minutes
     python train.py --preset tiny --stages 4              # incremental, 4 stages
     torchrun --nproc_per_node=8 train.py --stages 4       # the paper's S = 4 run
+
+Read it bottom-up from train(): the loop asks the Schedule for each step's plan, enters a stage
+when one starts, evaluates and checkpoints on their cadence, and runs train_step.
 """
 import argparse
 import json
@@ -14,6 +17,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,15 +25,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import grow
-from cost import full_step_flops, schedule_phases, step_flops
-from model import GPT, GPTConfig
+import hellaswag
+from model import GPT, GPTConfig, autocast, forward_backward, full_step_flops, optimizer_step, step_flops
 from prepare_fineweb import DataError, prepare_tinyshakespeare, read_shard
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: a preset fills every flag the user left unset.
+# Configuration: a preset fills every flag the user left unset; grow.py's regimes fill the growth
+# options.
 
 PRESETS = {
-    # the paper's setup: GPT-2 124M, FineWeb-Edu 10B, 2^19 tokens per step (SPEC §1 and §2)
+    # the paper's setup: GPT-2 124M, FineWeb-Edu 10B, 2^19 tokens per step
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, batch_size=64, seq_len=1024,
                  total_batch=524288, lr=6e-4, min_lr=6e-5, warmup=715, max_steps=19073,
                  inc_steps=10000, data_dir="data/fineweb10B", val_tokens=10485760,
@@ -41,21 +46,8 @@ PRESETS = {
                  eval_every=25, hellaswag_every=0, ckpt_every=50),
 }
 
-# Each regime is the same machinery with other defaults; any of them can be overridden by flag.
-# Layer lists are for 12 layers and scale with --n-layer.
-REGIMES = {
-    "incremental": dict(grow_op="random", depth="unique"),
-    "apollo": dict(grow_op="interp", depth="lvps", grow_layers="1,3,6,12", grow_at="0.05,0.1,0.25"),
-    "stack": dict(grow_op="stack", depth="unique", grow_layers="3,6,12", grow_at="0.1,0.25"),
-    "gstack": dict(grow_op="stack", depth="unique", grow_layers="3,12", grow_at="0.25",
-                   growth_optimizer="fresh", rewarm=-1),  # -1: rewarm as long as --warmup
-    "msg": dict(grow_op="msg", depth="unique", grow_layers="3,6,12", grow_at="0.1,0.25"),
-    "zero": dict(grow_op="zero", depth="unique", grow_layers="3,6,12", grow_at="0.1,0.25"),
-}
-
-GENERIC = dict(budget_steps=0, stages=1, phase1_frac=0.5, phase1_mode="freeze", share="interp", msg_ramp=None,
-               growth_optimizer="keep", continual_optimizer="keep", rewarm=0, schedule="cosine",
-               weight_decay=0.1, grad_clip=1.0, seed=1337, hellaswag_limit=None)
+TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=1337,
+                         hellaswag_limit=None)
 
 # flags that may differ when resuming: they change neither the math nor the data order
 RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "eval_every", "hellaswag_every",
@@ -66,7 +58,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", choices=PRESETS, default="gpt2")
-    a("--regime", choices=REGIMES, default="incremental")
+    a("--regime", choices=grow.REGIMES, default="incremental")
     g = p.add_argument_group("incremental regime (Li et al.)")
     g.add_argument("--stages", type=int, help="S stages that each add layers; 1 = the baseline")
     g.add_argument("--inc-steps", type=int, help="steps of the S stages (T_inc); continual training follows")
@@ -109,89 +101,46 @@ def parse_args(argv=None):
     a("--bench", type=int, default=0, help="time N training steps after warm-up, print, exit")
     args = p.parse_args(argv)
     given = {k for k, v in vars(args).items() if v is not None}
-    own = {"stages", "phase1_frac", "phase1_mode", "continual_optimizer"}  # the incremental regime's
-    wrong = sorted(given & own if args.regime != "incremental" else given & {"grow_layers", "grow_at"})
+    wrong = grow.misplaced(args.regime, given)
     if wrong:
         p.error(f"{', '.join('--' + k.replace('_', '-') for k in wrong)} cannot go with --regime {args.regime}")
-    for defaults in (PRESETS[args.preset], REGIMES[args.regime], GENERIC):
+    for defaults in (PRESETS[args.preset], TRAINING_DEFAULTS):
         for k, v in defaults.items():
-            if getattr(args, k, None) is None:
+            if getattr(args, k) is None:
                 setattr(args, k, v)
-    if args.msg_ramp is None:
-        args.msg_ramp = args.warmup
-    if args.rewarm == -1:
-        args.rewarm = args.warmup
+    given = {k: getattr(args, k) for k in grow.DEFAULTS}
+    for k, v in grow.regime_options(args.regime, args.warmup, **given).items():
+        setattr(args, k, v)
     if args.budget_steps:
-        args.max_steps = budget_max_steps(args)
+        cfg = model_config(args)
+        args.max_steps = grow.budget_max_steps(lambda steps: make_schedule(args, steps), args.budget_steps,
+                                               cfg, args.total_batch, args.seq_len)
     return args
 
 
-def budget_max_steps(args):
-    """The fewest steps whose expected training FLOPs reach the baseline's at --budget-steps: a
-    cheaper regime gets more steps, so regimes compare at equal compute. Stage starts may depend on
-    max_steps (growth regimes), so the schedule is rebuilt for each candidate."""
-    cfg = GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    budget = args.budget_steps * full_step_flops(cfg, args.total_batch, args.seq_len)
-    args.max_steps = 100 * args.budget_steps
-    make_stages(args)  # flag errors that no run length cures surface here, with their own message
-    for steps in range(args.budget_steps, 100 * args.budget_steps):
-        args.max_steps = steps
-        try:
-            stages = make_stages(args)
-        except ValueError:  # too short for its stages (e.g. two growths on one step): try longer
-            continue
-        phases = schedule_phases(cfg, stages, steps, args.phase1_mode, args.depth, args.share,
-                                 args.total_batch, args.seq_len)
-        if sum(p["steps"] * p["step_flops"] for p in phases) >= budget:
-            return steps
-    raise ValueError(f"--budget-steps {args.budget_steps}: no run length reaches the budget")
+def model_config(args):
+    return GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
 
 
-def growth_schedule(layers_spec, at_spec, L, max_steps):
-    """Growth stages from --grow-layers and --grow-at. A list written for 12 layers scales with L
-    (1,3,6,12 on 24 layers is 2,6,12,24); where scaling merges two stages (1,3,6,12 on 4 layers is
-    1,1,2,4) the later start of the pair is dropped."""
-    layers = [int(x) for x in layers_spec.split(",")]
-    starts = [0.0] + [float(x) for x in at_spec.split(",")]
-    if len(starts) != len(layers):
-        raise ValueError(f"--grow-at needs {len(layers) - 1} fractions for {len(layers)} layer counts")
-    if layers[-1] == 12 and L != 12:
-        layers = [max(1, round(u * L / 12)) for u in layers]
-    keep = [i for i in range(len(layers)) if i == 0 or layers[i] != layers[i - 1]]
-    if layers[-1] != L:
-        raise ValueError(f"--grow-layers {layers_spec} must end at the model's {L} layers")
-    return grow.growth_stages([layers[i] for i in keep], [starts[i] for i in keep][1:], max_steps)
+def make_schedule(args, max_steps):
+    """The run's grow.Schedule from its flags, or a ValueError with a one-line reason."""
+    return grow.build_schedule(args.regime, args.n_layer, max_steps, args.inc_steps, args.seed,
+                               **{k: getattr(args, k) for k in grow.DEFAULTS})
 
 
-def make_stages(args):
-    """The run's stage list (grow.py), or a one-line error for a flag combination that can't work."""
-    L = args.n_layer
-    if args.regime == "incremental":
-        if args.stages > L:
-            raise ValueError(f"--stages {args.stages} exceeds the {L} layers: use at most {L}")
-        if args.stages == 1:  # the baseline: every layer trains from step 0
-            return [grow.Stage(0, L)]
-        if args.inc_steps > args.max_steps:
-            raise ValueError(f"--inc-steps {args.inc_steps} exceeds --max-steps {args.max_steps}")
-        if not 0 <= args.phase1_frac <= 1:
-            raise ValueError(f"--phase1-frac {args.phase1_frac} must be between 0 and 1")
-        return grow.incremental_stages(L, args.stages, args.inc_steps, args.phase1_frac, args.phase1_mode)
-    return growth_schedule(args.grow_layers, args.grow_at, L, args.max_steps)
-
-
-def get_lr(step, args, boundary):
-    """Warmup then cosine to min_lr at max_steps (or constant); optionally rewarmed linearly for
-    `rewarm` steps after the stage boundary `boundary`."""
-    if args.schedule == "constant":
-        lr = args.lr
-    elif step < args.warmup:
-        lr = args.lr * (step + 1) / args.warmup
+def get_lr(step, lr, min_lr, warmup, max_steps, schedule, stage_start=0, rewarm=0):
+    """Warmup then cosine to min_lr at max_steps (or constant lr), rewarmed linearly over `rewarm`
+    steps from the start of the stage the step is in."""
+    if schedule == "constant":
+        rate = lr
+    elif step < warmup:
+        rate = lr * (step + 1) / warmup
     else:
-        ratio = min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))
-        lr = args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
-    if args.rewarm > 0 and boundary > 0 and step - boundary < args.rewarm:
-        lr *= (step - boundary + 1) / args.rewarm
-    return lr
+        ratio = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        rate = min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+    if rewarm > 0 and step - stage_start < rewarm:
+        rate *= (step - stage_start + 1) / rewarm
+    return rate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +155,7 @@ def list_shards(data_dir):
         raise FileNotFoundError(f"no train and val shards in {data_dir}: run `python prepare_fineweb.py "
                                 f"--out {data_dir}` (or --text FILE) first")
     return train, val
+
 
 
 class ShardLoader:
@@ -270,7 +220,7 @@ def val_batches(val_files, n_tokens, B, T):
 
 
 def setup_distributed(device_arg):
-    """(rank, local_rank, world, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
+    """(rank, world, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -281,6 +231,8 @@ def setup_distributed(device_arg):
     device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" else device_arg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -293,18 +245,14 @@ def all_sum(t, world):
     return t
 
 
-def autocast(device):
-    # bf16 on CUDA (no grad scaler needed); fp32 elsewhere
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
-def val_loss(model, batches, plan, gates, rank, world, device):
+def val_loss(model, batches, plan, rank, world, device):
+    """Mean loss over the validation batches along the Plan, the batches split over the ranks."""
     model.eval()
     total = torch.zeros(2, device=device)  # summed loss, batches
     for x, y in batches[rank::world]:
         with autocast(device):
-            _, loss = model(x.to(device), y.to(device), plan=plan, gates=gates)
+            _, loss = model(x.to(device), y.to(device), plan=plan)
         total += torch.stack([loss.float(), torch.ones((), device=device)])
     model.train()
     total = all_sum(total, world)
@@ -315,9 +263,19 @@ def val_loss(model, batches, plan, gates, rank, world, device):
 # Checkpoints: plain data only, so torch.load(weights_only=True) reads them
 
 
-def save_checkpoint(path, state):
+@dataclass
+class RunState:
+    """Where a run stands: what a checkpoint saves besides weights, optimizer, data position and RNG."""
+    step: int = 0  # optimizer steps taken
+    flops: int = 0  # training FLOPs spent (model.step_flops, summed over every micro-batch and rank)
+    tokens: int = 0  # training tokens seen
+    entered: int = 1  # the stage (1-based) the model has been grown into
+    equal_cost_done: bool = False  # the evaluation at the baseline's cost has been logged
+
+
+def save_checkpoint(path, ckpt):
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    torch.save(ckpt, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
 
 
@@ -350,194 +308,237 @@ class StopFlag:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# A run, assembled from the flags: everything below takes it, or plain arguments
 
 
-def train(args, stop):
-    config = {k: v for k, v in vars(args).items()}
-    stages = make_stages(args)  # validates the flag combination before any work
+@dataclass
+class Run:
+    config: dict  # the flags, as saved in checkpoints
+    cfg: GPTConfig
+    schedule: grow.Schedule
+    rank: int
+    world: int
+    device: torch.device
+    grad_accum: int  # micro-batches per rank per step
+    model: GPT
+    new_optimizer: object  # () -> a fresh AdamW over the model
+    loader: ShardLoader
+    val: list  # validation (x, y) batches
+    hellaswag: list  # examples, or None when HellaSwag is off
+    out: Path
+    baseline_cost: int  # FLOPs of the full-depth baseline at the equal-cost point
+
+
+def assemble(args):
+    """Everything a run needs, from the flags; the only function that reads them. Rank 0 prepares
+    data that has to be downloaded or tokenized while the others wait."""
+    schedule = make_schedule(args, args.max_steps)  # validates the flag combination before any work
     rank, world, device = setup_distributed(args.device)
-    master = rank == 0
     B, T = args.batch_size, args.seq_len
     if args.total_batch % (B * T * world):
         raise ValueError(f"--total-batch {args.total_batch} must be a multiple of batch-size x seq-len x "
                          f"world = {B * T * world}")
-    grad_accum = args.total_batch // (B * T * world)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # rank 0 downloads and tokenizes alone; the other ranks then find the files ready
-    if master and args.data_dir == PRESETS["tiny"]["data_dir"]:
+    if rank == 0 and args.data_dir == PRESETS["tiny"]["data_dir"]:
         prepare_tinyshakespeare(args.data_dir)
-    if args.hellaswag_every > 0:
-        from hellaswag import SCORING, evaluate as hellaswag_eval, load_examples
-        hs_examples = load_examples("val", limit=args.hellaswag_limit) if master else None
+    examples = hellaswag.load_examples("val", limit=args.hellaswag_limit) if rank == 0 and args.hellaswag_every > 0 else None
     if world > 1:
         dist.barrier()
-    if args.hellaswag_every > 0 and not master:
-        hs_examples = load_examples("val", limit=args.hellaswag_limit)
+    if args.hellaswag_every > 0 and rank > 0:
+        examples = hellaswag.load_examples("val", limit=args.hellaswag_limit)
     train_files, val_files = list_shards(args.data_dir)
-    loader = ShardLoader(train_files, B, T, rank, world, args.seed)
-    val = val_batches(val_files, args.val_tokens, B, T)
 
     torch.manual_seed(args.seed)
-    cfg = GPTConfig(block_size=T, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    cfg = model_config(args)
     model = GPT(cfg).to(device)
     fused = device.type == "cuda"
-    make_opt = lambda: model.configure_optimizer(args.lr, args.weight_decay, fused=fused)  # noqa: E731
-    opt = make_opt()
-    out = Path(args.out)
-    ckpt_path = out / "ckpt.pt"
-    step, flops, tokens, entered, equal_cost_done = 0, 0, 0, 1, False
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, config)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        step, flops, tokens = ckpt["step"], ckpt["flops"], ckpt["tokens"]
-        entered, equal_cost_done = ckpt["entered"], ckpt["equal_cost_done"]
-    if args.compile:
-        model.compile_blocks()
+    return Run(
+        config=dict(vars(args)), cfg=cfg, schedule=schedule, rank=rank, world=world, device=device,
+        grad_accum=args.total_batch // (B * T * world), model=model,
+        new_optimizer=lambda: model.configure_optimizer(args.lr, args.weight_decay, fused=fused),
+        loader=ShardLoader(train_files, B, T, rank, world, args.seed), val=val_batches(val_files, args.val_tokens, B, T),
+        hellaswag=examples, out=Path(args.out),
+        # the equal-cost point: where this run has spent what the full-depth baseline spends in
+        # --budget-steps if given, else in --inc-steps (the paper's marked points)
+        baseline_cost=(args.budget_steps or args.inc_steps) * full_step_flops(cfg, args.total_batch, T))
 
-    # the equal-cost point: where this run has spent what the full-depth baseline spends in
-    # --budget-steps if given, else in --inc-steps (the paper's marked points)
-    baseline_cost = (args.budget_steps or args.inc_steps) * full_step_flops(cfg, args.total_batch, T)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "a") if master else None
 
-    def record(**fields):
-        if master:
-            log.write(json.dumps(fields) + "\n")
-            log.flush()
+def enter_stage(model, opt, schedule, entered, sp, new_optimizer, wrap):
+    """Bring the model from stage `entered` into StepPlan sp's stage and phase: grow the blocks the
+    stage adds (and start AdamW afresh if the stage says so), then make exactly sp's blocks
+    trainable and wrap the model again, since DDP registers what requires grad when it is built.
+    Returns (optimizer, wrapped model)."""
+    if sp.stage > entered:
+        stage = schedule.stages[sp.stage - 1]
+        grow.grow(model.transformer.h, schedule.stages[entered - 1].layers, stage.layers, stage.grow_op)
+        if stage.optimizer == "fresh":
+            opt = new_optimizer()
+    grow.set_trainable(model, sp)
+    return opt, wrap(model)
 
-    def checkpoint(sp):
-        if master:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "flops": flops, "tokens": tokens, "entered": entered, "equal_cost_done": equal_cost_done,
-                "loader": loader.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                "config": config, "model_config": cfg.to_dict(), "eval_plan": eval_plan(sp)[0]})
 
-    def eval_plan(sp):
-        """The model as it stands: full depth where blocks are shared, else the active blocks."""
-        depth = sp.unique if args.depth == "unique" else cfg.n_layer
-        plan = grow.layer_plan(depth, sp.unique, args.share)
-        gates = grow.msg_gates(plan, stages, step, args.msg_ramp) if args.grow_op == "msg" else None
-        return plan, gates
+def train_step(run, wrapped, opt, sp, step, lr, grad_clip):
+    """One optimizer step under StepPlan sp: each micro-batch along its own plan (its own depth),
+    gradients accumulated and, across ranks, averaged; then clip and AdamW.
+    Returns (mean loss, gradient norm, plans run, FLOPs spent by all ranks)."""
+    B, T = run.loader.B, run.loader.T
+    batches = []
+    for micro in range(run.grad_accum):
+        x, y = run.loader.next_batch()
+        batches.append((x.to(run.device), y.to(run.device), run.schedule.plan(sp, step, micro)))
+    loss = all_sum(forward_backward(wrapped, batches, run.device), run.world) / run.world
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopped; {run.out / 'ckpt.pt'} "
+                                 "holds the last good state (try a lower --lr, then --resume)")
+    norm = optimizer_step(run.model, opt, lr, grad_clip)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    plans = [plan for _, _, plan in batches]
+    flops = sum(step_flops(run.cfg, plan, sp.trainable, B * T * run.world, T) for plan in plans)
+    return loss.item(), norm.item(), plans, flops
 
-    def evaluate(sp, equal_cost=False, last=False):
-        plan, gates = eval_plan(sp)
-        fields = dict(step=step, val_loss=val_loss(model, val, plan, gates, rank, world, device))
-        if args.hellaswag_every > 0 and (step % args.hellaswag_every == 0 or equal_cost or last):
-            hs = hellaswag_eval(model, hs_examples, device, plan=plan,
-                                autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
-            fields.update(hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"], hellaswag_n=hs["n"])
-        if equal_cost:
-            fields["equal_cost"] = True
-        record(**fields)
-        if master:
-            print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
-            if "hellaswag_acc" in fields:
-                print(f"  (HellaSwag: {SCORING})")
 
-    if args.resume and master:
-        record(step=step, resumed=True)
-    trainable_key, ddp_model = None, model
-    bench_t0 = None
-    while step < args.max_steps:
-        sp = grow.step_plan(stages, step, args.phase1_mode)
-        if sp.stage > entered:  # crossing into a new stage: grow, and maybe start AdamW afresh
-            grow.grow(model.transformer.h, stages[entered - 1].layers, sp.unique, args.grow_op)
-            continual = args.regime == "incremental" and sp.stage == len(stages)
-            if (args.continual_optimizer if continual else args.growth_optimizer) == "fresh":
-                opt = make_opt()
-            entered = sp.stage
-        if (sp.trainable, sp.isolate) != trainable_key:  # DDP registers what requires grad: re-wrap
-            grow.set_trainable(model, sp)
-            if world > 1:
-                ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-            trainable_key = (sp.trainable, sp.isolate)
+def evaluate(run, state, log, equal_cost=False, hellaswag_now=False):
+    """Val loss (and HellaSwag when due) of the model as it stands, logged and printed."""
+    plan = run.schedule.eval_plan(state.entered, state.step)
+    fields = dict(step=state.step, val_loss=val_loss(run.model, run.val, plan, run.rank, run.world, run.device))
+    if hellaswag_now:
+        hs = hellaswag.evaluate(run.model, run.hellaswag, run.device, plan=plan,
+                                autocast_dtype=torch.bfloat16 if run.device.type == "cuda" else None)
+        fields.update(hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"], hellaswag_n=hs["n"])
+    if equal_cost:
+        fields["equal_cost"] = True
+    log.record(**fields)
+    log.print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+              + (f"\n  (HellaSwag: {hellaswag.SCORING})" if hellaswag_now else ""))
 
-        at_equal_cost = flops >= baseline_cost and not equal_cost_done
-        hellaswag_due = args.hellaswag_every > 0 and step % args.hellaswag_every == 0
-        if not args.bench and (step % args.eval_every == 0 or hellaswag_due or at_equal_cost):
-            evaluate(sp, equal_cost=at_equal_cost)
-            equal_cost_done = equal_cost_done or at_equal_cost
-        if args.bench and step == 3:  # the first steps include compilation and allocator warm-up
-            bench_t0 = time.time()
 
+class Log:
+    """log.jsonl and stdout, on rank 0 only; appends, so a resumed run continues its log."""
+
+    def __init__(self, path, master):
+        self.file = open(path, "a") if master else None
+
+    def record(self, **fields):
+        if self.file:
+            self.file.write(json.dumps(fields) + "\n")
+            self.file.flush()
+
+    def print(self, text):
+        if self.file:
+            print(text)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def checkpoint(run, opt, state):
+    if run.rank == 0:
+        save_checkpoint(run.out / "ckpt.pt", {
+            **asdict(state), "model": run.model.state_dict(), "optimizer": opt.state_dict(),
+            "loader": run.loader.state_dict(), "rng": {"torch": torch.get_rng_state()}, "config": run.config,
+            "model_config": run.cfg.to_dict(), "eval_plan": run.schedule.eval_plan(state.entered, state.step).to_dict()})
+
+
+def resume(run, opt):
+    """The RunState saved in OUT/ckpt.pt, with model, optimizer, data position and RNG restored."""
+    ckpt = load_checkpoint(run.out / "ckpt.pt", run.config)
+    run.model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    run.loader.load_state_dict(ckpt["loader"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return RunState(**{k: ckpt[k] for k in asdict(RunState())})
+
+
+def wrapper(run):
+    """DDP around the model under torchrun, the model itself otherwise."""
+    if run.world == 1:
+        return lambda model: model
+    return lambda model: DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train(run, stop, max_steps, lr_args, grad_clip, eval_every, hellaswag_every, ckpt_every, resuming):
+    """The loop: enter stages as they come, evaluate and checkpoint on their cadence, and between
+    them one train_step per iteration. lr_args: get_lr's (lr, min_lr, warmup, max_steps, schedule)."""
+    schedule, opt = run.schedule, run.new_optimizer()
+    state = resume(run, opt) if resuming else RunState()
+    run.out.mkdir(parents=True, exist_ok=True)
+    log = Log(run.out / "log.jsonl", run.rank == 0)
+    if resuming:
+        log.record(step=state.step, resumed=True)
+    wrapped, trains = run.model, None
+    while state.step < max_steps:
+        sp = schedule.step_plan(state.step)
+        if sp.stage > state.entered or (sp.trainable, sp.isolate) != trains:
+            opt, wrapped = enter_stage(run.model, opt, schedule, state.entered, sp, run.new_optimizer, wrapper(run))
+            state.entered, trains = sp.stage, (sp.trainable, sp.isolate)
+        at_equal_cost = state.flops >= run.baseline_cost and not state.equal_cost_done
+        hellaswag_due = hellaswag_every > 0 and (state.step % hellaswag_every == 0 or at_equal_cost)
+        if state.step % eval_every == 0 or hellaswag_due or at_equal_cost:
+            evaluate(run, state, log, at_equal_cost, hellaswag_due)
+            state.equal_cost_done = state.equal_cost_done or at_equal_cost
+        # -------------------------------- one training step --------------------------------
         t0 = time.time()
-        boundary = stages[sp.stage - 1].start
-        lr = get_lr(step, args, boundary)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        depths = []
-        for micro in range(grad_accum):
-            x, y = loader.next_batch()
-            x, y = x.to(device), y.to(device)
-            d = grow.sample_depth(args.depth, sp.unique, cfg.n_layer, args.seed, step, micro)
-            plan = grow.layer_plan(d, sp.unique, args.share)
-            gates = grow.msg_gates(plan, stages, step, args.msg_ramp) if args.grow_op == "msg" else None
-            if world > 1:  # sync gradients only on the last micro-step; DDP reads this in forward
-                ddp_model.require_backward_grad_sync = micro == grad_accum - 1
-            with autocast(device):
-                _, loss = ddp_model(x, y, plan=plan, no_grad_prefix=sp.isolate, gates=gates)
-            loss = loss / grad_accum
-            loss_sum += loss.detach()
-            loss.backward()
-            depths.append(d)
-            flops += step_flops(cfg, plan, sp.trainable, sp.isolate, B * T * world, T)
-        loss_sum = all_sum(loss_sum, world) / world
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"loss is {loss_sum.item()} at step {step}: stopped; {ckpt_path} "
-                                     "holds the last good state (try a lower --lr, then --resume)")
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        stage = schedule.stages[sp.stage - 1]
+        lr = get_lr(state.step, *lr_args, stage.start, stage.rewarm)
+        loss, norm, plans, flops = train_step(run, wrapped, opt, sp, state.step, lr, grad_clip)
         dt = time.time() - t0
-        step += 1
-        tokens += args.total_batch
-        loss_v = loss_sum.item()
-        record(step=step, loss=loss_v, lr=lr, tokens=tokens, flops=flops, dt=dt, stage=sp.stage,
-               phase=sp.phase, active_layers=sp.unique, trainable_layers=len(sp.trainable),
-               depth=depths, unique_layers=sp.unique, norm=norm.item())
-        if master:
-            print(f"step {step:5d} | loss {loss_v:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
-                  f"{dt * 1000:.0f} ms | {args.total_batch / dt:.0f} tok/s | {flops:.3e} FLOPs | "
-                  f"stage {sp.stage} phase {sp.phase} layers {len(sp.trainable)}/{sp.unique} depth {max(depths)}")
-        if args.bench and step == 3 + args.bench:
-            ms = (time.time() - bench_t0) / args.bench * 1000
-            if master:
-                print(f"bench: {ms:.1f} ms/step, {args.total_batch / ms * 1000:.0f} tok/s "
-                      f"over {args.bench} steps on {device} x{world}")
-            break
-        stop_now = all_sum(torch.tensor(float(stop.set), device=device), world).item() > 0
-        if not args.bench and (stop_now or step % args.ckpt_every == 0 or step == args.max_steps):
-            checkpoint(sp)
+        # -----------------------------------------------------------------------------------
+        state.step, state.flops, state.tokens = state.step + 1, state.flops + flops, state.tokens + run.config["total_batch"]
+        depths = [len(plan.blocks) for plan in plans]
+        log.record(step=state.step, loss=loss, lr=lr, tokens=state.tokens, flops=state.flops, dt=dt,
+                   stage=sp.stage, phase=sp.phase, active_layers=sp.unique, trainable_layers=len(sp.trainable),
+                   depth=depths, unique_layers=sp.unique, norm=norm)
+        log.print(f"step {state.step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
+                  f"{run.config['total_batch'] / dt:.0f} tok/s | {state.flops:.3e} FLOPs | stage {sp.stage} "
+                  f"phase {sp.phase} layers {len(sp.trainable)}/{sp.unique} depth {max(depths)}")
+        stop_now = all_sum(torch.tensor(float(stop.set), device=run.device), run.world).item() > 0
+        if stop_now or state.step % ckpt_every == 0 or state.step == max_steps:
+            checkpoint(run, opt, state)
         if stop_now:
-            if master:
-                print(f"stopped at step {step}; {ckpt_path} saved: continue with --resume")
+            log.print(f"stopped at step {state.step}; {run.out / 'ckpt.pt'} saved: continue with --resume")
             break
     else:  # the final evaluation, after the last step
-        evaluate(grow.step_plan(stages, step - 1, args.phase1_mode),
-                 equal_cost=flops >= baseline_cost and not equal_cost_done, last=True)
-    if log:
-        log.close()
-    if world > 1:
-        dist.destroy_process_group()
+        evaluate(run, state, log, state.flops >= run.baseline_cost and not state.equal_cost_done, hellaswag_every > 0)
+    log.close()
+
+
+def bench(run, steps, lr, grad_clip, warmup=3):
+    """Time `steps` training steps after `warmup` (compilation, allocator warm-up) from the start of
+    the schedule: the loop's step, without evaluation, log or checkpoints."""
+    opt, wrapped, state, trains = run.new_optimizer(), run.model, RunState(), None
+    for step in range(warmup + steps):
+        if step == warmup:
+            t0 = time.time()
+        sp = run.schedule.step_plan(step)
+        if sp.stage > state.entered or (sp.trainable, sp.isolate) != trains:
+            opt, wrapped = enter_stage(run.model, opt, run.schedule, state.entered, sp, run.new_optimizer, wrapper(run))
+            state.entered, trains = sp.stage, (sp.trainable, sp.isolate)
+        train_step(run, wrapped, opt, sp, step, lr, grad_clip)
+    ms = (time.time() - t0) / steps * 1000
+    if run.rank == 0:
+        print(f"bench: {ms:.1f} ms/step, {run.config['total_batch'] / ms * 1000:.0f} tok/s "
+              f"over {steps} steps on {run.device} x{run.world}")
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
-        with StopFlag() as stop:
-            train(args, stop)
+        run = assemble(args)
+        if args.compile:
+            run.model.compile_blocks()
+        if args.bench:
+            bench(run, args.bench, args.lr, args.grad_clip)
+        else:
+            with StopFlag() as stop:
+                train(run, stop, args.max_steps, (args.lr, args.min_lr, args.warmup, args.max_steps, args.schedule),
+                      args.grad_clip, args.eval_every, args.hellaswag_every, args.ckpt_every, args.resume)
+        if run.world > 1:
+            dist.destroy_process_group()
     except (ValueError, FileNotFoundError, FloatingPointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
