@@ -393,7 +393,18 @@ def parse_args(argv=None):
     a("--json", action="store_true", help="print the results as one JSON object")
     a("--measure", action="store_true", help="time real training steps on this machine (a benchmark)")
     a("--device", default="auto", help="for --measure: auto, cpu, cuda")
-    return p.parse_args(argv)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
+    args = p.parse_args(argv)
+    # flags the chosen report would silently ignore
+    given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    if args.measure:
+        wrong = given - {"measure", "device", "json"}
+    else:
+        wrong = given & ({"device"} | ({"stages", "cost", "phase1-mode"} if args.regime != "incremental" else set()))
+    if wrong:
+        p.error(f"{', '.join('--' + f for f in sorted(wrong))} cannot go with "
+                f"{'--measure' if args.measure else '--regime ' + args.regime}")
+    return args
 
 
 def check(args):
@@ -408,7 +419,7 @@ def check(args):
     if args.regime == "incremental" and args.steps < 2 * args.stages:  # else a phase would have no step
         raise ValueError(f"--steps {args.steps} is too few for {args.stages} stages of two phases: "
                          f"use at least {2 * args.stages}")
-    if not 0 < args.mfu <= 1:
+    if not 0 < args.mfu <= 1:  # NaN fails this too
         raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
 
 

@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import tiktoken
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
 from model import SIZES, GPT, load_model
-from prepare_fineweb import DataError, download
+from prepare_fineweb import DataError, DownloadError, download, gpt2_encoding
 
 SCORING = "completion scoring, build-nanogpt style; not comparable with lm-eval-harness"
 SCORING_TAG = "completion (build-nanogpt)"  # the short form, for JSON
@@ -42,7 +41,11 @@ DATA_DIR_ENV = "NANOGROW_HELLASWAG_DIR"  # a folder of hellaswag_{split}.jsonl u
 def download_split(split="val", cache_dir=CACHE_DIR, base_url=BASE_URL):
     """Path of hellaswag_{split}.jsonl in cache_dir, downloaded from base_url if not there yet."""
     name = f"hellaswag_{split}.jsonl"
-    return download(base_url.format(split=split), Path(cache_dir) / name, sha256=SHA256.get(split), desc=name)
+    try:
+        return download(base_url.format(split=split), Path(cache_dir) / name, sha256=SHA256.get(split), desc=name)
+    except DownloadError as e:
+        raise DownloadError(f"could not download HellaSwag ({e}); offline, put {name} in a folder and set "
+                            f"{DATA_DIR_ENV} to it (or pass --data-file)") from None
 
 
 def parse_line(line):
@@ -57,7 +60,7 @@ def parse_line(line):
         raise ValueError("'endings' is not a list of 4 strings")
     if label is not None and (type(label) is not int or not 0 <= label <= 3):
         raise ValueError(f"'label' is {label!r}, not 0..3")
-    return dict(ctx=ctx, endings=endings, label=label)
+    return dict(ctx=ctx, endings=endings, label=label, split=ex.get("split"))
 
 
 def load_examples(split="val", data_file=None, limit=None, cache_dir=CACHE_DIR):
@@ -79,6 +82,8 @@ def load_examples(split="val", data_file=None, limit=None, cache_dir=CACHE_DIR):
                 examples.append(parse_line(line))
             except ValueError as e:  # JSON and UTF-8 decoding errors are ValueErrors too
                 raise DataError(f"{data_file}:{lineno}: {e}") from None
+    if not examples:
+        raise DataError(f"{data_file}: no examples to score")
     return examples
 
 
@@ -133,7 +138,7 @@ def predict(model, examples, device, plan=None, batch_size=16, autocast_dtype=No
     batch_size examples (4 rows each) go through the model at a time; the answers are those of one
     example at a time.
     """
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     rendered = [render(ex, enc, model.config.block_size) for ex in examples]
     # longest first: similar lengths share a batch (little padding) and a batch too big fails early
     order = sorted(range(len(examples)), key=lambda i: -max(len(row) for row in rendered[i][0]))
@@ -196,6 +201,7 @@ def pick_device(name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage dump
     parser.add_argument("--checkpoint", help="a train.py checkpoint (ckpt.pt)")
     parser.add_argument("--model", choices=list(SIZES), help="OpenAI's weights (needs transformers and internet)")
     parser.add_argument("--split", choices=SPLITS, default="val")
@@ -206,10 +212,16 @@ def main(argv=None):
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit {args.limit}: must be 1 or more (leave it out for every example)")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: must be 1 or more")
+    if args.device == "cuda" and not torch.cuda.is_available() or args.device == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {args.device}: this machine has none that torch can use; use --device cpu or auto")
     if (args.checkpoint is None) == (args.model is None):
-        sys.exit("hellaswag.py: error: give exactly one of --checkpoint PATH or --model NAME")
+        parser.error("give exactly one of --checkpoint PATH or --model NAME")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
-        sys.exit(f"hellaswag.py: error: checkpoint not found: {args.checkpoint}")
+        parser.error(f"checkpoint not found: {args.checkpoint}")
 
     device = pick_device(args.device)
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
@@ -233,8 +245,11 @@ def main(argv=None):
         t0 = time.time()
         result = evaluate(model, examples, device, plan, args.batch_size)
         result["examples_per_s"] = result["n"] / (time.time() - t0)
-    except DataError as e:  # DownloadError included: a missing or malformed file, a failed download
-        sys.exit(f"hellaswag.py: error: {e}")
+        # the split the data says it is (a --data-file may hold any), else the flag's
+        result["split"] = "+".join(sorted({ex["split"] or args.split for ex in examples}))
+    except (DataError, ValueError) as e:  # a missing or malformed file, a failed download, a bad checkpoint
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -243,7 +258,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps(dict(result, scoring=SCORING_TAG)))
     else:
-        print(f"hellaswag {args.split}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
+        print(f"hellaswag {result['split']}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
               f"n {result['n']}  {result['examples_per_s']:.1f} examples/s")
         print(f"({SCORING})")
 

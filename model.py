@@ -9,7 +9,9 @@ Also here, because they describe the model rather than a regime: the training FL
 along a plan (step_flops), and the step itself (forward_backward, optimizer_step), which train.py's
 loop and cost.py --measure both run.
 """
+import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -206,10 +208,29 @@ def convert_hf_state_dict(hf):
     return sd
 
 
+CHECKPOINT_KEYS = ("model", "model_config", "eval_plan")
+
+
+def read_checkpoint(path, device="cpu"):
+    """A train.py checkpoint as plain data, or a ValueError with one line saying what is wrong with
+    the file: missing, truncated, random bytes, or some other program's."""
+    fix = "point at a ckpt.pt written by train.py (or delete this one to start over)"
+    if not Path(path).is_file():
+        raise ValueError(f"no checkpoint at {path}: {fix}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch.load raises many kinds: zip, pickle, EOF, unsupported types
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated or "
+                         f"not a train.py checkpoint): {fix}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise ValueError(f"{path} is not a train.py checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)}): {fix}")
+    return ckpt
+
+
 def load_model(path, device="cpu"):
     """A GPT from a train.py checkpoint, in eval mode, and the Plan it is evaluated with (shared
     depths and MSG's gates included)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = read_checkpoint(path, device)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
@@ -281,12 +302,14 @@ def forward_backward(model, micro_batches, device):
 
 
 def optimizer_step(model, opt, lr, grad_clip):
-    """Clip the gradients' global norm to grad_clip, step AdamW at lr, drop the gradients. Returns
-    the norm before clipping. Blocks that did not train this step have no gradient and are skipped."""
+    """Clip the gradients' global norm to grad_clip (0: no clipping, as the authors' code), step
+    AdamW at lr, drop the gradients. Returns the norm before clipping. Blocks that did not train
+    this step have no gradient and are skipped."""
     for group in opt.param_groups:
         group["lr"] = lr
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    # an infinite bound still measures the norm, and scales every gradient by exactly 1.0
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 EMA = 0.9  # per-step loss is noisy; this smooths over ~10 steps, light next to a run's thousands
+STEP_FIELDS = ("step", "loss", "flops", "dt")  # what the figure and table read from a step record
+EVAL_FIELDS = ("step", "val_loss")
 
 
 def log_path(path):
@@ -38,18 +40,27 @@ def read_log(path):
     if not path.is_file():
         raise FileNotFoundError(f"no log at {path}")
     steps, evals = {}, {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) and not line.endswith("\n"):  # cut short by a crash or a full disk
+                print(f"plot.py: warning: {path}:{n}: skipped a torn last line", file=sys.stderr)
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: not a JSON record") from None
-            if "loss" in rec:
-                steps[rec["step"]] = rec
-            elif "val_loss" in rec:
-                evals[rec["step"]] = rec
+            raise ValueError(f"{path}:{n}: not a JSON record") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: not a JSON object")
+        kind, needed = ("a step", STEP_FIELDS) if "loss" in rec else ("an evaluation", EVAL_FIELDS)
+        missing = [k for k in needed if k not in rec] if "loss" in rec or "val_loss" in rec else []
+        if missing:
+            raise ValueError(f"{path}:{n}: {kind} record without {', '.join(missing)} (not a train.py log?)")
+        if "loss" in rec:
+            steps[rec["step"]] = rec
+        elif "val_loss" in rec:
+            evals[rec["step"]] = rec
     if not steps:
         raise ValueError(f"{path}: no step records")
     flops = {0: 0, **{s: r["flops"] for s, r in steps.items()}}
@@ -207,6 +218,7 @@ def parse_args(argv=None):
     p.add_argument("--x", choices=["flops", "step"], default="flops", help="the x axis of every panel")
     p.add_argument("--labels", help="comma-separated run labels (default: the folder names)")
     p.add_argument("--table", action="store_true", help="print a markdown table of the results")
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
     args = p.parse_args(argv)
     if not args.out and not args.table:
         p.error("nothing to do: give --out FIG.png, --table or both")

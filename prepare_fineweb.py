@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -242,12 +243,30 @@ def fetch_files(endpoint, repo, revision, entries, dest_dir, *, extra_bytes=0):
 # tokenizing
 
 
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding. tiktoken downloads its two BPE files on first use and caches them
+    in $TIKTOKEN_CACHE_DIR (or a temp folder); offline, say which files and where they go."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (requests.RequestException, OSError, ValueError) as e:
+        raise DataError(f"tiktoken could not load GPT-2's BPE files (vocab.bpe, encoder.json: "
+                        f"{type(e).__name__}); offline, copy tiktoken's cache of them from a machine with internet "
+                        "and point TIKTOKEN_CACHE_DIR at it") from None
+
+
 def tokenize_text(text_path, out_dir, name, val_frac=0.1):
     """Tokenize one text file (one document) into a val shard (its last val_frac) and a train shard."""
     if not 0 < val_frac < 1:
         raise ValueError(f"val_frac must be between 0 and 1, got {val_frac}")
-    enc = tiktoken.get_encoding("gpt2")
-    text = Path(text_path).read_text(encoding="utf-8")
+    try:
+        text = Path(text_path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{text_path} is not UTF-8 text (byte {e.start}: {e.reason}): convert it to UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{text_path}: cannot read it ({e.strerror})") from None
+    if not text.strip():
+        raise DataError(f"{text_path} is empty: nothing to tokenize")
+    enc = gpt2_encoding()
     tokens = np.array([EOT] + enc.encode_ordinary(text), dtype=np.uint16)
     n_train = int(len(tokens) * (1 - val_frac))
     out_dir = Path(out_dir)
@@ -326,7 +345,7 @@ def _expected_tokens(files):
 
 
 def _tokenize_batch(texts):
-    enc = tiktoken.get_encoding("gpt2")  # cached by tiktoken after the first call in each worker
+    enc = gpt2_encoding()  # cached by tiktoken after the first call in each worker
     tokens = []
     for text in texts:
         tokens.append(EOT)
@@ -391,7 +410,8 @@ def prepare_parquet(out_dir, endpoint, shard_size=100_000_000, workers=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=["tokens", "parquet"], default="tokens",
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage dump
+    parser.add_argument("--source", choices=["tokens", "parquet"], default=None,
                         help="tokens: download pre-tokenized shards; parquet: download text and tokenize it here")
     parser.add_argument("--shards", type=int, default=TOKENS_TRAIN_SHARDS,
                         help=f"--source tokens: how many train shards of 100M tokens (0-{TOKENS_TRAIN_SHARDS})")
@@ -401,20 +421,34 @@ def main(argv=None):
     parser.add_argument("--name", help="--text: shard name prefix (default: the file's stem)")
     parser.add_argument("--val-frac", type=float, default=0.1, help="--text: the last fraction that becomes val")
     parser.add_argument("--out", type=Path, help="output folder (default data/fineweb10B, or data/NAME for --text)")
+    given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
     args = parser.parse_args(argv)
     if not 0 <= args.shards <= TOKENS_TRAIN_SHARDS:
-        parser.error(f"--shards must be between 0 and {TOKENS_TRAIN_SHARDS}")
-    if args.shard_size < 1 or args.workers < 1:
-        parser.error("--shard-size and --workers must be positive")
+        parser.error(f"--shards {args.shards}: must be from 0 to {TOKENS_TRAIN_SHARDS}")
+    if args.shard_size < 1:
+        parser.error(f"--shard-size {args.shard_size}: must be 1 or more")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be 1 or more")
     if not 0 < args.val_frac < 1:
-        parser.error("--val-frac must be between 0 and 1")
+        parser.error(f"--val-frac {args.val_frac}: must be between 0 and 1, both excluded")
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
+        parser.error(f"--name {args.name!r}: a name of letters, digits, '.', '_' and '-', not a path; "
+                     "use --out for the folder")
+    # flags the chosen source would silently ignore
+    own = {"text": {"name", "val-frac"}, "tokens": {"shards"}, "parquet": {"shard-size", "workers"}}
+    chosen = "text" if args.text else args.source or "tokens"
+    if args.text and args.source:
+        parser.error("--text and --source cannot go together: --text tokenizes a local file")
+    wrong = sorted(f for source, flags in own.items() if source != chosen for f in flags & given)
+    if wrong:
+        parser.error(f"{', '.join('--' + f for f in wrong)} cannot go with {'--text' if args.text else '--source ' + chosen}")
     endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
 
     try:
         if args.text:
             name = args.name or args.text.stem
             paths = tokenize_text(args.text, args.out or Path("data") / name, name, args.val_frac)
-        elif args.source == "tokens":
+        elif chosen == "tokens":
             paths = prepare_tokens(args.out or Path("data/fineweb10B"), endpoint, args.shards)
         else:
             paths = prepare_parquet(args.out or Path("data/fineweb10B"), endpoint, args.shard_size, args.workers)

@@ -388,17 +388,25 @@ def test_baseline_ddp_two_ranks_match_one_process_with_twice_the_accumulation(tm
     assert [r["flops"] for r in one] == [r["flops"] for r in two]
 
 
+def one_line_error(main, argv, capsys, code=2):
+    """Run a script's main(argv) in-process; it must exit with `code` and one line on stderr, no
+    traceback. Returns the line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def train_error(tmp_path, data, capsys, *flags, data_dir=None, out="x"):
+    argv = ["--preset", "tiny", "--data-dir", str(data_dir or data), "--out", str(tmp_path / out), *TOY, *flags]
+    return one_line_error(train.main, argv, capsys)
+
+
 def test_baseline_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
-    def error_of(*flags, data_dir=data):
-        with pytest.raises(SystemExit) as e:
-            train.main(["--preset", "tiny", "--data-dir", str(data_dir), "--out", str(tmp_path / "x"),
-                        *TOY, *flags])
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert "Traceback" not in err
-        last = err.splitlines()[-1]  # argparse's own errors come after its usage line
-        assert len(err.splitlines()) == 1 or err.startswith("usage:")
-        return last
+    def error_of(*flags, data_dir=None):
+        return train_error(tmp_path, data, capsys, *flags, data_dir=data_dir)
 
     assert "no train and val shards" in error_of(data_dir=tmp_path / "empty")
     assert "--total-batch 250 must be a multiple" in error_of("--total-batch", "250")
@@ -409,29 +417,181 @@ def test_baseline_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
     assert "must end at the model's 4 layers" in error_of("--regime", "apollo", "--grow-layers", "1,2", "--grow-at", "0.5")
     assert "--stages cannot go with --regime apollo" in error_of("--regime", "apollo", "--stages", "2")
     assert "--grow-at cannot go with --regime incremental" in error_of("--grow-at", "0.5")
+    assert "--msg-ramp only applies to --grow-op msg" in error_of("--msg-ramp", "5")
+    assert "--budget-steps sets --max-steps" in error_of("--budget-steps", "5", "--max-steps", "5")
+    assert "does not split into --n-head 3 heads" in error_of("--n-head", "3")
+    assert "less than one batch of --batch-size 4 x --seq-len 100000" in error_of("--seq-len", "100000",
+                                                                                  "--total-batch", "400000")
+    assert "this machine has no CUDA device" in error_of("--device", "cuda")
+    assert "--device tpu: use auto, cpu, cuda or mps" in error_of("--device", "tpu")
+    assert "GiB for weights, gradients and AdamW" in error_of("--n-embd", "200000")
     corrupt = make_shards(tmp_path / "corrupt")
     victim = corrupt / "toy_train_000001.bin"
     victim.write_bytes(victim.read_bytes()[:3000])  # a truncated download
     assert "toy_train_000001.bin" in error_of("--max-steps", "40", data_dir=corrupt)
 
 
-def test_baseline_checkpoint_from_another_config_is_refused_and_nan_keeps_last_good(tmp_path, data, capsys):
+INT_FLAGS = ["--n-layer", "--n-head", "--n-embd", "--batch-size", "--seq-len", "--total-batch", "--max-steps",
+             "--stages", "--inc-steps", "--val-tokens", "--eval-every", "--ckpt-every"]  # 1 or more
+NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--hellaswag-every", "--bench"]
+
+
+@pytest.mark.parametrize("flag,value", [(f, v) for f in INT_FLAGS for v in ("0", "-3", "1.5", "x")]
+                         + [(f, v) for f in NON_NEGATIVE for v in ("-3", "1.5", "x")]
+                         + [(f, v) for f in ("--lr", "--min-lr", "--weight-decay", "--grad-clip", "--phase1-frac")
+                            for v in ("-1", "nan", "inf", "x")]
+                         + [("--lr", "0"), ("--phase1-frac", "1.5"), ("--seed", str(2**40)), ("--rewarm", "-2"),
+                            ("--hellaswag-limit", "0"), ("--preset", "huge"), ("--regime", "x"), ("--schedule", "x")])
+def test_baseline_flag_sweep_refuses_every_bad_value(tmp_path, data, capsys, flag, value):
+    """Zero, negative, malformed and out-of-range values of every numeric flag: refused before any
+    work, in one line that names the flag and the value."""
+    extra = {"--msg-ramp": ["--regime", "msg"], "--hellaswag-limit": ["--hellaswag-every", "5"]}.get(flag, [])
+    err = train_error(tmp_path, data, capsys, *extra, flag, value)
+    assert flag in err and value.lower() in err.lower(), err
+    assert not (tmp_path / "x").exists()  # nothing was written
+
+
+def test_baseline_grad_clip_zero_means_no_clipping(tmp_path, data):
+    clipped, _ = run_train(tmp_path / "a", data, "--max-steps", "3", "--grad-clip", "1e-3")
+    free, _ = run_train(tmp_path / "b", data, "--max-steps", "3", "--grad-clip", "0")
+    huge, _ = run_train(tmp_path / "c", data, "--max-steps", "3", "--grad-clip", "1e9")
+    assert [r["loss"] for r in free] == [r["loss"] for r in huge]  # 0 leaves every gradient as it is
+    assert [r["loss"] for r in free][1:] != [r["loss"] for r in clipped][1:]
+
+
+def test_baseline_resume_extends_and_refuses_rewriting_the_past(tmp_path, data, capsys):
     run_train(tmp_path, data, "--max-steps", "4")
-    with pytest.raises(SystemExit):
-        run_train(tmp_path, data, "--max-steps", "4", "--lr", "1e-3", "--resume")
-    err = capsys.readouterr().err
-    assert "another config" in err and "lr: 0.003 there, 0.001 here" in err
+    assert "--seed: 1337 there, 7 here" in train_error(tmp_path, data, capsys, "--max-steps", "4", "--seed", "7",
+                                                      "--resume", out=".")
+    # a finished run trains further, and the resume record says what changed
+    steps, _ = run_train(tmp_path, data, "--max-steps", "6", "--resume")
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    resumed = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "resumed" in line]
+    assert resumed == [{"step": 4, "resumed": True, "changed": {"max_steps": [4, 6]}}]
+    assert "resuming at step 4; --max-steps 4 -> 6" in capsys.readouterr().out
+    # a growth regime's stages start at fractions of --max-steps: moving one already crossed is refused
+    apollo = ["--regime", "apollo", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5"]
+    run_train(tmp_path / "g", data, *apollo, "--max-steps", "8")
+    err = train_error(tmp_path, data, capsys, *apollo, "--max-steps", "16", "--resume", out="g")
+    assert "--max-steps 16 moves a stage boundary this run crossed" in err and "step 2" in err
+
+
+def test_baseline_nan_keeps_last_good_and_resume_may_lower_the_lr(tmp_path, data, capsys):
+    run_train(tmp_path, data, "--max-steps", "4")
     # poison the weights: the next step's loss is NaN, the run stops, the checkpoint stays as it was
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     ckpt["model"]["transformer.h.0.mlp.c_fc.weight"].fill_(float("nan"))
-    ckpt["config"]["max_steps"] = 8
     torch.save(ckpt, tmp_path / "ckpt.pt")
     before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path, data, "--max-steps", "8", "--resume")
-    assert e.value.code == 2
-    assert "loss is nan at step 4" in capsys.readouterr().err
+    err = train_error(tmp_path, data, capsys, "--max-steps", "8", "--resume", out=".")
+    assert "loss is nan at step 4" in err and "try a lower --lr, then --resume" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == before
+    # the advice is taken: a lower --lr is accepted on resume (these weights are NaN, so NaN again)
+    err = train_error(tmp_path, data, capsys, "--max-steps", "8", "--lr", "1e-4", "--resume", out=".")
+    assert "loss is nan at step 4" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "foreign", "empty"])
+def test_baseline_unreadable_checkpoint_is_one_line(tmp_path, data, capsys, damage):
+    run_train(tmp_path, data, "--max-steps", "2")
+    path = tmp_path / "ckpt.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif damage == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif damage == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    else:
+        path.write_bytes(b"")
+    err = train_error(tmp_path, data, capsys, "--max-steps", "4", "--resume", out=".")
+    assert str(path) in err and ("not a readable checkpoint" in err or "not a train.py checkpoint" in err)
+    err = one_line_error(hs_main, ["--checkpoint", str(path), "--data-file", str(VAL), "--limit", "4",
+                                   "--device", "cpu"], capsys)
+    assert str(path) in err
+
+
+def test_baseline_one_run_per_folder(tmp_path, data, capsys):
+    run_train(tmp_path, data, "--max-steps", "2")
+    err = train_error(tmp_path, data, capsys, "--max-steps", "2", out=".")
+    assert "holds an earlier run (log.jsonl, ckpt.pt): continue it with --resume" in err
+    # a second process while the first runs is refused; killing the first leaves no stale lock
+    cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny", "--data-dir", str(data),
+           "--out", str(tmp_path / "busy"), *TOY, "--max-steps", "100000", "--eval-every", "100000"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step     2 |"):
+                break
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"is in use by another run (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "holds an earlier run" in again.stderr  # it got past the lock
+
+
+def test_baseline_checkpoint_write_failure_keeps_the_last_good_one(tmp_path, data, capsys, monkeypatch):
+    run_train(tmp_path, data, "--max-steps", "2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def full_disk(obj, path):  # torch.save's own words when the disk fills mid-write
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    err = train_error(tmp_path, data, capsys, "--max-steps", "4", "--resume", out=".")
+    assert "could not write" in err and "the previous checkpoint is intact" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_baseline_torn_log_line_then_resume_then_plot(tmp_path, data, capsys):
+    run_train(tmp_path, data, "--max-steps", "4")
+    log = tmp_path / "log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 5, "loss": 3.1')  # a crash mid-write
+    assert len(plot.read_log(tmp_path)["steps"]) == 4  # plot.py skips a torn last line
+    assert "skipped a torn last line" in capsys.readouterr().err
+    run_train(tmp_path, data, "--max-steps", "6", "--resume")  # cuts it away, then appends whole lines
+    assert all(json.loads(line) for line in log.read_text().splitlines())
+    assert [r["step"] for r in plot.read_log(tmp_path)["steps"]] == list(range(1, 7))
+    with open(log, "a") as f:
+        f.write('{"step": 7, "val_loss": 3.0}\n{"oops"}\n')  # a bad record that is not the last line
+    # line 13: 6 step records, 4 evaluations, the resume record, then the valid evaluation above it
+    with pytest.raises(ValueError, match=r"log.jsonl:13: not a JSON record"):
+        plot.read_log(tmp_path)
+
+
+def test_baseline_signals_first_acknowledged_second_stops_at_once(tmp_path, data):
+    def start(out):
+        cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny", "--data-dir", str(data),
+               "--out", str(out), *TOY, "--max-steps", "100000", "--eval-every", "100000", "--ckpt-every", "3"]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    once = start(tmp_path / "once")
+    for line in once.stdout:
+        if line.startswith("step     4 |"):
+            once.send_signal(signal.SIGINT)
+            break
+    assert once.wait(timeout=120) == 0
+    assert "stopping after this step, checkpoint follows; Ctrl-C again to stop now" in once.stderr.read()
+    assert torch.load(tmp_path / "once" / "ckpt.pt", weights_only=True)["step"] >= 4
+
+    twice = start(tmp_path / "twice")
+    for line in twice.stdout:
+        if line.startswith("step     4 |"):  # the checkpoint of step 3 is on disk
+            before = (tmp_path / "twice" / "ckpt.pt").read_bytes()
+            twice.send_signal(signal.SIGTERM)  # two signals of one kind may merge into one: use two kinds
+            twice.send_signal(signal.SIGINT)
+            break
+    assert twice.wait(timeout=120) == 130
+    err = twice.stderr.read()
+    assert "stopped at once" in err and "Traceback" not in err
+    assert (tmp_path / "twice" / "ckpt.pt").read_bytes() == before
+    assert not (tmp_path / "twice" / "ckpt.pt.tmp").exists()
 
 
 @pytest.mark.parametrize("flags", [["--stages", "2", "--phase1-mode", "isolate"], ["--regime", "zero",
@@ -732,7 +892,7 @@ def test_msg_gates_ramp_and_reach_every_evaluation(tmp_path, data):
                              "--grow-at", "0.25,0.5", "--msg-ramp", "8", "--ckpt-every", "6")
     model, plan = load_model(tmp_path / "ckpt.pt")  # saved at step 12, mid-ramp: the gates come along
     assert plan == Plan((0, 1, 2, 3), 0, (1.0, 1.0, 0.75, 0.75))
-    val = train.val_batches(sorted(data.glob("*val*")), 256, 4, 32)
+    val = train.ValSet(sorted(data.glob("*val*")), 256, 4, 32)
     assert train.val_loss(model, val, plan, 0, 1, torch.device("cpu")) == evals[-1]["val_loss"]
 
 
@@ -804,13 +964,11 @@ def test_cost_incremental_phase_sums_equal_step_by_step_sums(mode):
     ["--steps", "0"], ["--steps", "-5"],
     ["--steps", "10", "--stages", "12"],  # fewer steps than phases
     ["--regime", "apollo", "--steps", "10"],  # stages would start at the same step
+    ["--seq-len", "0"], ["--batch-tokens", "-1"], ["--mfu", "0"], ["--mfu", "2"], ["--mfu", "nan"], ["--steps", "x"],
+    ["--regime", "apollo", "--stages", "3"], ["--measure", "--steps", "5"], ["--device", "cpu"],  # ignored flags
 ])
 def test_cost_bad_input_is_one_line_exit_2(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        cost_main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "error: " in one_line_error(cost_main, argv, capsys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1033,6 +1191,52 @@ def test_data_tinyshakespeare_offline(tmp_path):
     assert str(tmp_path / "ts" / "input.txt") in str(e.value) and "\n" not in str(e.value)
 
 
+def test_data_token_ids_outside_the_vocabulary_name_the_shard(tmp_path, data, capsys):
+    bad = make_shards(tmp_path / "bad")
+    pf.write_shard(bad / "toy_train_000002.bin", np.r_[np.arange(4000), 60_000, np.arange(96)])
+    err = train_error(tmp_path, data, capsys, "--max-steps", "40", data_dir=bad)
+    assert "toy_train_000002.bin holds token id 60000 (first at position 4000)" in err
+    assert "vocabulary of 50304" in err
+
+
+def prepare_error(capsys, *argv):
+    """prepare_fineweb.py's one-line error: exit 2 for a bad flag, 1 for data it cannot use."""
+    try:
+        code = pf.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code in (1, 2) and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_data_bad_text_and_flags_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    run = lambda *argv: prepare_error(capsys, *argv)  # noqa: E731
+    assert "empty.txt is empty" in run("--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"))
+    assert "latin1.txt is not UTF-8 text (byte 3" in run("--text", str(tmp_path / "latin1.txt"), "--out",
+                                                           str(tmp_path / "o"))
+    assert "not a path" in run("--text", str(SHAKESPEARE), "--name", "../../x")
+    assert "--shards cannot go with --text" in run("--text", str(SHAKESPEARE), "--shards", "3")
+    assert "--workers cannot go with --source tokens" in run("--workers", "2")
+    for flag, value in [("--shards", "-1"), ("--shards", "100"), ("--shard-size", "0"), ("--workers", "0"),
+                        ("--val-frac", "0"), ("--val-frac", "1"), ("--val-frac", "nan"), ("--shards", "x")]:
+        assert flag in run(flag, value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_offline_tokenizer_says_which_files_and_where(tmp_path, capsys, monkeypatch):
+    import requests
+
+    def offline(name):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(pf.tiktoken, "get_encoding", offline)
+    err = prepare_error(capsys, "--text", str(SHAKESPEARE), "--out", str(tmp_path))
+    assert "vocab.bpe, encoder.json" in err and "TIKTOKEN_CACHE_DIR" in err
+
+
 # ----------------------------------------------------------------------------------------------
 # HellaSwag (hellaswag.py): completion scoring, batching, data, DDP, inside training
 
@@ -1160,13 +1364,16 @@ def test_hellaswag_cli_errors_are_one_line(tmp_path, capsys):
         (["--checkpoint", str(ckpt)], "checkpoint not found"),
     ]
     for argv, message in cases:
-        with pytest.raises(SystemExit, match=message):
-            hs_main(argv)
+        assert message in one_line_error(hs_main, argv, capsys)
     save_plain_checkpoint(tiny_gpt(), ckpt)
-    for argv, message in [(["--data-file", str(bad)], f"{bad}:1: "), (["--data-file", str(tmp_path / "no")], "no such")]:
-        with pytest.raises(SystemExit) as e:
-            hs_main(["--checkpoint", str(ckpt), *argv])
-        assert message in e.value.code and "\n" not in e.value.code
+    for argv, message in [(["--data-file", str(bad)], f"{bad}:1: "), (["--data-file", str(tmp_path / "no")], "no such"),
+                          (["--limit", "0"], "--limit 0: must be 1 or more"),
+                          (["--limit", "-2"], "--limit -2: must be 1 or more"),
+                          (["--batch-size", "0"], "--batch-size 0: must be 1 or more"),
+                          (["--device", "cuda"], "--device cuda: this machine has none"),
+                          (["--data-file", str(tmp_path / "empty.jsonl")], "no examples to score")]:
+        (tmp_path / "empty.jsonl").write_text("")
+        assert message in one_line_error(hs_main, ["--checkpoint", str(ckpt), *argv], capsys)
 
 
 def test_hellaswag_cli_json(tmp_path):
@@ -1177,7 +1384,8 @@ def test_hellaswag_cli_json(tmp_path):
     out = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout
     result = json.loads(out)
     assert result["n"] == 8 and result["scoring"] == SCORING_TAG
-    assert set(result) == {"acc", "acc_norm", "n", "examples_per_s", "scoring"}
+    assert set(result) == {"acc", "acc_norm", "n", "examples_per_s", "scoring", "split"}
+    assert result["split"] == "val"  # what the data says, not only the flag
 
 
 def hellaswag_url(hub, body=None):
@@ -1375,7 +1583,9 @@ def test_plot_missing_matplotlib(hand_runs, tmp_path):
     assert cli("--table").returncode == 0  # the table needs no matplotlib
 
 
-@pytest.mark.parametrize("content", [None, "", json.dumps({"step": 0, "val_loss": 10.0}) + "\n", "{oops\n"])
+@pytest.mark.parametrize("content", [None, "", json.dumps({"step": 0, "val_loss": 10.0}) + "\n", "{oops\n",
+                                     json.dumps({"step": 1, "loss": 3.0, "dt": 0.1}) + "\n",  # no flops
+                                     "[1, 2]\n"])
 def test_plot_bad_input(tmp_path, capsys, content):
     log = tmp_path / "log.jsonl"
     if content is not None:

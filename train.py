@@ -10,6 +10,7 @@ Read it bottom-up from train(): the loop asks the Schedule for each step's plan,
 when one starts, evaluates and checkpoints on their cadence, and runs train_step.
 """
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -20,13 +21,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import grow
 import hellaswag
-from model import GPT, GPTConfig, autocast, forward_backward, full_step_flops, optimizer_step, step_flops
+from model import (GPT, GPTConfig, autocast, forward_backward, full_step_flops, optimizer_step, read_checkpoint,
+                   step_flops)
 from prepare_fineweb import DataError, prepare_tinyshakespeare, read_shard
 
 # ----------------------------------------------------------------------------------------------
@@ -49,13 +52,25 @@ PRESETS = {
 TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=1337,
                          hellaswag_limit=None)
 
-# flags that may differ when resuming: they change neither the math nor the data order
-RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "eval_every", "hellaswag_every",
-                     "hellaswag_limit", "compile", "device", "bench"}
+# flags that may differ when resuming: they change neither the math nor the data order, or only
+# steps not yet taken (a change of --max-steps that moves a stage boundary already crossed is
+# refused: see resume)
+RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "eval_every", "hellaswag_every", "hellaswag_limit",
+                     "compile", "device", "bench", "max_steps", "lr", "min_lr", "schedule", "grad_clip"}
+
+# valid ranges of the numeric flags, checked before any work: (lowest, highest), None = unbounded
+INT_RANGES = dict(n_layer=(1, None), n_head=(1, None), n_embd=(1, None), batch_size=(1, None),
+                  seq_len=(1, None), total_batch=(1, None), warmup=(0, None), max_steps=(1, None),
+                  seed=(0, 2**32 - 1), stages=(1, None), inc_steps=(1, None), msg_ramp=(0, None),
+                  rewarm=(0, None), budget_steps=(0, None), val_tokens=(1, None), eval_every=(1, None),
+                  hellaswag_every=(0, None), hellaswag_limit=(1, None), ckpt_every=(1, None), bench=(0, None))
+FLOAT_RANGES = dict(lr=(0, None), min_lr=(0, None), weight_decay=(0, None), grad_clip=(0, None),
+                    phase1_frac=(0, 1))  # lr alone must be above its bound; the others may equal it
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
     a = p.add_argument
     a("--preset", choices=PRESETS, default="gpt2")
     a("--regime", choices=grow.REGIMES, default="incremental")
@@ -76,13 +91,14 @@ def parse_args(argv=None):
     g.add_argument("--share", choices=["interp", "cyclic"], help="block at each position of a shared depth")
     g.add_argument("--growth-optimizer", choices=["keep", "fresh"], help="AdamW at growth")
     g.add_argument("--msg-ramp", type=int, help="MSG: steps over which a new block's μ goes 0 -> 1")
-    g.add_argument("--rewarm", type=int, help="linear LR rewarm steps after each stage boundary")
+    g.add_argument("--rewarm", type=int, help="linear LR rewarm steps after each stage boundary (-1: --warmup)")
     g = p.add_argument_group("model and optimization")
     for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "total_batch",
                  "warmup", "max_steps", "seed"):
         g.add_argument("--" + name.replace("_", "-"), type=int)
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+    for name in ("lr", "min_lr", "weight_decay"):
         g.add_argument("--" + name.replace("_", "-"), type=float)
+    g.add_argument("--grad-clip", type=float, help="clip the gradients' global norm to this; 0 = no clipping")
     g.add_argument("--schedule", choices=["cosine", "constant"], help="cosine: warmup then cosine to --min-lr")
     g.add_argument("--budget-steps", type=int,
                    help="set --max-steps so the run spends what the full-depth baseline spends in this "
@@ -104,18 +120,47 @@ def parse_args(argv=None):
     wrong = grow.misplaced(args.regime, given)
     if wrong:
         p.error(f"{', '.join('--' + k.replace('_', '-') for k in wrong)} cannot go with --regime {args.regime}")
+    if "budget_steps" in given and "max_steps" in given:
+        p.error("--budget-steps sets --max-steps: give one of them")
     for defaults in (PRESETS[args.preset], TRAINING_DEFAULTS):
         for k, v in defaults.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
-    given = {k: getattr(args, k) for k in grow.DEFAULTS}
-    for k, v in grow.regime_options(args.regime, args.warmup, **given).items():
+    options = {k: getattr(args, k) for k in grow.DEFAULTS}
+    for k, v in grow.regime_options(args.regime, args.warmup, **options).items():
         setattr(args, k, v)
+    check_flags(args, given)
     if args.budget_steps:
         cfg = model_config(args)
         args.max_steps = grow.budget_max_steps(lambda steps: make_schedule(args, steps), args.budget_steps,
                                                cfg, args.total_batch, args.seq_len)
     return args
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(args, given):
+    """A ValueError naming the flag, its value and what is valid, for the first flag out of range
+    or a pair that cannot go together (flags a regime would silently ignore, included)."""
+    for ranges, kind in ((INT_RANGES, "a whole number"), (FLOAT_RANGES, "a number")):
+        for name, (lo, hi) in ranges.items():
+            v = getattr(args, name)
+            bad = v is not None and (not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi)
+                                     or (name == "lr" and v <= lo))
+            if bad:
+                valid = (f"above {lo}" if name == "lr" else f"from {lo} to {hi}" if hi is not None else f"{lo} or more")
+                raise ValueError(f"{flag(name)} {v}: must be {kind} {valid}")
+    if args.n_embd % args.n_head:
+        raise ValueError(f"--n-embd {args.n_embd} does not split into --n-head {args.n_head} heads: "
+                         "the width must be a multiple of the head count")
+    if "msg_ramp" in given and args.grow_op != "msg":
+        raise ValueError(f"--msg-ramp only applies to --grow-op msg, not {args.grow_op}")
+    if args.phase1_mode == "none" and "phase1_frac" in given:
+        raise ValueError("--phase1-frac cannot go with --phase1-mode none (there is no phase 1)")
+    if args.hellaswag_every == 0 and args.hellaswag_limit is not None:
+        raise ValueError("--hellaswag-limit needs --hellaswag-every N (HellaSwag is off)")
 
 
 def model_config(args):
@@ -164,8 +209,9 @@ class ShardLoader:
     so the ranks together read every token once per epoch (a shard's tail shorter than one window
     is skipped). The position is three integers, saved in checkpoints."""
 
-    def __init__(self, files, B, T, rank, world, seed):
+    def __init__(self, files, B, T, rank, world, seed, vocab_size=None):
         self.files, self.B, self.T, self.rank, self.world, self.seed = files, B, T, rank, world, seed
+        self.vocab_size = vocab_size  # token ids are checked against it as each shard is loaded
         self.window = B * T * world
         self.epoch, self.shard, self.pos = 0, 0, 0
         self._cached = None  # (path, tokens)
@@ -182,6 +228,7 @@ class ShardLoader:
             if len(tokens) < self.window + 1:
                 raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than one window of "
                                  f"{self.window + 1}: lower --batch-size or --seq-len")
+            check_vocab(path, tokens, self.vocab_size)
             self._cached = (path, tokens)
         return self._cached[1]
 
@@ -203,16 +250,41 @@ class ShardLoader:
         self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
 
 
-def val_batches(val_files, n_tokens, B, T):
-    """The fixed validation set: the first n_tokens of the val shard(s), as (B, T) batches. The
-    same set whatever the world size; ranks split the batches among themselves."""
-    tokens = torch.cat([torch.from_numpy(read_shard(f).astype("int64")) for f in val_files])
-    n = n_tokens // (B * T)
-    if n == 0 or n * B * T + 1 > len(tokens):
-        raise ValueError(f"--val-tokens {n_tokens} needs between {B * T} and {len(tokens) - 1} "
-                         f"validation tokens in batches of {B}x{T}")
-    return [(tokens[i * B * T:(i + 1) * B * T].view(B, T), tokens[i * B * T + 1:(i + 1) * B * T + 1].view(B, T))
-            for i in range(n)]
+def check_vocab(path, tokens, vocab_size):
+    """A token id the model has no embedding for would fail deep inside it: name the shard instead."""
+    if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
+        bad = int(tokens.max())
+        raise ValueError(f"{path} holds token id {bad} (first at position {int((tokens == bad).argmax())}), "
+                         f"outside the model's vocabulary of {vocab_size}: it was made with another tokenizer; "
+                         "re-make the shards with prepare_fineweb.py")
+
+
+class ValSet:
+    """The fixed validation set: the first n·B·T (+1) tokens of the val shard(s), kept as uint16
+    until a (B, T) batch is made. The same set whatever the world size; ranks split the batches."""
+
+    def __init__(self, val_files, n_tokens, B, T, vocab_size=None):
+        shards = [read_shard(f) for f in val_files]
+        for f, tokens in zip(val_files, shards):
+            check_vocab(f, tokens, vocab_size)
+        self.tokens = np.concatenate(shards)  # uint16
+        self.B, self.T, self.n = B, T, n_tokens // (B * T)
+        where = ", ".join(str(f) for f in val_files)
+        if self.n == 0:
+            raise ValueError(f"--val-tokens {n_tokens} is less than one batch of --batch-size {B} x --seq-len {T} "
+                             f"= {B * T} tokens: raise --val-tokens or lower the batch")
+        if self.n * B * T + 1 > len(self.tokens):
+            raise ValueError(f"--val-tokens {n_tokens} needs {self.n * B * T + 1} validation tokens in batches of "
+                             f"{B}x{T}; {where} holds {len(self.tokens)}: lower --val-tokens")
+
+    def __len__(self):
+        return self.n
+
+    def batch(self, i):
+        """Inputs and targets (B, T), int64."""
+        n = self.B * self.T
+        buf = torch.from_numpy(self.tokens[i * n:(i + 1) * n + 1].astype("int64"))
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +300,11 @@ def setup_distributed(device_arg):
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else (
             "mps" if torch.backends.mps.is_available() else "cpu")
+    if device_arg not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device_arg}: use auto, cpu, cuda or mps (torchrun picks the GPU of each rank)")
+    if device_arg == "cuda" and not torch.cuda.is_available() or device_arg == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device_arg}: this machine has no {device_arg.upper()} device that torch "
+                         f"{torch.__version__} can use; use --device cpu or auto")
     device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" else device_arg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -247,10 +324,11 @@ def all_sum(t, world):
 
 @torch.no_grad()
 def val_loss(model, batches, plan, rank, world, device):
-    """Mean loss over the validation batches along the Plan, the batches split over the ranks."""
+    """Mean loss over the validation batches (a ValSet) along the Plan, split over the ranks."""
     model.eval()
     total = torch.zeros(2, device=device)  # summed loss, batches
-    for x, y in batches[rank::world]:
+    for i in range(rank, len(batches), world):
+        x, y = batches.batch(i)
         with autocast(device):
             _, loss = model(x.to(device), y.to(device), plan=plan)
         total += torch.stack([loss.float(), torch.ones((), device=device)])
@@ -274,25 +352,43 @@ class RunState:
 
 
 def save_checkpoint(path, ckpt):
+    """Write beside the target, then rename: a crash, a full disk or a second Ctrl-C mid-write
+    leaves the previous checkpoint intact and no temporary file behind."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise OSError(f"could not write {path} ({' '.join(str(e).split())[:200]}); the previous "
+                          "checkpoint is intact: free space or use another --out, then --resume") from None
+        raise
 
 
 def load_checkpoint(path, config):
+    """The checkpoint at path, and the resumable flags that changed since it was written
+    ({flag: (then, now)}); a change to any other flag is refused, naming the flags."""
     if not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume to start")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    diff = [f"{k}: {ckpt['config'].get(k)!r} there, {v!r} here" for k, v in config.items()
-            if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != v]
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt.get("config"), dict) or "step" not in ckpt:
+        raise ValueError(f"{path} was not written by train.py's training loop: use another --out")
+    then = ckpt["config"]
+    diff = [f"{flag(k)}: {then.get(k)!r} there, {v!r} here" for k, v in config.items()
+            if k not in RESUMABLE_CHANGES and then.get(k) != v]
     if diff:
-        raise ValueError(f"{path} was made with another config ({'; '.join(diff)}): "
-                         "resume with the same flags or use another --out")
-    return ckpt
+        raise ValueError(f"{path} was made with other flags ({'; '.join(diff)}): these change steps already "
+                         "taken; resume with the same values or use another --out")
+    return ckpt, {k: (then.get(k), v) for k, v in config.items() if k not in ("resume", "out") and then.get(k) != v}
 
 
 class StopFlag:
-    """While active, SIGTERM/SIGINT ask the loop to checkpoint and stop at the end of the step."""
+    """While active, the first SIGTERM/SIGINT asks the loop to checkpoint and stop at the end of the
+    step, and says so at once; a second one stops at once, leaving the last checkpoint as it was."""
+
+    def __init__(self, announce=True):
+        self.announce = announce  # rank 0 speaks for every rank
 
     def __enter__(self):
         self.set = False
@@ -300,7 +396,11 @@ class StopFlag:
         return self
 
     def handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
         self.set = True
+        if self.announce:  # os.write: print() is not safe inside a signal handler
+            os.write(2, b"stopping after this step, checkpoint follows; Ctrl-C again to stop now\n")
 
     def __exit__(self, *exc):
         for sig, handler in self.saved.items():
@@ -326,6 +426,7 @@ class Run:
     val: list  # validation (x, y) batches
     hellaswag: list  # examples, or None when HellaSwag is off
     out: Path
+    lock: object  # rank 0's hold on OUT (claim), None elsewhere
     baseline_cost: int  # FLOPs of the full-depth baseline at the equal-cost point
 
 
@@ -346,20 +447,36 @@ def assemble(args):
     if args.hellaswag_every > 0 and rank > 0:
         examples = hellaswag.load_examples("val", limit=args.hellaswag_limit)
     train_files, val_files = list_shards(args.data_dir)
-
-    torch.manual_seed(args.seed)
     cfg = model_config(args)
+    val = ValSet(val_files, args.val_tokens, B, T, cfg.vocab_size)
+
+    check_fits(cfg, device)
+    torch.manual_seed(args.seed)
     model = GPT(cfg).to(device)
     fused = device.type == "cuda"
+    lock = claim(Path(args.out), args.resume) if rank == 0 and not args.bench else None  # last: main releases it
     return Run(
         config=dict(vars(args)), cfg=cfg, schedule=schedule, rank=rank, world=world, device=device,
         grad_accum=args.total_batch // (B * T * world), model=model,
         new_optimizer=lambda: model.configure_optimizer(args.lr, args.weight_decay, fused=fused),
-        loader=ShardLoader(train_files, B, T, rank, world, args.seed), val=val_batches(val_files, args.val_tokens, B, T),
-        hellaswag=examples, out=Path(args.out),
+        loader=ShardLoader(train_files, B, T, rank, world, args.seed, cfg.vocab_size), val=val,
+        hellaswag=examples, out=Path(args.out), lock=lock,
         # the equal-cost point: where this run has spent what the full-depth baseline spends in
         # --budget-steps if given, else in --inc-steps (the paper's marked points)
         baseline_cost=(args.budget_steps or args.inc_steps) * full_step_flops(cfg, args.total_batch, T))
+
+
+def check_fits(cfg, device):
+    """Refuse a model whose fp32 weights, gradients and two AdamW moments (16 bytes a parameter)
+    exceed the device's memory, before trying to build it."""
+    d, L = cfg.n_embd, cfg.n_layer
+    params = L * (12 * d * d + 13 * d) + (cfg.vocab_size + cfg.block_size + 2) * d
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if 16 * params > total:
+        raise ValueError(f"a model of {L} layers of width {d} has {params / 1e9:,.1f}B parameters and needs "
+                         f"{16 * params / 2**30:,.0f} GiB for weights, gradients and AdamW; {device} has "
+                         f"{total / 2**30:,.0f} GiB: lower --n-layer or --n-embd")
 
 
 def enter_stage(model, opt, schedule, entered, sp, new_optimizer, wrap):
@@ -413,10 +530,21 @@ def evaluate(run, state, log, equal_cost=False, hellaswag_now=False):
 
 
 class Log:
-    """log.jsonl and stdout, on rank 0 only; appends, so a resumed run continues its log."""
+    """log.jsonl and stdout, on rank 0 only; appends, so a resumed run continues its log. A last
+    line torn by a crash or a full disk is cut away first, so the next record starts a line."""
 
     def __init__(self, path, master):
-        self.file = open(path, "a") if master else None
+        self.file = None
+        if not master:
+            return
+        if path.exists():
+            data = path.read_bytes()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                with open(path, "r+b") as f:
+                    f.truncate(keep)
+                print(f"{path}: cut a torn last line ({len(data) - keep} bytes) left by an interrupted write")
+        self.file = open(path, "a")
 
     def record(self, **fields):
         if self.file:
@@ -441,13 +569,51 @@ def checkpoint(run, opt, state):
 
 
 def resume(run, opt):
-    """The RunState saved in OUT/ckpt.pt, with model, optimizer, data position and RNG restored."""
-    ckpt = load_checkpoint(run.out / "ckpt.pt", run.config)
+    """The RunState saved in OUT/ckpt.pt, with model, optimizer, data position and RNG restored,
+    and the flags changed since ({flag: (then, now)}). A new --max-steps may move the stage starts
+    of a growth regime: refused if any step already taken would have run differently."""
+    ckpt, changed = load_checkpoint(run.out / "ckpt.pt", run.config)
+    if "max_steps" in changed:
+        then = make_schedule(argparse.Namespace(**ckpt["config"]), ckpt["config"]["max_steps"])
+        moved = [s for s in range(ckpt["step"]) if then.step_plan(s) != run.schedule.step_plan(s)]
+        if moved:
+            raise ValueError(f"--max-steps {run.config['max_steps']} moves a stage boundary this run crossed "
+                             f"before step {ckpt['step']} (step {moved[0]} would run differently): resume with "
+                             f"--max-steps {ckpt['config']['max_steps']}, or start a new run")
     run.model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     run.loader.load_state_dict(ckpt["loader"])
     torch.set_rng_state(ckpt["rng"]["torch"])
-    return RunState(**{k: ckpt[k] for k in asdict(RunState())})
+    return RunState(**{k: ckpt[k] for k in asdict(RunState())}), changed
+
+
+def claim(out, resuming):
+    """Take OUT for this run: refuse a fresh run where an earlier run's log or checkpoint lies (it
+    would mix with it), and a second process while the first still runs. The lock is an flock on
+    OUT/lock, which the kernel drops when its process dies, so a killed run never leaves it stuck.
+    Returns the open lock file; keep it for the run's lifetime."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / "lock", "a+")
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot use it as the run's folder ({e.strerror}): choose another --out") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "?"
+        lock.close()
+        raise ValueError(f"--out {out} is in use by another run (pid {pid}): wait for it to end, or use another "
+                         "--out") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    earlier = [name for name in ("log.jsonl", "ckpt.pt") if (out / name).exists()]
+    if earlier and not resuming:
+        lock.close()
+        raise ValueError(f"--out {out} holds an earlier run ({', '.join(earlier)}): continue it with --resume, "
+                         "or choose another --out (or delete the folder)")
+    return lock
 
 
 def wrapper(run):
@@ -465,11 +631,11 @@ def train(run, stop, max_steps, lr_args, grad_clip, eval_every, hellaswag_every,
     """The loop: enter stages as they come, evaluate and checkpoint on their cadence, and between
     them one train_step per iteration. lr_args: get_lr's (lr, min_lr, warmup, max_steps, schedule)."""
     schedule, opt = run.schedule, run.new_optimizer()
-    state = resume(run, opt) if resuming else RunState()
-    run.out.mkdir(parents=True, exist_ok=True)
+    state, changed = resume(run, opt) if resuming else (RunState(), {})
     log = Log(run.out / "log.jsonl", run.rank == 0)
     if resuming:
-        log.record(step=state.step, resumed=True)
+        log.record(step=state.step, resumed=True, **({"changed": changed} if changed else {}))
+        log.print(f"resuming at step {state.step}" + "".join(f"; {flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
     wrapped, trains = run.model, None
     while state.step < max_steps:
         sp = schedule.step_plan(state.step)
@@ -526,6 +692,7 @@ def bench(run, steps, lr, grad_clip, warmup=3):
 
 
 def main(argv=None):
+    run = None
     try:
         args = parse_args(argv)
         run = assemble(args)
@@ -534,14 +701,24 @@ def main(argv=None):
         if args.bench:
             bench(run, args.bench, args.lr, args.grad_clip)
         else:
-            with StopFlag() as stop:
+            with StopFlag(announce=run.rank == 0) as stop:
                 train(run, stop, args.max_steps, (args.lr, args.min_lr, args.warmup, args.max_steps, args.schedule),
                       args.grad_clip, args.eval_every, args.hellaswag_every, args.ckpt_every, args.resume)
         if run.world > 1:
             dist.destroy_process_group()
-    except (ValueError, FileNotFoundError, FloatingPointError, DataError) as e:
+    except (ValueError, OSError, FloatingPointError, DataError) as e:  # OSError: FileNotFoundError, disk full
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        print("error: out of memory: lower --batch-size (gradient accumulation keeps --total-batch), --seq-len "
+              "or the model's size", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: stopped at once; the last checkpoint is as it was: continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    finally:  # in-process callers (tests, notebooks) get OUT back too
+        if run is not None and run.lock is not None:
+            run.lock.close()
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ SHARED = Path(os.environ.get("NANOGROW_TEST_DATA", HERE.parent / "shared" / "dat
 # 12 layers, so S = 8 and Apollo's 1,3,6,12 run unscaled; small enough for ~1 s of work per run
 BASE = ["--preset", "tiny", "--n-layer", "12", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
         "--batch-size", "4", "--total-batch", "256", "--val-tokens", "1024", "--eval-every", "5",
-        "--warmup", "3", "--lr", "3e-3", "--min-lr", "3e-4", "--max-steps", "24", "--inc-steps", "16",
-        "--ckpt-every", "100", "--device", "cpu"]
+        "--warmup", "3", "--lr", "3e-3", "--min-lr", "3e-4", "--inc-steps", "16", "--ckpt-every", "100",
+        "--device", "cpu"]
+STEPS = ["--max-steps", "24"]  # every run but the budget ones, which work their length out
 
 RUNS = {  # name: flags after BASE; every incremental run continues past --inc-steps into continual training
     "baseline": ["--stages", "1"],
@@ -63,7 +64,9 @@ def prepare_data(out):
 
 
 def command(repo, out, data, flags):
-    return [sys.executable, "-u", str(repo / "train.py"), *BASE, "--data-dir", str(data), "--out", str(out), *flags]
+    length = [] if "--budget-steps" in flags else STEPS
+    return [sys.executable, "-u", str(repo / "train.py"), *BASE, *length, "--data-dir", str(data), "--out", str(out),
+            *flags]
 
 
 def record(repo, out):
