@@ -23,9 +23,9 @@ import time
 from fractions import Fraction
 
 import grow
-from model import SIZES, GPTConfig, Plan, full_step_flops, step_flops
+from model import PEAK_BF16, SIZES, GPTConfig, Plan, full_step_flops, step_flops
 
-H100_BF16 = 989e12  # FLOP/s, dense bf16 peak (the sparsity figure is twice that)
+H100_BF16 = PEAK_BF16["H100"]  # FLOP/s, dense bf16 peak of the SXM card
 APOLLO_REPORTED = {"code": 57.6, "paper": 47.9}  # % of FLOPs saved on GPT-Base: their code's, their paper's
 
 
@@ -141,7 +141,32 @@ def incremental_report(name, S, steps, mode, cost, seq_len, batch_tokens, mfu):
                 paper=paper, per_layer=per_layer, exact=exact)
 
 
-def growth_report(name, regime, steps, seq_len, batch_tokens, mfu):
+def slowest_rank_step_flops(cfg, schedule, sp, ranks, accum, tokens, seq_len):
+    """Expected FLOPs of the slowest of `ranks` ranks in one step under StepPlan sp, each rank running
+    `accum` micro-batches of `tokens` tokens at depths drawn independently. Ranks wait for each other
+    at the gradient all-reduce, so a step lasts as long as its slowest rank: with random depths,
+    wall-clock follows this, not the mean."""
+    per_micro = {}  # FLOPs -> probability, for one micro-batch
+    for d, p in grow.depth_probs(schedule.depth, sp.unique, cfg.n_layer).items():
+        plan = Plan(tuple(grow.layer_plan(d, sp.unique, schedule.share)), sp.isolate)
+        c = step_flops(cfg, plan, sp.trainable, tokens, seq_len)
+        per_micro[c] = per_micro.get(c, 0.0) + p
+    per_rank = {0: 1.0}  # the sum over a rank's micro-batches: accum-fold convolution
+    for _ in range(accum):
+        nxt = {}
+        for a, pa in per_rank.items():
+            for b, pb in per_micro.items():
+                nxt[a + b] = nxt.get(a + b, 0.0) + pa * pb
+        per_rank = nxt
+    # E[max of `ranks` draws] = sum over values of value * (F(value)^ranks - F(previous)^ranks)
+    expected, below = 0.0, 0.0
+    for value in sorted(per_rank):
+        expected += value * ((below + per_rank[value]) ** ranks - below ** ranks)
+        below += per_rank[value]
+    return expected * ranks  # every rank waits as long as the slowest: ranks x its FLOPs
+
+
+def growth_report(name, regime, steps, seq_len, batch_tokens, mfu, ranks=8, accum=1):
     cfg = model_config(name, seq_len)
     L = cfg.n_layer
     opts = grow.regime_options(regime, 0)
@@ -156,6 +181,9 @@ def growth_report(name, regime, steps, seq_len, batch_tokens, mfu):
     head = step_flops(cfg, Plan(()), (), batch_tokens, seq_len)  # a plan with no blocks: the head alone
     spent = sum(r["steps"] * r["step_flops"] for r in phases)
     blocks = spent - steps * head
+    micro_tokens = batch_tokens // (ranks * accum)
+    slowest = sum(r["steps"] * slowest_rank_step_flops(cfg, schedule, schedule.step_plan(r["start"]), ranks, accum,
+                                                       micro_tokens, seq_len) for r in phases)
     report = dict(
         regime=regime, model=name, n_layer=L, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
         grow_layers=[s.layers for s in stages], grow_at=[s.start / steps for s in stages[1:]], depth=opts["depth"], share=opts["share"],
@@ -163,6 +191,7 @@ def growth_report(name, regime, steps, seq_len, batch_tokens, mfu):
                  "vs_full": float(r["step_flops"] / full)} for r in phases],
         flops=float(spent), baseline_flops=steps * full, saved=float(100 * (1 - spent / (steps * full))),
         saved_blocks_only=float(100 * (1 - blocks / (steps * (full - head)))),
+        ranks=ranks, accum=accum, slowest_rank_flops=slowest, saved_wall_clock=100 * (1 - slowest / (steps * full)),
         peak_flops=H100_BF16, mfu=mfu, gpu_hours=gpu_hours(float(spent), mfu),
         baseline_gpu_hours=gpu_hours(steps * full, mfu))
     if regime == "apollo":
@@ -273,6 +302,9 @@ def growth_text(r):
     lines += [f"  total {r['flops'] / 1e15:,.1f} PFLOP against {r['baseline_flops'] / 1e15:,.1f} PFLOP for "
               f"{r['steps']:,} full-depth steps: {r['saved']:.1f}% saved",
               f"  blocks only (lm_head left out): {r['saved_blocks_only']:.1f}% saved",
+              f"  on {r['ranks']} ranks of {r['accum']} micro-batch{'es' if r['accum'] > 1 else ''} each step waits "
+              f"for its slowest rank: {r['saved_wall_clock']:.1f}% saved in time at equal MFU"
+              + (" (depths are drawn per micro-batch)" if r["depth"] not in ("unique", "full") else ""),
               f"  {r['gpu_hours']:,.2f} against {r['baseline_gpu_hours']:,.2f} GPU-hours at "
               f"{H100_BF16 / 1e12:.0f} TFLOPS (H100 bf16 dense peak) x MFU {r['mfu']:.2f}"]
     if "reported_saved" in r:
@@ -390,6 +422,8 @@ def parse_args(argv=None):
     a("--seq-len", type=int, default=1024)
     a("--batch-tokens", type=int, default=524288, help="tokens per optimizer step")
     a("--mfu", type=float, default=0.40, help="model FLOPs utilization for GPU-hours")
+    a("--ranks", type=int, default=8, help="growth regimes: data-parallel ranks (a step waits for the slowest)")
+    a("--accum", type=int, default=1, help="growth regimes: micro-batches per rank per step")
     a("--json", action="store_true", help="print the results as one JSON object")
     a("--measure", action="store_true", help="time real training steps on this machine (a benchmark)")
     a("--device", default="auto", help="for --measure: auto, cpu, cuda")
@@ -400,7 +434,8 @@ def parse_args(argv=None):
     if args.measure:
         wrong = given - {"measure", "device", "json"}
     else:
-        wrong = given & ({"device"} | ({"stages", "cost", "phase1-mode"} if args.regime != "incremental" else set()))
+        wrong = given & ({"device"} | ({"stages", "cost", "phase1-mode"} if args.regime != "incremental"
+                                       else {"ranks", "accum"}))
     if wrong:
         p.error(f"{', '.join('--' + f for f in sorted(wrong))} cannot go with "
                 f"{'--measure' if args.measure else '--regime ' + args.regime}")
@@ -419,6 +454,12 @@ def check(args):
     if args.regime == "incremental" and args.steps < 2 * args.stages:  # else a phase would have no step
         raise ValueError(f"--steps {args.steps} is too few for {args.stages} stages of two phases: "
                          f"use at least {2 * args.stages}")
+    for flag, value in {"--ranks": args.ranks, "--accum": args.accum}.items():
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be 1 or more")
+    if args.batch_tokens % (args.ranks * args.accum * args.seq_len):
+        raise ValueError(f"--batch-tokens {args.batch_tokens} must split into --ranks x --accum micro-batches of "
+                         f"whole --seq-len {args.seq_len} sequences")
     if not 0 < args.mfu <= 1:  # NaN fails this too
         raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
 
@@ -437,7 +478,8 @@ def main(argv=None):
                                         args.seq_len, args.batch_tokens, args.mfu)
             text = incremental_text
         else:
-            report = growth_report(args.model, args.regime, args.steps, args.seq_len, args.batch_tokens, args.mfu)
+            report = growth_report(args.model, args.regime, args.steps, args.seq_len, args.batch_tokens, args.mfu,
+                                   args.ranks, args.accum)
             text = growth_text
     except ValueError as e:  # grow.py's schedule checks too, e.g. a phase shorter than one step
         print(f"error: {e}", file=sys.stderr)

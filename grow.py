@@ -396,7 +396,7 @@ def schedule_phases(cfg, schedule, steps, tokens, seq_len):
         sp = schedule.step_plan(start)
         probs = depth_probs(schedule.depth, sp.unique, cfg.n_layer)
         rows.append(dict(stage=sp.stage, phase=sp.phase, layers=sp.unique, trained=len(sp.trainable),
-                         steps=end - start, depth=sum(d * p for d, p in probs.items()),
+                         start=start, steps=end - start, depth=sum(d * p for d, p in probs.items()),
                          step_flops=expected_step_flops(cfg, schedule, sp, probs, tokens, seq_len)))
     return rows
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from model import SIZES, GPT, load_model
 from prepare_fineweb import DataError, DownloadError, download, gpt2_encoding
@@ -130,13 +131,13 @@ def score_batch(model, rendered, device, plan=None):
     return sum_loss.view(-1, 4), mean_loss.view(-1, 4)
 
 
-def predict(model, examples, device, plan=None, batch_size=16, autocast_dtype=None):
+def predict(model, examples, device, plan=None, batch_size=16, autocast_dtype=None, progress=False):
     """Predicted ending per example by summed loss (acc) and by mean loss (acc_norm), in input order.
 
     model: a GPT, or anything with .config.block_size, .hidden(idx, plan=...) and .lm_head.
 
     batch_size examples (4 rows each) go through the model at a time; the answers are those of one
-    example at a time.
+    example at a time. progress: a progress bar with the rate (on a terminal only).
     """
     enc = gpt2_encoding()
     rendered = [render(ex, enc, model.config.block_size) for ex in examples]
@@ -151,18 +152,20 @@ def predict(model, examples, device, plan=None, batch_size=16, autocast_dtype=No
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, tqdm(total=len(examples), unit="example", desc="hellaswag", leave=False,
+                                             disable=None if progress else True) as bar:
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 sum_loss, mean_loss = score_batch(model, [rendered[i] for i in batch], device, plan)
                 for i, p, pn in zip(batch, sum_loss.argmin(dim=1).tolist(), mean_loss.argmin(dim=1).tolist()):
                     pred[i], pred_norm[i] = p, pn
+                bar.update(len(batch))
     finally:
         model.train(was_training)
     return pred, pred_norm
 
 
-def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=None):
+def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=None, progress=False):
     """dict(acc, acc_norm, n) over all examples (SCORING: completion, not lm-eval-harness).
 
     Under torch.distributed every rank passes the same examples, scores its share and gets the
@@ -173,7 +176,7 @@ def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=N
     ddp = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     share = examples[rank::world]
-    pred, pred_norm = predict(model, share, device, plan, batch_size, autocast_dtype)
+    pred, pred_norm = predict(model, share, device, plan, batch_size, autocast_dtype, progress and rank == 0)
     labels = [ex["label"] for ex in share]
     counts = torch.tensor([
         sum(p == y for p, y in zip(pred, labels)),
@@ -210,6 +213,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16,
                         help="examples per forward pass (4 rows each; logits only at the ending tokens)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    parser.add_argument("--fp32", action="store_true",
+                        help="on CUDA, score in fp32 without TF32 (default: bf16 autocast and TF32, as in training)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -243,7 +248,10 @@ def main(argv=None):
         else:
             model, plan = GPT.from_pretrained(args.model).to(device), None
         t0 = time.time()
-        result = evaluate(model, examples, device, plan, args.batch_size)
+        low_precision = device.startswith("cuda") and not args.fp32  # the precision training evaluates in
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = low_precision
+        result = evaluate(model, examples, device, plan, args.batch_size,
+                          autocast_dtype=torch.bfloat16 if low_precision else None, progress=True)
         result["examples_per_s"] = result["n"] / (time.time() - t0)
         # the split the data says it is (a --data-file may hold any), else the flag's
         result["split"] = "+".join(sorted({ex["split"] or args.split for ex in examples}))

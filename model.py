@@ -275,25 +275,45 @@ def full_step_flops(cfg, tokens, seq_len):
     return step_flops(cfg, full_plan(cfg.n_layer), range(cfg.n_layer), tokens, seq_len)
 
 
+# Dense bf16 peak FLOP/s of common cards (the datasheets' sparsity figures are twice these), by a
+# part of the name torch.cuda.get_device_name gives; the first match wins, so "H100 PCIe" comes
+# before "H100" (the SXM part)
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device_name):
+    """The card's dense bf16 peak, or None for a card not in PEAK_BF16 (give it to train.py with
+    --peak-flops)."""
+    return next((peak for part, peak in PEAK_BF16.items() if part in device_name), None)
+
+
+def mfu(flops, seconds, devices, peak):
+    """Model FLOPs utilization: the training FLOPs step_flops counts, over what `devices` cards at
+    `peak` FLOP/s could do in `seconds`."""
+    return flops / (seconds * devices * peak)
+
+
 # ----------------------------------------------------------------------------------------------
 # The training step, in two halves that cost.py --measure times apart
 
 
-def autocast(device):
-    # bf16 on CUDA (no grad scaler needed); fp32 elsewhere
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, precision="bf16"):
+    # bf16 on CUDA (no grad scaler needed) unless fp32 is asked for; fp32 elsewhere
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=device.type == "cuda" and precision == "bf16")
 
 
-def forward_backward(model, micro_batches, device):
+def forward_backward(model, micro_batches, device, precision="bf16"):
     """Forward and backward of each micro-batch (x, y, plan), their gradients summed as one batch's
-    (each loss divided by their number). model may be DDP-wrapped: it then all-reduces gradients
-    on the last backward only. Returns the mean loss on this rank, detached."""
+    (each loss divided by their number), under `precision` autocast on CUDA. model may be
+    DDP-wrapped: it then all-reduces gradients on the last backward only. Returns the mean loss on
+    this rank, detached."""
     n = len(micro_batches)
     total = torch.zeros((), device=device)
     for i, (x, y, plan) in enumerate(micro_batches):
         if isinstance(model, DDP):  # DDP reads this flag in forward
             model.require_backward_grad_sync = i == n - 1
-        with autocast(device):
+        with autocast(device, precision):
             _, loss = model(x, y, plan=plan)
         loss = loss / n
         total += loss.detach()

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,7 +46,8 @@ from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate, load
 import prepare_fineweb as pf  # noqa: E402
 import train  # noqa: E402
 from cost import incremental_report, main as cost_main, paper_closed_form, per_layer_phases  # noqa: E402
-from model import GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, load_model, step_flops  # noqa: E402
+from model import (GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, load_model,  # noqa: E402
+                   peak_flops as model_peak, step_flops)
 from prepare_fineweb import DataError, DownloadError  # noqa: E402
 
 SMALL = GPTConfig(block_size=32, vocab_size=512, n_layer=4, n_head=2, n_embd=32)
@@ -451,6 +453,33 @@ def test_baseline_flag_sweep_refuses_every_bad_value(tmp_path, data, capsys, fla
     assert not (tmp_path / "x").exists()  # nothing was written
 
 
+def test_baseline_mfu_on_every_step_when_the_peak_is_known(tmp_path, data, capsys):
+    steps, _ = run_train(tmp_path / "a", data, "--max-steps", "2")
+    assert all("mfu" not in r for r in steps)  # a CPU has no known peak
+    steps, _ = run_train(tmp_path / "b", data, "--max-steps", "2", "--peak-flops", "1e12")
+    flops = steps[0]["flops"]
+    assert all(r["mfu"] == pytest.approx(flops / (r["dt"] * 1e12)) for r in steps)
+    assert "| MFU " in capsys.readouterr().out
+    assert model_peak("NVIDIA H100 80GB HBM3") == 989e12 and model_peak("NVIDIA H100 PCIe") == 756e12
+    assert model_peak("NVIDIA A100-SXM4-80GB") == 312e12 and model_peak("Tesla T4") is None
+
+
+def test_baseline_ddp_ranks_exit_cleanly_with_compile(tmp_path, data):
+    """Two gloo ranks with --compile, started from a script that imports train and calls main (as
+    notebooks and tests do), end on their own, several times in a row."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport train\ntrain.main(sys.argv[1:])\n")
+    for i in range(3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29600 + os.getpid() % 300 + i), str(driver), "--preset", "tiny", "--data-dir", str(data),
+               "--out", str(tmp_path / f"run{i}"), *TOY, "--compile", "--regime", "apollo",
+               "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5", "--max-steps", "6"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert read_log(tmp_path / f"run{i}")[0][-1]["step"] == 6
+
+
 def test_baseline_grad_clip_zero_means_no_clipping(tmp_path, data):
     clipped, _ = run_train(tmp_path / "a", data, "--max-steps", "3", "--grad-clip", "1e-3")
     free, _ = run_train(tmp_path / "b", data, "--max-steps", "3", "--grad-clip", "0")
@@ -709,6 +738,27 @@ def enter_stage_and_check(model, opt, schedule, entered, sp, new_optimizer, wrap
     return opt, wrapped
 
 
+def test_incremental_startup_summary_matches_the_run(tmp_path, data, capsys):
+    steps, _ = run_train(tmp_path, data, "--stages", "2", "--inc-steps", "8", "--max-steps", "10")
+    out = capsys.readouterr().out
+    assert "gradient accumulation 2, 256 tokens a step" in out and "4 layers x" in out
+    starts = [int(s) for s in re.findall(r"from step +(\d+): stage", out)]
+    changed = [r["step"] - 1 for i, r in enumerate(steps)
+               if i == 0 or (r["stage"], r["phase"]) != (steps[i - 1]["stage"], steps[i - 1]["phase"])]
+    assert starts == changed == [0, 2, 4, 6, 8]
+
+
+def test_incremental_the_authors_exact_recipe_is_what_the_run_records(tmp_path, data):
+    """README's command for the released code's settings: constant LR, no clipping, fp32, fresh AdamW
+    for continual training."""
+    recipe = ["--schedule", "constant", "--grad-clip", "0", "--precision", "fp32", "--continual-optimizer", "fresh"]
+    steps, _ = run_train(tmp_path, data, "--stages", "2", "--inc-steps", "8", "--max-steps", "10", *recipe)
+    assert {r["lr"] for r in steps} == {3e-3}  # TOY's --lr, from the first step: no warmup, no decay
+    config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
+    assert (config["grad_clip"], config["precision"], config["continual_optimizer"]) == (0, "fp32", "fresh")
+    assert incremental_schedule(4, 2, 8, continual_optimizer="fresh").stages[-1].optimizer == "fresh"
+
+
 def test_incremental_ddp_matches_one_process_across_phase_and_stage_boundaries(tmp_path, data):
     flags = ["--stages", "2", "--inc-steps", "8", "--max-steps", "10", "--phase1-mode", "isolate"]
     one, _ = run_train(tmp_path / "one", data, *flags)
@@ -807,14 +857,39 @@ def test_apollo_flops_column_is_the_sum_of_sampled_depth_costs(tmp_path, data):
     assert plan == Plan((0, 1, 2, 3))
 
 
-def test_apollo_ddp_draws_the_same_depths_and_matches_one_process(tmp_path, data):
+def test_apollo_same_tokens_meet_the_same_depth_on_one_process_or_two_ranks(tmp_path, data):
+    """Depths are keyed by the global micro-batch index: 2 gloo ranks at accumulation 1 read and run
+    what 1 process runs at accumulation 2, so Apollo's numbers do not depend on the GPU count."""
     flags = ["--regime", "apollo", "--max-steps", "8", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5",
-             "--total-batch", "256"]
-    # two ranks of 4 sequences each read what one process reads as 8 sequences, at the same depths
-    one, _ = run_train(tmp_path / "one", data, *flags, "--batch-size", "8")
-    two, _ = torchrun(tmp_path / "two", data, *flags)
+             "--total-batch", "256", "--depth", "uniform"]  # uniform: depths differ more often than LVPS's
+    one, _ = run_train(tmp_path / "one", data, *flags)  # batch 4 x 32: 2 micro-batches a step
+    two, _ = torchrun(tmp_path / "two", data, *flags)  # 1 micro-batch a step on each rank
     assert [r["depth"] for r in one] == [r["depth"] for r in two]
+    assert any(len(set(r["depth"])) > 1 for r in two)  # the ranks really ran different depths in a step
     assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
+    assert [r["flops"] for r in one] == [r["flops"] for r in two]  # every rank's depths counted
+
+
+def test_apollo_slowest_rank_sets_the_pace():
+    """cost.py's expected FLOPs of the slowest of N ranks: the mean for one rank or fixed depths,
+    above it for several ranks with random depths, and exact on a case worked by hand."""
+    from cost import slowest_rank_step_flops
+    cfg = GPTConfig(n_layer=12)
+    lvps = grow.Schedule((grow.Stage(0, 3),), 12, depth="lvps")
+    sp = lvps.step_plan(0)
+    mean = float(grow.expected_step_flops(cfg, lvps, sp, grow.depth_probs("lvps", 3, 12), 1024, 1024))
+    assert slowest_rank_step_flops(cfg, lvps, sp, 1, 1, 1024, 1024) == pytest.approx(mean, rel=1e-12)
+    assert slowest_rank_step_flops(cfg, lvps, sp, 8, 1, 1024, 1024) > 8 * mean * 1.2
+    fixed = grow.Schedule((grow.Stage(0, 3),), 12)
+    sp_fixed = fixed.step_plan(0)
+    one = step_flops(cfg, Plan((0, 1, 2)), sp_fixed.trainable, 1024, 1024)
+    assert slowest_rank_step_flops(cfg, fixed, sp_fixed, 8, 2, 1024, 1024) == pytest.approx(16 * one)
+    # uniform over depths 11 and 12 on 2 ranks: the slower is 12 unless both draw 11 (p = 1/4)
+    two = grow.Schedule((grow.Stage(0, 11),), 12, depth="uniform")
+    sp2 = two.step_plan(0)
+    cost = {d: step_flops(cfg, Plan(tuple(grow.layer_plan(d, 11))), sp2.trainable, 1024, 1024) for d in (11, 12)}
+    want = 2 * (cost[11] / 4 + cost[12] * 3 / 4)
+    assert slowest_rank_step_flops(cfg, two, sp2, 2, 1, 1024, 1024) == pytest.approx(want, rel=1e-12)
 
 
 def test_apollo_expectation_matches_the_sampler():

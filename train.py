@@ -11,6 +11,7 @@ when one starts, evaluates and checkpoints on their cadence, and runs train_step
 """
 import argparse
 import fcntl
+import gc
 import json
 import math
 import os
@@ -28,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import grow
 import hellaswag
-from model import (GPT, GPTConfig, autocast, forward_backward, full_step_flops, optimizer_step, read_checkpoint,
-                   step_flops)
+from model import (GPT, GPTConfig, autocast, forward_backward, full_step_flops, mfu, optimizer_step, peak_flops,
+                   read_checkpoint, step_flops)
 from prepare_fineweb import DataError, prepare_tinyshakespeare, read_shard
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +57,10 @@ TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", weight_decay=0.1, gr
 # steps not yet taken (a change of --max-steps that moves a stage boundary already crossed is
 # refused: see resume)
 RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "eval_every", "hellaswag_every", "hellaswag_limit",
-                     "compile", "device", "bench", "max_steps", "lr", "min_lr", "schedule", "grad_clip"}
+                     "compile", "device", "bench", "max_steps", "lr", "min_lr", "schedule", "grad_clip", "peak_flops"}
+
+# flags added since checkpoints were first written, with the value the runs before them had
+ADDED_FLAGS = {"precision": "bf16", "peak_flops": None}
 
 # valid ranges of the numeric flags, checked before any work: (lowest, highest), None = unbounded
 INT_RANGES = dict(n_layer=(1, None), n_head=(1, None), n_embd=(1, None), batch_size=(1, None),
@@ -65,14 +69,16 @@ INT_RANGES = dict(n_layer=(1, None), n_head=(1, None), n_embd=(1, None), batch_s
                   rewarm=(0, None), budget_steps=(0, None), val_tokens=(1, None), eval_every=(1, None),
                   hellaswag_every=(0, None), hellaswag_limit=(1, None), ckpt_every=(1, None), bench=(0, None))
 FLOAT_RANGES = dict(lr=(0, None), min_lr=(0, None), weight_decay=(0, None), grad_clip=(0, None),
-                    phase1_frac=(0, 1))  # lr alone must be above its bound; the others may equal it
+                    phase1_frac=(0, 1), peak_flops=(0, None))  # lr and peak_flops must be above their bound
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
     a = p.add_argument
-    a("--preset", choices=PRESETS, default="gpt2")
+    a("--preset", choices=PRESETS, default="gpt2",
+      help="gpt2: GPT-2 124M on FineWeb-Edu 10B, the paper's setup (`python train.py` alone runs it); "
+           "tiny: the same 12 layers, narrow, on Tiny Shakespeare, for a CPU")
     a("--regime", choices=grow.REGIMES, default="incremental")
     g = p.add_argument_group("incremental regime (Li et al.)")
     g.add_argument("--stages", type=int, help="S stages that each add layers; 1 = the baseline")
@@ -114,7 +120,20 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     a("--device", default="auto", help="auto, cpu, cuda, mps")
     a("--compile", action="store_true", help="torch.compile each block (regional compilation)")
+    a("--precision", choices=["bf16", "fp32"], default="bf16",
+      help="on CUDA: bf16 autocast with TF32 matmuls, or fp32 throughout (the authors' code); a CPU runs fp32")
+    a("--peak-flops", type=float, help="the device's dense bf16 peak FLOP/s, for MFU (default: known GPUs' "
+      "from model.PEAK_BF16; none on CPU)")
     a("--bench", type=int, default=0, help="time N training steps after warm-up, print, exit")
+    for action in p._actions:  # --help shows what each preset sets
+        if action.dest in PRESETS["gpt2"]:
+            presets = ", ".join(f"{name} {values[action.dest]}" for name, values in PRESETS.items())
+            action.help = f"{action.help + '; ' if action.help else ''}default by preset: {presets}"
+        elif action.dest in TRAINING_DEFAULTS or action.dest in grow.DEFAULTS:
+            default = TRAINING_DEFAULTS.get(action.dest, grow.DEFAULTS.get(action.dest))
+            own = [f"default {default}"] if default is not None else []
+            own += ["the regime's (grow.REGIMES)"] if action.dest in grow.DEFAULTS else []
+            action.help = f"{action.help + '; ' if action.help else ''}" + " or ".join(own) if own else action.help
     args = p.parse_args(argv)
     given = {k for k, v in vars(args).items() if v is not None}
     wrong = grow.misplaced(args.regime, given)
@@ -148,9 +167,9 @@ def check_flags(args, given):
         for name, (lo, hi) in ranges.items():
             v = getattr(args, name)
             bad = v is not None and (not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi)
-                                     or (name == "lr" and v <= lo))
+                                     or (name in ("lr", "peak_flops") and v <= lo))
             if bad:
-                valid = (f"above {lo}" if name == "lr" else f"from {lo} to {hi}" if hi is not None else f"{lo} or more")
+                valid = (f"above {lo}" if name in ("lr", "peak_flops") else f"from {lo} to {hi}" if hi is not None else f"{lo} or more")
                 raise ValueError(f"{flag(name)} {v}: must be {kind} {valid}")
     if args.n_embd % args.n_head:
         raise ValueError(f"--n-embd {args.n_embd} does not split into --n-head {args.n_head} heads: "
@@ -291,7 +310,7 @@ class ValSet:
 # Devices and processes
 
 
-def setup_distributed(device_arg):
+def setup_distributed(device_arg, precision="bf16"):
     """(rank, world, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
@@ -308,8 +327,7 @@ def setup_distributed(device_arg):
     device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" else device_arg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "bf16"
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -323,13 +341,13 @@ def all_sum(t, world):
 
 
 @torch.no_grad()
-def val_loss(model, batches, plan, rank, world, device):
+def val_loss(model, batches, plan, rank, world, device, precision="bf16"):
     """Mean loss over the validation batches (a ValSet) along the Plan, split over the ranks."""
     model.eval()
     total = torch.zeros(2, device=device)  # summed loss, batches
     for i in range(rank, len(batches), world):
         x, y = batches.batch(i)
-        with autocast(device):
+        with autocast(device, precision):
             _, loss = model(x.to(device), y.to(device), plan=plan)
         total += torch.stack([loss.float(), torch.ones((), device=device)])
     model.train()
@@ -374,7 +392,7 @@ def load_checkpoint(path, config):
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt.get("config"), dict) or "step" not in ckpt:
         raise ValueError(f"{path} was not written by train.py's training loop: use another --out")
-    then = ckpt["config"]
+    then = {**ADDED_FLAGS, **ckpt["config"]}
     diff = [f"{flag(k)}: {then.get(k)!r} there, {v!r} here" for k, v in config.items()
             if k not in RESUMABLE_CHANGES and then.get(k) != v]
     if diff:
@@ -426,6 +444,8 @@ class Run:
     val: list  # validation (x, y) batches
     hellaswag: list  # examples, or None when HellaSwag is off
     out: Path
+    peak_flops: float  # per device, for MFU; None: not known
+    precision: str  # bf16 or fp32 (CUDA only)
     lock: object  # rank 0's hold on OUT (claim), None elsewhere
     baseline_cost: int  # FLOPs of the full-depth baseline at the equal-cost point
 
@@ -434,7 +454,7 @@ def assemble(args):
     """Everything a run needs, from the flags; the only function that reads them. Rank 0 prepares
     data that has to be downloaded or tokenized while the others wait."""
     schedule = make_schedule(args, args.max_steps)  # validates the flag combination before any work
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device, args.precision)
     B, T = args.batch_size, args.seq_len
     if args.total_batch % (B * T * world):
         raise ValueError(f"--total-batch {args.total_batch} must be a multiple of batch-size x seq-len x "
@@ -460,7 +480,8 @@ def assemble(args):
         grad_accum=args.total_batch // (B * T * world), model=model,
         new_optimizer=lambda: model.configure_optimizer(args.lr, args.weight_decay, fused=fused),
         loader=ShardLoader(train_files, B, T, rank, world, args.seed, cfg.vocab_size), val=val,
-        hellaswag=examples, out=Path(args.out), lock=lock,
+        hellaswag=examples, out=Path(args.out), lock=lock, precision=args.precision,
+        peak_flops=args.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None),
         # the equal-cost point: where this run has spent what the full-depth baseline spends in
         # --budget-steps if given, else in --inc-steps (the paper's marked points)
         baseline_cost=(args.budget_steps or args.inc_steps) * full_step_flops(cfg, args.total_batch, T))
@@ -477,6 +498,29 @@ def check_fits(cfg, device):
         raise ValueError(f"a model of {L} layers of width {d} has {params / 1e9:,.1f}B parameters and needs "
                          f"{16 * params / 2**30:,.0f} GiB for weights, gradients and AdamW; {device} has "
                          f"{total / 2**30:,.0f} GiB: lower --n-layer or --n-embd")
+
+
+def summary(run, max_steps, resuming):
+    """What is about to happen, printed by rank 0 before the first step."""
+    cfg, B, T = run.cfg, run.loader.B, run.loader.T
+    per_block = sum(p.numel() for p in run.model.transformer.h[0].parameters())
+    total = sum(p.numel() for p in run.model.parameters())
+    tokens = run.config["total_batch"]
+    lines = [f"model: {cfg.n_layer} layers x {per_block / 1e6:.2f}M parameters a block, {total / 1e6:.1f}M in all "
+             f"(width {cfg.n_embd}, {cfg.n_head} heads, vocabulary {cfg.vocab_size:,}, sequence {T})",
+             f"device: {run.device} x {run.world}, {run.precision if run.device.type == 'cuda' else 'fp32'}; "
+             f"micro-batch {B} x {T}, gradient accumulation {run.grad_accum}, {tokens:,} tokens a step",
+             f"schedule: {max_steps:,} steps"]
+    for row in grow.schedule_phases(cfg, run.schedule, max_steps, tokens, T):
+        lines.append(f"  from step {row['start']:>6,}: stage {row['stage']} phase {row['phase']}, {row['layers']} active "
+                     f"/ {row['trained']} trained layers, E[depth] {float(row['depth']):.2f}, "
+                     f"{float(row['step_flops']):.3e} FLOPs a step")
+    shards = sum(len(read_shard(f)) for f in run.loader.files)
+    lines += [f"data: {len(run.loader.files)} train shard(s), {shards:,} tokens; validation {len(run.val) * B * T:,} "
+              f"tokens in {len(run.val)} batches",
+              f"output: {run.out}/log.jsonl and ckpt.pt; " + ("resuming from the checkpoint" if resuming else
+                                                             "a stopped run continues with --resume")]
+    return "\n".join(lines)
 
 
 def enter_stage(model, opt, schedule, entered, sp, new_optimizer, wrap):
@@ -496,31 +540,37 @@ def enter_stage(model, opt, schedule, entered, sp, new_optimizer, wrap):
 def train_step(run, wrapped, opt, sp, step, lr, grad_clip):
     """One optimizer step under StepPlan sp: each micro-batch along its own plan (its own depth),
     gradients accumulated and, across ranks, averaged; then clip and AdamW.
-    Returns (mean loss, gradient norm, plans run, FLOPs spent by all ranks)."""
+    Returns (mean loss, gradient norm, the plans every rank ran in global micro-batch order, FLOPs
+    spent by all ranks)."""
     B, T = run.loader.B, run.loader.T
     batches = []
     for micro in range(run.grad_accum):
         x, y = run.loader.next_batch()
-        batches.append((x.to(run.device), y.to(run.device), run.schedule.plan(sp, step, micro)))
-    loss = all_sum(forward_backward(wrapped, batches, run.device), run.world) / run.world
+        # a depth per global micro-batch: rank r's micro-step m reads the tokens that micro-step
+        # m·world + r reads in one process, so those tokens meet the same depth on 1 GPU or 8
+        plan = run.schedule.plan(sp, step, micro * run.world + run.rank)
+        batches.append((x.to(run.device), y.to(run.device), plan))
+    loss = all_sum(forward_backward(wrapped, batches, run.device, run.precision), run.world) / run.world
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopped; {run.out / 'ckpt.pt'} "
                                  "holds the last good state (try a lower --lr, then --resume)")
     norm = optimizer_step(run.model, opt, lr, grad_clip)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
-    plans = [plan for _, _, plan in batches]
-    flops = sum(step_flops(run.cfg, plan, sp.trainable, B * T * run.world, T) for plan in plans)
+    plans = [run.schedule.plan(sp, step, i) for i in range(run.grad_accum * run.world)]  # every rank's
+    flops = sum(step_flops(run.cfg, plan, sp.trainable, B * T, T) for plan in plans)
     return loss.item(), norm.item(), plans, flops
 
 
 def evaluate(run, state, log, equal_cost=False, hellaswag_now=False):
     """Val loss (and HellaSwag when due) of the model as it stands, logged and printed."""
     plan = run.schedule.eval_plan(state.entered, state.step)
-    fields = dict(step=state.step, val_loss=val_loss(run.model, run.val, plan, run.rank, run.world, run.device))
+    fields = dict(step=state.step, val_loss=val_loss(run.model, run.val, plan, run.rank, run.world, run.device,
+                                                    run.precision))
     if hellaswag_now:
         hs = hellaswag.evaluate(run.model, run.hellaswag, run.device, plan=plan,
-                                autocast_dtype=torch.bfloat16 if run.device.type == "cuda" else None)
+                                autocast_dtype=torch.bfloat16 if run.device.type == "cuda" and run.precision == "bf16"
+                                else None)
         fields.update(hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"], hellaswag_n=hs["n"])
     if equal_cost:
         fields["equal_cost"] = True
@@ -656,12 +706,14 @@ def train(run, stop, max_steps, lr_args, grad_clip, eval_every, hellaswag_every,
         # -----------------------------------------------------------------------------------
         state.step, state.flops, state.tokens = state.step + 1, state.flops + flops, state.tokens + run.config["total_batch"]
         depths = [len(plan.blocks) for plan in plans]
+        util = {"mfu": mfu(flops, dt, run.world, run.peak_flops)} if run.peak_flops else {}
         log.record(step=state.step, loss=loss, lr=lr, tokens=state.tokens, flops=state.flops, dt=dt,
                    stage=sp.stage, phase=sp.phase, active_layers=sp.unique, trainable_layers=len(sp.trainable),
-                   depth=depths, unique_layers=sp.unique, norm=norm)
+                   depth=depths, unique_layers=sp.unique, norm=norm, **util)
         log.print(f"step {state.step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                  f"{run.config['total_batch'] / dt:.0f} tok/s | {state.flops:.3e} FLOPs | stage {sp.stage} "
-                  f"phase {sp.phase} layers {len(sp.trainable)}/{sp.unique} depth {max(depths)}")
+                  f"{run.config['total_batch'] / dt:.0f} tok/s | " + (f"MFU {util['mfu']:.1%} | " if util else "")
+                  + f"{state.flops:.3e} FLOPs | stage {sp.stage} phase {sp.phase} "
+                  f"layers {len(sp.trainable)}/{sp.unique} depth {max(depths)}")
         stop_now = all_sum(torch.tensor(float(stop.set), device=run.device), run.world).item() > 0
         if stop_now or state.step % ckpt_every == 0 or state.step == max_steps:
             checkpoint(run, opt, state)
@@ -675,8 +727,9 @@ def train(run, stop, max_steps, lr_args, grad_clip, eval_every, hellaswag_every,
 
 def bench(run, steps, lr, grad_clip, warmup=3):
     """Time `steps` training steps after `warmup` (compilation, allocator warm-up) from the start of
-    the schedule: the loop's step, without evaluation, log or checkpoints."""
-    opt, wrapped, state, trains = run.new_optimizer(), run.model, RunState(), None
+    the schedule: the loop's step, without evaluation, log or checkpoints. Prints time, tokens/s,
+    MFU (where the peak is known) and, on CUDA, peak memory."""
+    opt, wrapped, state, trains, flops = run.new_optimizer(), run.model, RunState(), None, 0
     for step in range(warmup + steps):
         if step == warmup:
             t0 = time.time()
@@ -684,11 +737,15 @@ def bench(run, steps, lr, grad_clip, warmup=3):
         if sp.stage > state.entered or (sp.trainable, sp.isolate) != trains:
             opt, wrapped = enter_stage(run.model, opt, run.schedule, state.entered, sp, run.new_optimizer, wrapper(run))
             state.entered, trains = sp.stage, (sp.trainable, sp.isolate)
-        train_step(run, wrapped, opt, sp, step, lr, grad_clip)
-    ms = (time.time() - t0) / steps * 1000
+        spent = train_step(run, wrapped, opt, sp, step, lr, grad_clip)[3]
+        flops += spent if step >= warmup else 0
+    seconds = time.time() - t0
     if run.rank == 0:
-        print(f"bench: {ms:.1f} ms/step, {run.config['total_batch'] / ms * 1000:.0f} tok/s "
-              f"over {steps} steps on {run.device} x{run.world}")
+        util = f", MFU {mfu(flops, seconds, run.world, run.peak_flops):.1%}" if run.peak_flops else ""
+        memory = (f", peak memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.1f} GiB"
+                  if run.device.type == "cuda" else "")
+        print(f"bench: {seconds / steps * 1000:.1f} ms/step, {run.config['total_batch'] * steps / seconds:.0f} tok/s"
+              f"{util}{memory} over {steps} steps on {run.device} x{run.world}")
 
 
 def main(argv=None):
@@ -701,11 +758,11 @@ def main(argv=None):
         if args.bench:
             bench(run, args.bench, args.lr, args.grad_clip)
         else:
+            if run.rank == 0:
+                print(summary(run, args.max_steps, args.resume))
             with StopFlag(announce=run.rank == 0) as stop:
                 train(run, stop, args.max_steps, (args.lr, args.min_lr, args.warmup, args.max_steps, args.schedule),
                       args.grad_clip, args.eval_every, args.hellaswag_every, args.ckpt_every, args.resume)
-        if run.world > 1:
-            dist.destroy_process_group()
     except (ValueError, OSError, FloatingPointError, DataError) as e:  # OSError: FileNotFoundError, disk full
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -716,9 +773,19 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("error: stopped at once; the last checkpoint is as it was: continue with --resume", file=sys.stderr)
         sys.exit(130)
-    finally:  # in-process callers (tests, notebooks) get OUT back too
+    finally:  # every rank, however the run ended; in-process callers (tests, notebooks) get OUT back too
         if run is not None and run.lock is not None:
             run.lock.close()
+        teardown()
+
+
+def teardown():
+    """Leave the process group last. The DDP wrappers (their reducers hold the group) sit in
+    reference cycles that only the garbage collector frees: freed after destroy_process_group, gloo's
+    worker thread can deadlock against the GIL and the process never exits. So collect them first."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
