@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from model import SIZES, GPT, load_model
+from model import SIZES, GPT, load_model, pick_device
 from prepare_fineweb import DataError, download
 
 SCORING = "completion scoring, build-nanogpt style; not comparable with lm-eval-harness"
@@ -183,16 +183,6 @@ def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=N
 
 # -----------------------------------------------------------------------------
 # command line
-
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -255,7 +255,18 @@ def full_step_flops(cfg, tokens, seq_len):
 
 
 # ----------------------------------------------------------------------------------------------
-# The training step, in two halves that cost.py --measure times apart
+# Devices, and the training step in two halves that cost.py --measure times apart
+
+
+def pick_device(name):
+    """A device name for --device: "auto" is the best one here (cuda, then mps, then cpu)."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def autocast(device):

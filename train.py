@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import grow
 import hellaswag
-from model import GPT, GPTConfig, autocast, forward_backward, full_step_flops, optimizer_step, step_flops
+from model import (GPT, GPTConfig, autocast, forward_backward, full_step_flops, optimizer_step, pick_device,
+                   step_flops)
 from prepare_fineweb import DataError, prepare_tinyshakespeare, read_shard
 
 # ----------------------------------------------------------------------------------------------
@@ -225,9 +226,7 @@ def setup_distributed(device_arg):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else (
-            "mps" if torch.backends.mps.is_available() else "cpu")
+    device_arg = pick_device(device_arg)
     device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" else device_arg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
