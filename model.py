@@ -10,6 +10,7 @@ along a plan (step_flops), and the step itself (forward_backward, optimizer_step
 loop and cost.py --measure both run.
 """
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -209,6 +210,8 @@ def convert_hf_state_dict(hf):
 def load_model(path, device="cpu"):
     """A GPT from a train.py checkpoint, in eval mode, and the Plan it is evaluated with (shared
     depths and MSG's gates included)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train.py writes OUT/ckpt.pt")
     ckpt = torch.load(path, map_location=device, weights_only=True)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])

@@ -2,7 +2,8 @@
 come from ../shared/data (CI puts it beside the checkout).
 
 Ordered by method, as the README is; test names carry the method, so `pytest -k apollo` (or
-incremental, msg, growth, cost, data, hellaswag, plot, model, baseline) selects all of its tests."""
+incremental, msg, growth, cost, data, hellaswag, plot, model, baseline, sample, export) selects all
+of its tests."""
 import hashlib
 import json
 import math
@@ -47,6 +48,7 @@ import train  # noqa: E402
 from cost import incremental_report, main as cost_main, paper_closed_form, per_layer_phases  # noqa: E402
 from model import GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, load_model, step_flops  # noqa: E402
 from prepare_fineweb import DataError, DownloadError  # noqa: E402
+from sample import DEFAULTS as SAMPLE_DEFAULTS, generate, main as sample_main, sample  # noqa: E402
 
 SMALL = GPTConfig(block_size=32, vocab_size=512, n_layer=4, n_head=2, n_embd=32)
 
@@ -1407,3 +1409,60 @@ def test_plot_toy_reproduction_script_at_a_very_small_size(tmp_path, data):
     assert (out / "toy.png").stat().st_size > 0
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(runs) and rows[1].startswith("| baseline")  # a header, then the runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples and export (sample.py, export.py): text from a checkpoint, a Hugging Face GPT-2 folder
+
+
+def save_checkpoint_with_plan(model, plan, path):
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "eval_plan": plan.to_dict()},
+               path)
+    return path
+
+
+def test_sample_same_seed_same_text_and_exactly_max_new_tokens():
+    model, enc = tiny_gpt(), tiktoken.get_encoding("gpt2")
+    args = dict(SAMPLE_DEFAULTS, num_samples=3, max_new_tokens=8, device="cpu")
+    first = sample(model, enc, **args)
+    assert sample(model, enc, **args) == first and sample(model, enc, **{**args, "seed": 7}) != first
+    assert len(first) == 3 and all(text.startswith(args["prompt"]) for text in first)
+    assert model.training  # its mode is kept
+    # generate: the prompt kept, exactly max_new_tokens more, never a padding token
+    idx = tokens(0, 200)  # (2, 200): longer than block_size 128, so the context is cropped
+    out = generate(model.eval(), idx, 5, 50, 1.0, torch.Generator().manual_seed(0), vocab=enc.n_vocab)
+    assert out.shape == (2, 205) and torch.equal(out[:, :200], idx) and out.max() < enc.n_vocab
+    with torch.no_grad():  # top-1 is greedy: the argmax of the last 128 tokens' next-token logits
+        greedy = generate(model, idx, 1, 1, 1.0, torch.Generator())[:, -1]
+        assert torch.equal(greedy, model(idx[:, -128:])[0][:, -1].argmax(-1))
+
+
+def test_sample_cli_follows_the_checkpoints_eval_plan(tmp_path, capsys):
+    model, shared = tiny_gpt(), Plan((0, 0, 1, 1))
+    ckpt = save_checkpoint_with_plan(model, shared, tmp_path / "ckpt.pt")
+    argv = ["--checkpoint", str(ckpt), "--prompt", "ROMEO:", "--num-samples", "2", "--max-new-tokens", "6",
+            "--seed", "3", "--device", "cpu"]
+    sample_main(argv)
+    printed = capsys.readouterr().out
+    sample_main(argv)
+    assert capsys.readouterr().out == printed  # same seed, same text
+    enc = tiktoken.get_encoding("gpt2")
+    args = dict(prompt="ROMEO:", num_samples=2, max_new_tokens=6, top_k=50, temperature=1.0, seed=3, device="cpu")
+    texts = sample(model, enc, plan=shared, **args)
+    assert printed == "".join(f"sample {i}: {t}\n" for i, t in enumerate(texts))
+    assert sample(model, enc, **args) != texts  # the full plan writes otherwise
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-samples", "0"], "--num-samples 0 must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
+    (["--top-k", "0"], "--top-k 0 must be at least 1"),
+    (["--temperature", "0"], "--temperature 0.0 must be above 0"),
+    (["--checkpoint", "nowhere/ckpt.pt"], "no checkpoint at nowhere/ckpt.pt"),
+])
+def test_sample_bad_input_is_one_line_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--device", "cpu", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
