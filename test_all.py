@@ -1466,3 +1466,22 @@ def test_sample_bad_input_is_one_line_exit_2(flags, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_sample_every_shows_samples_in_training_and_changes_no_number(tmp_path, data, capsys):
+    plain, plain_evals = run_train(tmp_path / "plain", data, "--max-steps", "4")
+    capsys.readouterr()
+    steps, evals = run_train(tmp_path / "sampled", data, "--max-steps", "4", "--sample-every", "2")
+    printed = capsys.readouterr().out
+    assert [(r["loss"], r["norm"]) for r in steps] == [(r["loss"], r["norm"]) for r in plain]
+    assert [r["val_loss"] for r in evals] == [r["val_loss"] for r in plain_evals]
+    weights = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in ("plain", "sampled")]
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
+    # at steps 0 and 2, and after the last step; in log.jsonl too
+    assert printed.count(f"sample 0: {SAMPLE_DEFAULTS['prompt']}") == 3 and "sample 3: " in printed
+    logged = [json.loads(line) for line in (tmp_path / "sampled" / "log.jsonl").read_text().splitlines()]
+    samples = [r for r in logged if "samples" in r]
+    assert [r["step"] for r in samples] == [0, 2, 4] and all(len(r["samples"]) == 4 for r in samples)
+    # --sample-every changes no number, so a run may resume with another one
+    run_train(tmp_path / "plain", data, "--max-steps", "4", "--sample-every", "3", "--resume")
+    assert "sample 0: " in capsys.readouterr().out
