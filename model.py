@@ -193,8 +193,8 @@ class GPT(nn.Module):
         return model
 
 
-# OpenAI's checkpoints use Conv1D, which stores these weights as (in, out): transpose to Linear's.
-_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# OpenAI's checkpoints use Conv1D, which stores these weights as (in, out): Linear's transposed.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def convert_hf_state_dict(hf):
@@ -203,7 +203,7 @@ def convert_hf_state_dict(hf):
     for k, v in hf.items():
         if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
             continue  # causal-mask buffers, not parameters
-        sd[k] = v.t() if k.endswith(_TRANSPOSED) else v
+        sd[k] = v.t() if k.endswith(CONV1D_WEIGHTS) else v
     return sd
 
 

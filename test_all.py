@@ -48,6 +48,7 @@ import train  # noqa: E402
 from cost import incremental_report, main as cost_main, paper_closed_form, per_layer_phases  # noqa: E402
 from model import GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, load_model, step_flops  # noqa: E402
 from prepare_fineweb import DataError, DownloadError  # noqa: E402
+from export import main as export_main  # noqa: E402
 from sample import DEFAULTS as SAMPLE_DEFAULTS, generate, main as sample_main, sample  # noqa: E402
 
 SMALL = GPTConfig(block_size=32, vocab_size=512, n_layer=4, n_head=2, n_embd=32)
@@ -1485,3 +1486,68 @@ def test_sample_every_shows_samples_in_training_and_changes_no_number(tmp_path, 
     # --sample-every changes no number, so a run may resume with another one
     run_train(tmp_path / "plain", data, "--max-steps", "4", "--sample-every", "3", "--resume")
     assert "sample 0: " in capsys.readouterr().out
+
+
+def hf_model(folder):
+    """The exported folder as lm-eval-harness loads it: AutoModelForCausalLM, nothing left to initialise."""
+    from transformers import AutoModelForCausalLM
+    hf, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    return hf.eval()
+
+
+@pytest.mark.parametrize("kind", ["random", "trained", "shared"])
+def test_export_logits_match_transformers_and_round_trip(kind, tmp_path, data, capsys):
+    if kind == "random":
+        model = tiny_gpt()
+        with torch.no_grad():  # at std 0.02 GELU's inputs are too small for its tanh and erf forms to differ
+            for p in model.transformer.h.parameters():
+                p.mul_(10 if p.dim() == 2 else 1)
+        ckpt = save_checkpoint_with_plan(model, Plan((0, 1)), tmp_path / "ckpt.pt")
+    elif kind == "trained":
+        run_train(tmp_path, data, "--max-steps", "3")
+        ckpt = tmp_path / "ckpt.pt"
+    else:  # Apollo stopped in its second stage: 2 unique blocks evaluated at depth 4
+        killed_run(tmp_path, data, 6, "--regime", "apollo", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5",
+                   "--max-steps", "20")
+        ckpt = tmp_path / "ckpt.pt"
+    model, plan = load_model(ckpt)
+    assert plan == (Plan((0, 0, 1, 1)) if kind == "shared" else Plan(tuple(range(model.config.n_layer))))
+    export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")])
+    assert capsys.readouterr().out.endswith("loads it\n")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hf")) == ["hf"]  # no temp folder left
+    hf = hf_model(tmp_path / "hf")
+    cfg = model.config
+    assert (hf.config.n_layer, hf.config.vocab_size, hf.config.n_positions) == (len(plan.blocks), 50257, cfg.block_size)
+    idx = torch.randint(0, 50257, (2, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx, plan=plan)[0][..., :50257]  # (2, T, 50257)
+        assert (hf(idx).logits - ours).abs().max() < 1e-4
+        # and back through the import GPT.from_pretrained uses: a plain GPT at the exported depth
+        back = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=50257, n_layer=len(plan.blocks),
+                             n_head=cfg.n_head, n_embd=cfg.n_embd))
+        back.load_state_dict(convert_hf_state_dict(hf.state_dict()))
+        assert torch.allclose(back.eval()(idx)[0], ours, atol=1e-5, rtol=0)
+
+
+def test_export_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
+    def error_of(ckpt, out):
+        with pytest.raises(SystemExit) as e:
+            export_main(["--checkpoint", str(ckpt), "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        return err
+
+    gated = save_checkpoint_with_plan(tiny_gpt(), Plan((0, 1), gates=(1.0, 0.5)), tmp_path / "gated.pt")
+    assert "MSG's gates were opening" in error_of(gated, tmp_path / "a")
+    assert "no checkpoint at" in error_of(tmp_path / "nowhere.pt", tmp_path / "b")
+    plain = save_checkpoint_with_plan(tiny_gpt(), Plan((0, 1)), tmp_path / "plain.pt")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert "already exists and is not an empty folder" in error_of(plain, tmp_path / "full")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "gated.pt", "plain.pt"]
+    (tmp_path / "empty").mkdir()  # an empty folder is replaced by the export
+    export_main(["--checkpoint", str(plain), "--out", str(tmp_path / "empty")])
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "model.safetensors"]
