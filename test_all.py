@@ -5,6 +5,7 @@ Ordered by method, as the README is; test names carry the method, so `pytest -k 
 incremental, msg, growth, cost, data, hellaswag, plot, model, baseline, sample, export) selects all
 of its tests."""
 import hashlib
+import io
 import json
 import math
 import os
@@ -1011,6 +1012,31 @@ def test_data_text_source(tmp_path):
     assert abs(len(val) - 33_803) <= 1
     enc = tiktoken.get_encoding("gpt2")
     assert enc.decode(val[-20:].tolist()) in SHAKESPEARE.read_text(encoding="utf-8")[-200:]
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_data_text_tokenized_in_pieces_as_a_whole_with_a_progress_bar(tmp_path, monkeypatch):
+    enc = tiktoken.get_encoding("gpt2")
+    rng = np.random.default_rng(0)
+    # whitespace runs are where a careless cut changes the tokens ("\n\n" is one token, "\n" "\n" two)
+    words = ["the", "king", "'s", "\n", "\n\n\n", " \n", "\t", "\u00a0", "  ", "42", "😀", "!", "é"]
+    for size in (1, 7, 50):
+        text = "".join(rng.choice(words, size=2000))
+        pieces = [t for part in pf.text_pieces(text, size) for t in enc.encode_ordinary(part)]
+        assert pieces == enc.encode_ordinary(text)
+    assert len(list(pf.text_pieces(text, 50))) > 10  # it does cut
+    err = FakeTTY()  # tqdm draws its bar only on a terminal
+    monkeypatch.setattr(sys, "stderr", err)
+    pf.tokenize_text(SHAKESPEARE, tmp_path, "shakes", piece=10_000)
+    shards = [pf.read_shard(tmp_path / pf.shard_name("shakes", i)) for i in (1, 0)]
+    whole = [pf.EOT] + enc.encode_ordinary(SHAKESPEARE.read_text(encoding="utf-8"))
+    assert np.concatenate(shards).tolist() == whole
+    bar = err.getvalue().split("\r")[-1]
+    assert "tokenizing input.txt: 100%" in bar and "char/s" in bar and "338,026 tokens" in bar
 
 
 def test_data_tinyshakespeare_local_file(tmp_path):
