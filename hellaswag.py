@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import SIZES, GPT, load_model
+from model import SIZES, GPT, load_model, pick_device
 from prepare_fineweb import DataError, DownloadError, download, gpt2_encoding
 
 SCORING = "completion scoring, build-nanogpt style; not comparable with lm-eval-harness"
@@ -192,16 +192,6 @@ def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=N
 # -----------------------------------------------------------------------------
 # command line
 
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage dump
@@ -221,14 +211,15 @@ def main(argv=None):
         parser.error(f"--limit {args.limit}: must be 1 or more (leave it out for every example)")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be 1 or more")
-    if args.device == "cuda" and not torch.cuda.is_available() or args.device == "mps" and not torch.backends.mps.is_available():
-        parser.error(f"--device {args.device}: this machine has none that torch can use; use --device cpu or auto")
     if (args.checkpoint is None) == (args.model is None):
         parser.error("give exactly one of --checkpoint PATH or --model NAME")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         parser.error(f"checkpoint not found: {args.checkpoint}")
 
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
     rank = int(os.environ["RANK"]) if ddp else 0
     if ddp:

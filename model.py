@@ -194,8 +194,8 @@ class GPT(nn.Module):
         return model
 
 
-# OpenAI's checkpoints use Conv1D, which stores these weights as (in, out): transpose to Linear's.
-_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# OpenAI's checkpoints use Conv1D, which stores these weights as (in, out): Linear's transposed.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def convert_hf_state_dict(hf):
@@ -204,7 +204,7 @@ def convert_hf_state_dict(hf):
     for k, v in hf.items():
         if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
             continue  # causal-mask buffers, not parameters
-        sd[k] = v.t() if k.endswith(_TRANSPOSED) else v
+        sd[k] = v.t() if k.endswith(CONV1D_WEIGHTS) else v
     return sd
 
 
@@ -294,7 +294,21 @@ def mfu(flops, seconds, devices, peak):
 
 
 # ----------------------------------------------------------------------------------------------
-# The training step, in two halves that cost.py --measure times apart
+# Devices, and the training step in two halves that cost.py --measure times apart
+
+
+def pick_device(name):
+    """The device for --device: "auto" is the best one here (cuda, then mps, then cpu); a named one
+    must exist here, else a ValueError says so in one line."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return next(n for n, ok in available.items() if ok)
+    if name not in available:
+        raise ValueError(f"--device {name}: use auto, cpu, cuda or mps (torchrun picks the GPU of each rank)")
+    if not available[name]:
+        raise ValueError(f"--device {name}: this machine has no {name.upper()} device that torch "
+                         f"{torch.__version__} can use; use --device cpu or auto")
+    return name
 
 
 def autocast(device, precision="bf16"):

@@ -254,8 +254,25 @@ def gpt2_encoding():
                         "and point TIKTOKEN_CACHE_DIR at it") from None
 
 
-def tokenize_text(text_path, out_dir, name, val_frac=0.1):
-    """Tokenize one text file (one document) into a val shard (its last val_frac) and a train shard."""
+# A newline between two non-space characters: GPT-2's pre-tokenizer always splits around it (a
+# token never spans it, nor does a run of whitespace), so the text may be cut after it.
+SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def text_pieces(text, size):
+    """The text in pieces of about `size` characters (at least) that tokenize, one after another,
+    to exactly what the whole text does: each cut is after a SAFE_CUT newline."""
+    start = 0
+    while start < len(text):
+        cut = SAFE_CUT.search(text, start + size)
+        end = cut.end() if cut else len(text)
+        yield text[start:end]
+        start = end
+
+
+def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20):
+    """Tokenize one text file (one document) into a val shard (its last val_frac) and a train shard,
+    `piece` characters at a time, with a progress bar."""
     if not 0 < val_frac < 1:
         raise ValueError(f"val_frac must be between 0 and 1, got {val_frac}")
     try:
@@ -267,7 +284,14 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1):
     if not text.strip():
         raise DataError(f"{text_path} is empty: nothing to tokenize")
     enc = gpt2_encoding()
-    tokens = np.array([EOT] + enc.encode_ordinary(text), dtype=np.uint16)
+    tokens = [EOT]
+    with tqdm(total=len(text), unit="char", unit_scale=True, desc=f"tokenizing {Path(text_path).name}",
+              disable=None) as bar:
+        for part in text_pieces(text, piece):
+            tokens += enc.encode_ordinary(part)
+            bar.update(len(part))
+            bar.set_postfix_str(f"{len(tokens):,} tokens", refresh=False)
+    tokens = np.array(tokens, dtype=np.uint16)
     n_train = int(len(tokens) * (1 - val_frac))
     out_dir = Path(out_dir)
     val, train = out_dir / shard_name(name, 0), out_dir / shard_name(name, 1)

@@ -2,8 +2,10 @@
 come from ../shared/data (CI puts it beside the checkout).
 
 Ordered by method, as the README is; test names carry the method, so `pytest -k apollo` (or
-incremental, msg, growth, cost, data, hellaswag, plot, model, baseline) selects all of its tests."""
+incremental, msg, growth, cost, data, hellaswag, plot, model, baseline, sample, export) selects all
+of its tests."""
 import hashlib
+import io
 import json
 import math
 import os
@@ -49,6 +51,8 @@ from cost import incremental_report, main as cost_main, paper_closed_form, per_l
 from model import (GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, load_model,  # noqa: E402
                    peak_flops as model_peak, step_flops)
 from prepare_fineweb import DataError, DownloadError  # noqa: E402
+from export import main as export_main  # noqa: E402
+from sample import DEFAULTS as SAMPLE_DEFAULTS, generate, main as sample_main, sample  # noqa: E402
 
 SMALL = GPTConfig(block_size=32, vocab_size=512, n_layer=4, n_head=2, n_embd=32)
 
@@ -1243,6 +1247,31 @@ def test_data_text_source(tmp_path):
     assert enc.decode(val[-20:].tolist()) in SHAKESPEARE.read_text(encoding="utf-8")[-200:]
 
 
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_data_text_tokenized_in_pieces_as_a_whole_with_a_progress_bar(tmp_path, monkeypatch):
+    enc = tiktoken.get_encoding("gpt2")
+    rng = np.random.default_rng(0)
+    # whitespace runs are where a careless cut changes the tokens ("\n\n" is one token, "\n" "\n" two)
+    words = ["the", "king", "'s", "\n", "\n\n\n", " \n", "\t", "\u00a0", "  ", "42", "😀", "!", "é"]
+    for size in (1, 7, 50):
+        text = "".join(rng.choice(words, size=2000))
+        pieces = [t for part in pf.text_pieces(text, size) for t in enc.encode_ordinary(part)]
+        assert pieces == enc.encode_ordinary(text)
+    assert len(list(pf.text_pieces(text, 50))) > 10  # it does cut
+    err = FakeTTY()  # tqdm draws its bar only on a terminal
+    monkeypatch.setattr(sys, "stderr", err)
+    pf.tokenize_text(SHAKESPEARE, tmp_path, "shakes", piece=10_000)
+    shards = [pf.read_shard(tmp_path / pf.shard_name("shakes", i)) for i in (1, 0)]
+    whole = [pf.EOT] + enc.encode_ordinary(SHAKESPEARE.read_text(encoding="utf-8"))
+    assert np.concatenate(shards).tolist() == whole
+    bar = err.getvalue().split("\r")[-1]
+    assert "tokenizing input.txt: 100%" in bar and "char/s" in bar and "338,026 tokens" in bar
+
+
 def test_data_tinyshakespeare_local_file(tmp_path):
     shutil.copy(SHAKESPEARE, tmp_path / "input.txt")
     assert pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0) == tmp_path
@@ -1445,7 +1474,7 @@ def test_hellaswag_cli_errors_are_one_line(tmp_path, capsys):
                           (["--limit", "0"], "--limit 0: must be 1 or more"),
                           (["--limit", "-2"], "--limit -2: must be 1 or more"),
                           (["--batch-size", "0"], "--batch-size 0: must be 1 or more"),
-                          (["--device", "cuda"], "--device cuda: this machine has none"),
+                          (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
                           (["--data-file", str(tmp_path / "empty.jsonl")], "no examples to score")]:
         (tmp_path / "empty.jsonl").write_text("")
         assert message in one_line_error(hs_main, ["--checkpoint", str(ckpt), *argv], capsys)
@@ -1692,3 +1721,144 @@ def test_plot_toy_reproduction_script_at_a_very_small_size(tmp_path, data):
     assert (out / "toy.png").stat().st_size > 0
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(runs) and rows[1].startswith("| baseline")  # a header, then the runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples and export (sample.py, export.py): text from a checkpoint, a Hugging Face GPT-2 folder
+
+
+def save_checkpoint_with_plan(model, plan, path):
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "eval_plan": plan.to_dict()},
+               path)
+    return path
+
+
+def test_sample_same_seed_same_text_and_exactly_max_new_tokens():
+    model, enc = tiny_gpt(), tiktoken.get_encoding("gpt2")
+    args = dict(SAMPLE_DEFAULTS, num_samples=3, max_new_tokens=8, device="cpu")
+    first = sample(model, enc, **args)
+    assert sample(model, enc, **args) == first and sample(model, enc, **{**args, "seed": 7}) != first
+    assert len(first) == 3 and all(text.startswith(args["prompt"]) for text in first)
+    assert model.training  # its mode is kept
+    # generate: the prompt kept, exactly max_new_tokens more, never a padding token
+    idx = tokens(0, 200)  # (2, 200): longer than block_size 128, so the context is cropped
+    out = generate(model.eval(), idx, 5, 50, 1.0, torch.Generator().manual_seed(0), vocab=enc.n_vocab)
+    assert out.shape == (2, 205) and torch.equal(out[:, :200], idx) and out.max() < enc.n_vocab
+    with torch.no_grad():  # top-1 is greedy: the argmax of the last 128 tokens' next-token logits
+        greedy = generate(model, idx, 1, 1, 1.0, torch.Generator())[:, -1]
+        assert torch.equal(greedy, model(idx[:, -128:])[0][:, -1].argmax(-1))
+
+
+def test_sample_cli_follows_the_checkpoints_eval_plan(tmp_path, capsys):
+    model, shared = tiny_gpt(), Plan((0, 0, 1, 1))
+    ckpt = save_checkpoint_with_plan(model, shared, tmp_path / "ckpt.pt")
+    argv = ["--checkpoint", str(ckpt), "--prompt", "ROMEO:", "--num-samples", "2", "--max-new-tokens", "6",
+            "--seed", "3", "--device", "cpu"]
+    sample_main(argv)
+    printed = capsys.readouterr().out
+    sample_main(argv)
+    assert capsys.readouterr().out == printed  # same seed, same text
+    enc = tiktoken.get_encoding("gpt2")
+    args = dict(prompt="ROMEO:", num_samples=2, max_new_tokens=6, top_k=50, temperature=1.0, seed=3, device="cpu")
+    texts = sample(model, enc, plan=shared, **args)
+    assert printed == "".join(f"sample {i}: {t}\n" for i, t in enumerate(texts))
+    assert sample(model, enc, **args) != texts  # the full plan writes otherwise
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-samples", "0"], "--num-samples 0 must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
+    (["--top-k", "0"], "--top-k 0 must be at least 1"),
+    (["--temperature", "0"], "--temperature 0.0 must be above 0"),
+    (["--checkpoint", "nowhere/ckpt.pt"], "no checkpoint at nowhere/ckpt.pt"),
+])
+def test_sample_bad_input_is_one_line_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--device", "cpu", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_sample_every_shows_samples_in_training_and_changes_no_number(tmp_path, data, capsys):
+    plain, plain_evals = run_train(tmp_path / "plain", data, "--max-steps", "4")
+    capsys.readouterr()
+    steps, evals = run_train(tmp_path / "sampled", data, "--max-steps", "4", "--sample-every", "2")
+    printed = capsys.readouterr().out
+    assert [(r["loss"], r["norm"]) for r in steps] == [(r["loss"], r["norm"]) for r in plain]
+    assert [r["val_loss"] for r in evals] == [r["val_loss"] for r in plain_evals]
+    weights = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in ("plain", "sampled")]
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
+    # at steps 0 and 2, and after the last step; in log.jsonl too
+    assert printed.count(f"sample 0: {SAMPLE_DEFAULTS['prompt']}") == 3 and "sample 3: " in printed
+    logged = [json.loads(line) for line in (tmp_path / "sampled" / "log.jsonl").read_text().splitlines()]
+    samples = [r for r in logged if "samples" in r]
+    assert [r["step"] for r in samples] == [0, 2, 4] and all(len(r["samples"]) == 4 for r in samples)
+    # --sample-every changes no number, so a run may resume with another one
+    run_train(tmp_path / "plain", data, "--max-steps", "4", "--sample-every", "3", "--resume")
+    assert "sample 0: " in capsys.readouterr().out
+
+
+def hf_model(folder):
+    """The exported folder as lm-eval-harness loads it: AutoModelForCausalLM, nothing left to initialise."""
+    from transformers import AutoModelForCausalLM
+    hf, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    return hf.eval()
+
+
+@pytest.mark.parametrize("kind", ["random", "trained", "shared"])
+def test_export_logits_match_transformers_and_round_trip(kind, tmp_path, data, capsys):
+    if kind == "random":
+        model = tiny_gpt()
+        with torch.no_grad():  # at std 0.02 GELU's inputs are too small for its tanh and erf forms to differ
+            for p in model.transformer.h.parameters():
+                p.mul_(10 if p.dim() == 2 else 1)
+        ckpt = save_checkpoint_with_plan(model, Plan((0, 1)), tmp_path / "ckpt.pt")
+    elif kind == "trained":
+        run_train(tmp_path, data, "--max-steps", "3")
+        ckpt = tmp_path / "ckpt.pt"
+    else:  # Apollo stopped in its second stage: 2 unique blocks evaluated at depth 4
+        killed_run(tmp_path, data, 6, "--regime", "apollo", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5",
+                   "--max-steps", "20")
+        ckpt = tmp_path / "ckpt.pt"
+    model, plan = load_model(ckpt)
+    assert plan == (Plan((0, 0, 1, 1)) if kind == "shared" else Plan(tuple(range(model.config.n_layer))))
+    export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")])
+    assert capsys.readouterr().out.endswith("loads it\n")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hf")) == ["hf"]  # no temp folder left
+    hf = hf_model(tmp_path / "hf")
+    cfg = model.config
+    assert (hf.config.n_layer, hf.config.vocab_size, hf.config.n_positions) == (len(plan.blocks), 50257, cfg.block_size)
+    idx = torch.randint(0, 50257, (2, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx, plan=plan)[0][..., :50257]  # (2, T, 50257)
+        assert (hf(idx).logits - ours).abs().max() < 1e-4
+        # and back through the import GPT.from_pretrained uses: a plain GPT at the exported depth
+        back = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=50257, n_layer=len(plan.blocks),
+                             n_head=cfg.n_head, n_embd=cfg.n_embd))
+        back.load_state_dict(convert_hf_state_dict(hf.state_dict()))
+        assert torch.allclose(back.eval()(idx)[0], ours, atol=1e-5, rtol=0)
+
+
+def test_export_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
+    def error_of(ckpt, out):
+        with pytest.raises(SystemExit) as e:
+            export_main(["--checkpoint", str(ckpt), "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        return err
+
+    gated = save_checkpoint_with_plan(tiny_gpt(), Plan((0, 1), gates=(1.0, 0.5)), tmp_path / "gated.pt")
+    assert "MSG's gates were opening" in error_of(gated, tmp_path / "a")
+    assert "no checkpoint at" in error_of(tmp_path / "nowhere.pt", tmp_path / "b")
+    plain = save_checkpoint_with_plan(tiny_gpt(), Plan((0, 1)), tmp_path / "plain.pt")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert "already exists and is not an empty folder" in error_of(plain, tmp_path / "full")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "gated.pt", "plain.pt"]
+    (tmp_path / "empty").mkdir()  # an empty folder is replaced by the export
+    export_main(["--checkpoint", str(plain), "--out", str(tmp_path / "empty")])
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "model.safetensors"]

@@ -29,9 +29,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import grow
 import hellaswag
+import sample
 from model import (GPT, GPTConfig, autocast, forward_backward, full_step_flops, mfu, optimizer_step, peak_flops,
-                   read_checkpoint, step_flops)
-from prepare_fineweb import DataError, prepare_tinyshakespeare, read_shard
+                   pick_device, read_checkpoint, step_flops)
+from prepare_fineweb import DataError, gpt2_encoding, prepare_tinyshakespeare, read_shard
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: a preset fills every flag the user left unset; grow.py's regimes fill the growth
@@ -42,12 +43,12 @@ PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, batch_size=64, seq_len=1024,
                  total_batch=524288, lr=6e-4, min_lr=6e-5, warmup=715, max_steps=19073,
                  inc_steps=10000, data_dir="data/fineweb10B", val_tokens=10485760,
-                 eval_every=250, hellaswag_every=250, ckpt_every=1000),
+                 eval_every=250, hellaswag_every=250, sample_every=250, ckpt_every=1000),
     # the same 12-layer shape, narrow and short: trains on 2 CPU cores in minutes
     "tiny": dict(n_layer=12, n_head=4, n_embd=128, batch_size=16, seq_len=128,
                  total_batch=4096, lr=2e-3, min_lr=2e-4, warmup=10, max_steps=250,
                  inc_steps=150, data_dir="data/tinyshakespeare", val_tokens=32768,
-                 eval_every=25, hellaswag_every=0, ckpt_every=50),
+                 eval_every=25, hellaswag_every=0, sample_every=0, ckpt_every=50),
 }
 
 TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=1337,
@@ -57,7 +58,7 @@ TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", weight_decay=0.1, gr
 # steps not yet taken (a change of --max-steps that moves a stage boundary already crossed is
 # refused: see resume)
 RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "eval_every", "hellaswag_every", "hellaswag_limit",
-                     "compile", "device", "bench", "max_steps", "lr", "min_lr", "schedule", "grad_clip", "peak_flops"}
+                     "sample_every", "compile", "device", "bench", "max_steps", "lr", "min_lr", "schedule", "grad_clip", "peak_flops"}
 
 # flags added since checkpoints were first written, with the value the runs before them had
 ADDED_FLAGS = {"precision": "bf16", "peak_flops": None}
@@ -115,6 +116,7 @@ def parse_args(argv=None):
     a("--eval-every", type=int)
     a("--hellaswag-every", type=int, help="0 = off")
     a("--hellaswag-limit", type=int, help="evaluate only the first N HellaSwag examples")
+    a("--sample-every", type=int, help="print a few continuations of a prompt every N steps; 0 = off")
     a("--ckpt-every", type=int)
     a("--out", default="out", help="folder for log.jsonl and ckpt.pt")
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt")
@@ -316,14 +318,7 @@ def setup_distributed(device_arg, precision="bf16"):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else (
-            "mps" if torch.backends.mps.is_available() else "cpu")
-    if device_arg not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {device_arg}: use auto, cpu, cuda or mps (torchrun picks the GPU of each rank)")
-    if device_arg == "cuda" and not torch.cuda.is_available() or device_arg == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device_arg}: this machine has no {device_arg.upper()} device that torch "
-                         f"{torch.__version__} can use; use --device cpu or auto")
+    device_arg = pick_device(device_arg)
     device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" else device_arg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -579,6 +574,16 @@ def evaluate(run, state, log, equal_cost=False, hellaswag_now=False):
               + (f"\n  (HellaSwag: {hellaswag.SCORING})" if hellaswag_now else ""))
 
 
+def show_samples(run, state, log):
+    """build-nanogpt's look at the model as it stands: a few continuations of its prompt, on rank 0,
+    printed and logged. Their own seeded generator and no gradients: training's numbers stay put."""
+    if run.rank == 0:
+        texts = sample.sample(run.model, gpt2_encoding(), device=run.device,
+                              plan=run.schedule.eval_plan(state.entered, state.step), **sample.DEFAULTS)
+        log.record(step=state.step, samples=texts)
+        log.print("\n".join(f"sample {i}: {text}" for i, text in enumerate(texts)))
+
+
 class Log:
     """log.jsonl and stdout, on rank 0 only; appends, so a resumed run continues its log. A last
     line torn by a crash or a full disk is cut away first, so the next record starts a line."""
@@ -677,7 +682,8 @@ def wrapper(run):
 # Training
 
 
-def train(run, stop, max_steps, lr_args, grad_clip, eval_every, hellaswag_every, ckpt_every, resuming):
+def train(run, stop, max_steps, lr_args, grad_clip, eval_every, hellaswag_every, sample_every, ckpt_every,
+          resuming):
     """The loop: enter stages as they come, evaluate and checkpoint on their cadence, and between
     them one train_step per iteration. lr_args: get_lr's (lr, min_lr, warmup, max_steps, schedule)."""
     schedule, opt = run.schedule, run.new_optimizer()
@@ -697,6 +703,8 @@ def train(run, stop, max_steps, lr_args, grad_clip, eval_every, hellaswag_every,
         if state.step % eval_every == 0 or hellaswag_due or at_equal_cost:
             evaluate(run, state, log, at_equal_cost, hellaswag_due)
             state.equal_cost_done = state.equal_cost_done or at_equal_cost
+        if sample_every > 0 and state.step % sample_every == 0:
+            show_samples(run, state, log)
         # -------------------------------- one training step --------------------------------
         t0 = time.time()
         stage = schedule.stages[sp.stage - 1]
@@ -720,8 +728,10 @@ def train(run, stop, max_steps, lr_args, grad_clip, eval_every, hellaswag_every,
         if stop_now:
             log.print(f"stopped at step {state.step}; {run.out / 'ckpt.pt'} saved: continue with --resume")
             break
-    else:  # the final evaluation, after the last step
+    else:  # the final evaluation (and samples), after the last step
         evaluate(run, state, log, state.flops >= run.baseline_cost and not state.equal_cost_done, hellaswag_every > 0)
+        if sample_every > 0:
+            show_samples(run, state, log)
     log.close()
 
 
@@ -762,7 +772,8 @@ def main(argv=None):
                 print(summary(run, args.max_steps, args.resume))
             with StopFlag(announce=run.rank == 0) as stop:
                 train(run, stop, args.max_steps, (args.lr, args.min_lr, args.warmup, args.max_steps, args.schedule),
-                      args.grad_clip, args.eval_every, args.hellaswag_every, args.ckpt_every, args.resume)
+                      args.grad_clip, args.eval_every, args.hellaswag_every, args.sample_every, args.ckpt_every,
+                      args.resume)
     except (ValueError, OSError, FloatingPointError, DataError) as e:  # OSError: FileNotFoundError, disk full
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

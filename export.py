@@ -1,0 +1,91 @@
+"""Export a train.py checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors), which
+transformers loads and lm-eval-harness evaluates.
+
+    python export.py --checkpoint out/ckpt.pt --out out/hf
+    python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('out/hf')"
+    lm_eval --model hf --model_args pretrained=out/hf,tokenizer=gpt2 --tasks hellaswag
+
+The folder holds the model as the checkpoint is evaluated: its eval plan unrolled, so a weight-shared
+(Apollo) checkpoint becomes a plain GPT-2 of full depth whose layer j is a copy of the block at plan
+position j; the vocabulary cut from the padded 50,304 to GPT-2's 50,257 tokens; the head tied to
+the token embedding. MSG's gates have no GPT-2 equivalent, so a checkpoint saved while they were
+opening is refused. Writing the folder needs safetensors, not transformers; the tokenizer is
+GPT-2's own, not written here (tokenizer=gpt2 above).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from model import CONV1D_WEIGHTS, load_model
+
+VOCAB = 50257  # GPT-2's tokenizer; the rows above it pad the matmuls and no token ever uses them
+EOT = 50256  # <|endoftext|>, GPT-2's bos and eos
+
+
+def hf_config(cfg, n_layer, vocab):
+    """GPT2Config's fields for our GPTConfig at depth n_layer: what model.py builds, spelled HF's way."""
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": vocab, "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": n_layer,
+        "n_head": cfg.n_head, "n_inner": None,  # None: 4 · n_embd, as model.MLP
+        "activation_function": "gelu_new",  # GELU's tanh approximation, as model.MLP
+        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which model.py uses
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # trained without dropout
+        "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": EOT, "eos_token_id": EOT,
+    }
+
+
+def hf_state_dict(model, plan, vocab):
+    """Our weights along the plan, named and shaped as GPT2LMHeadModel holds them: layer j is a copy
+    of block plan.blocks[j], Conv1D weights transposed, wte cut to `vocab` rows. lm_head.weight is
+    left out: it is tied to wte, and transformers ties it on loading."""
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith(("transformer.h.", "lm_head."))}
+    ours["transformer.wte.weight"] = ours["transformer.wte.weight"][:vocab]  # (vocab, C)
+    for j, b in enumerate(plan.blocks):
+        for k, v in model.transformer.h[b].state_dict().items():
+            ours[f"transformer.h.{j}.{k}"] = v.t() if k.endswith(CONV1D_WEIGHTS) else v
+    # safetensors stores each tensor once: a shared block is written as independent copies
+    return {k: v.detach().contiguous().clone() for k, v in ours.items()}
+
+
+def export(checkpoint, out):
+    """Write the checkpoint's model to the folder `out` (absent or empty), atomically: into a
+    folder beside it, renamed into place when complete. Returns (depth, unique blocks)."""
+    model, plan = load_model(checkpoint)
+    if plan.gates is not None:
+        raise ValueError(f"{checkpoint} was saved while MSG's gates were opening (μ = {plan.gates}), which GPT-2 "
+                         "cannot express: export a checkpoint saved after --msg-ramp steps of the last stage")
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty folder: choose another --out")
+    vocab = min(model.config.vocab_size, VOCAB)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an export that crashed
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(hf_config(model.config, len(plan.blocks), vocab), indent=2) + "\n")
+    save_file(hf_state_dict(model, plan, vocab), tmp / "model.safetensors", metadata={"format": "pt"})
+    os.replace(tmp, out)  # a folder replaces an empty one in a single rename
+    return len(plan.blocks), len(set(plan.blocks))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="out/ckpt.pt", help="a train.py checkpoint")
+    p.add_argument("--out", required=True, help="the folder to write; must not exist, or be empty")
+    args = p.parse_args(argv)
+    try:
+        depth, unique = export(args.checkpoint, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    shared = f" ({unique} unique blocks unrolled)" if unique < depth else ""
+    print(f"{args.out}: GPT-2 with {depth} layers{shared}; GPT2LMHeadModel.from_pretrained({str(args.out)!r}) loads it")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Sample text from a train.py checkpoint, as build-nanogpt does during training: each new token is
+drawn from the model's top-k next tokens, one at a time.
+
+    python sample.py --checkpoint out/ckpt.pt
+    python sample.py --checkpoint out/ckpt.pt --prompt "ROMEO:" --num-samples 2 --max-new-tokens 100
+
+The model runs along the checkpoint's own eval plan (shared depths, MSG's gates), so a weight-shared
+or mid-growth checkpoint writes as it was evaluated. A generator seeded with --seed draws the tokens:
+the same seed gives the same text (on the same device). train.py --sample-every calls sample() too.
+"""
+import argparse
+import sys
+
+import torch
+from torch.nn import functional as F
+
+from model import autocast, load_model, pick_device
+from prepare_fineweb import DataError, gpt2_encoding
+
+# build-nanogpt's: four continuations of this prompt (32 tokens in all there), top-50 at temperature 1
+DEFAULTS = dict(prompt="Hello, I'm a language model,", num_samples=4, max_new_tokens=32, top_k=50,
+                temperature=1.0, seed=42)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, top_k, temperature, gen, plan=None, vocab=None):
+    """idx (N, T) and max_new_tokens tokens after it, (N, T + max_new_tokens). Each is drawn by the
+    generator `gen` from the top_k most likely of the first `vocab` tokens at `temperature`, with the
+    context cropped to the model's block_size."""
+    for _ in range(max_new_tokens):
+        with autocast(idx.device):
+            h = model.hidden(idx[:, -model.config.block_size:], plan)[:, -1]  # (N, C)
+        logits = model.lm_head(h.float())[:, :vocab] / temperature  # (N, V)
+        top, ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (N, k), (N, k)
+        pick = torch.multinomial(F.softmax(top, dim=-1), 1, generator=gen)  # (N, 1)
+        idx = torch.cat([idx, torch.gather(ids, -1, pick)], dim=1)  # (N, T + 1)
+    return idx
+
+
+def sample(model, enc, prompt, num_samples, max_new_tokens, top_k, temperature, seed, device, plan=None):
+    """num_samples texts, each the prompt and max_new_tokens tokens after it (generate), drawn by a
+    generator of their own seeded with `seed`: the global RNG is left alone, and the model's
+    train/eval mode is kept."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    start = enc.encode(prompt, allowed_special="all") or [enc.eot_token]  # no prompt: a new document
+    idx = torch.tensor(start, device=device).repeat(num_samples, 1)  # (N, T)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    # the padded vocabulary's extra rows never occur in data: draw from the tokenizer's tokens only
+    out = generate(model, idx, max_new_tokens, top_k, temperature, gen, plan, enc.n_vocab)  # (N, T + new)
+    model.train(was_training)
+    return [enc.decode(row) for row in out.tolist()]
+
+
+def check(args):
+    """A ValueError naming the first flag out of range."""
+    for name in ("num_samples", "max_new_tokens", "top_k"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature {args.temperature} must be above 0")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="out/ckpt.pt", help="a train.py checkpoint")
+    p.add_argument("--prompt", default=DEFAULTS["prompt"], help="'' starts a new document")
+    p.add_argument("--num-samples", type=int, default=DEFAULTS["num_samples"])
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
+    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"])
+    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    args = p.parse_args(argv)
+    try:
+        check(args)
+        device = pick_device(args.device)
+        model, plan = load_model(args.checkpoint, device)
+        enc = gpt2_encoding()
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    texts = sample(model, enc, args.prompt, args.num_samples, args.max_new_tokens,
+                   args.top_k, args.temperature, args.seed, device, plan)
+    for i, text in enumerate(texts):
+        print(f"sample {i}: {text}")
+
+
+if __name__ == "__main__":
+    main()
