@@ -221,13 +221,12 @@ def chunk_cross_entropy(logits, targets, grad):
     and, when grad, its gradient with respect to the logits (softmax minus the one-hot of the
     targets) in the logits' dtype (n, V); else None. A pure function, so compile_blocks can compile
     it alone: fused, it reads the logits once or twice instead of once per elementwise op."""
-    z = logits.float()  # (n, V)
-    lse = torch.logsumexp(z, dim=1)  # (n,)
-    loss = (lse - z.gather(1, targets[:, None]).squeeze(1)).sum()
+    logp = torch.log_softmax(logits, dim=1, dtype=torch.float32)  # (n, V), as F.cross_entropy's
+    loss = -logp.gather(1, targets[:, None]).sum()
     if not grad:
         return loss, None
-    dz = torch.exp(z - lse[:, None])  # (n, V), the softmax
-    dz[torch.arange(len(targets), device=z.device), targets] -= 1.0
+    dz = logp.exp_()  # (n, V), the softmax, in place: one (n, V) fp32 tensor in all
+    dz[torch.arange(len(targets), device=dz.device), targets] -= 1.0
     return loss, dz.to(logits.dtype)
 
 
@@ -248,7 +247,10 @@ def chunked_cross_entropy(x, weight, targets, chunk, step, grad):
         loss += loss_i
         if grad:
             grad_x[i:i + chunk] = dlogits @ wc  # (n, C)
-            grad_w += dlogits.t() @ x_i  # (V, C)
+            if dlogits.dtype == grad_w.dtype:
+                grad_w.addmm_(dlogits.t(), x_i)  # (V, C), summed inside the matmul: no (V, C) temporary
+            else:  # bf16 under autocast: a bf16 product, summed over the chunks in fp32
+                grad_w += dlogits.t() @ x_i  # (V, C)
     return loss, grad_x, grad_w
 
 
@@ -270,7 +272,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad / len(grad_x)  # d loss / d (summed loss), times the caller's gradient
-        return grad_x * scale, grad_w * scale, None, None, None
+        # in place, to hold no second (V, C) copy; a second backward (retain_graph) would see the
+        # changed version and raise, rather than scale twice
+        return grad_x.mul_(scale), grad_w.mul_(scale), None, None, None
 
 
 def linear_cross_entropy(x, weight, targets, chunk=4096, step=chunk_cross_entropy):
