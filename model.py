@@ -148,9 +148,9 @@ class GPT(nn.Module):
         """Whether forward computes the loss with linear_cross_entropy (head and loss chunk by
         chunk, no fp32 logits stored) instead of the eager head and F.cross_entropy. Fused on CUDA
         and wherever compile_blocks ran: at GPT-2's micro-batch (64 x 1024 tokens, 50,304 words)
-        the eager path writes and reads ~13 GB of fp32 logits several times, most of the step's
-        peak memory. Eager on the CPU otherwise, so CPU runs keep their numbers bit for bit (the
-        golden runs); the two agree to float rounding (test_all.py)."""
+        the eager path writes and reads ~13 GB of fp32 logits several times, a large share of the
+        step's peak memory. Eager on the CPU otherwise, so CPU runs keep their numbers bit for bit
+        (the golden runs); the two agree to float rounding (test_all.py)."""
         return self.compiled is not None or device.type == "cuda"
 
     def hidden(self, idx, plan=None):
