@@ -4,6 +4,7 @@
     python cost.py --stages 8 --cost exact --phase1-mode isolate
     python cost.py --regime apollo                  # expected FLOPs of a growth schedule
     python cost.py --measure                        # time real training steps against their FLOPs
+    python cost.py --bench-loss                     # the head and loss: eager against fused
 
 Three models of the same incremental run, coarse to exact:
   paper          forward and backward each cost c per layer per token (Li et al.'s derivation)
@@ -15,15 +16,17 @@ grow.schedule_phases over the same Schedule train.py runs, so the log and this s
 construction.
 """
 import argparse
+import ctypes
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import time
 from fractions import Fraction
 
 import grow
-from model import PEAK_BF16, SIZES, GPTConfig, Plan, full_step_flops, step_flops
+from model import PEAK_BF16, SIZES, GPTConfig, Plan, full_step_flops, pick_device, step_flops
 
 H100_BF16 = PEAK_BF16["H100"]  # FLOP/s, dense bf16 peak of the SXM card
 APOLLO_REPORTED = {"code": 57.6, "paper": 47.9}  # % of FLOPs saved on GPT-Base: their code's, their paper's
@@ -406,6 +409,126 @@ def measure_text(r):
 
 
 # ----------------------------------------------------------------------------------------------
+# The loss region (ln_f's output to the loss's gradients): the eager head and F.cross_entropy, as
+# the CPU trains, against model.linear_cross_entropy, as CUDA and compile_blocks do
+
+
+LOSS_VARIANTS = ("eager", "fused", "fused, compiled")
+
+
+def peak_memory(device, reset=False):
+    """Bytes: on CUDA the allocator's peak; elsewhere the process's peak resident set (Linux's
+    VmHWM, which torch's allocations count in and tracemalloc would not see). reset: start a new
+    peak from now, and return the memory held now."""
+    import torch
+
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        return torch.cuda.max_memory_allocated()
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    field = "VmRSS:" if reset else "VmHWM:"
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def loss_worker(conn, variant, device, tokens, d, vocab, chunk, warmup, threads, seed=0):
+    """One variant of LOSS_VARIANTS in its own process: forward + backward of the loss region for
+    `tokens` hidden states of width d and a vocab x d head (fp32; under model.autocast, bf16 on
+    CUDA). Runs `warmup` rounds (compiling, for the compiled variant), starts a new memory peak
+    and says "ready"; then runs one round per message, answering its seconds, until None, which
+    it answers with the peak memory of the timed rounds above what was held before them (the
+    inputs)."""
+    import torch
+    from torch.nn import functional as F
+
+    from model import autocast, chunk_cross_entropy, linear_cross_entropy
+
+    if device.type != "cuda":
+        # glibc keeps a freed block under its mmap threshold (which it raises itself, up to 32 MB)
+        # for reuse, and such a block reused after the reset would not count in the peak; fixed at
+        # 1 MiB, every tensor from 1 MiB up is a mapping of its own, returned to the system when freed
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    x = torch.randn(tokens, d, device=device, requires_grad=True)  # (N, d), what ln_f hands the head
+    w = (0.02 * torch.randn(vocab, d, device=device)).requires_grad_()  # (V, d), the tied head
+    y = torch.randint(vocab, (tokens,), device=device)  # (N,)
+    step = torch.compile(chunk_cross_entropy) if variant == "fused, compiled" else chunk_cross_entropy
+
+    def round_seconds():
+        t0 = time.perf_counter()
+        with autocast(device):
+            loss = (F.cross_entropy(F.linear(x, w), y) if variant == "eager"
+                    else linear_cross_entropy(x, w, y, chunk, step))
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        x.grad = w.grad = None
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        round_seconds()
+    held = peak_memory(device, reset=True)
+    conn.send("ready")
+    while conn.recv() is not None:
+        conn.send(round_seconds())
+    conn.send(peak_memory(device) - held)
+
+
+def bench_loss(device, warmup=1, repeats=5, threads=1):
+    """Median seconds and peak memory of each of LOSS_VARIANTS, each in a process of its own, so
+    that no variant's memory, freed or cached, hides another's peak; the rounds go round-robin
+    over the variants, so a shared machine's load hits them alike. d and the vocab are GPT-2
+    124M's; on the CPU 512 tokens in chunks of 128 (a round takes seconds: the head's matmuls are
+    0.12 TFLOP), on CUDA the gpt2 preset's micro-batch, 64 x 1024 tokens, in
+    linear_cross_entropy's default chunks of 4,096."""
+    import torch
+
+    tokens, chunk = (64 * 1024, 4096) if device.type == "cuda" else (512, 128)
+    d, vocab = SIZES["gpt2"]["n_embd"], GPTConfig.vocab_size
+    spawn = multiprocessing.get_context("spawn")
+    workers = []
+    for variant in LOSS_VARIANTS:
+        conn, theirs = spawn.Pipe()
+        proc = spawn.Process(target=loss_worker, args=(theirs, variant, device, tokens, d, vocab, chunk, warmup,
+                                                       threads))
+        proc.start()
+        workers.append((conn, proc))
+    for conn, _ in workers:
+        assert conn.recv() == "ready"
+    times = [[] for _ in workers]
+    for _ in range(repeats):
+        for (conn, _), t in zip(workers, times):
+            conn.send(True)
+            t.append(conn.recv())
+    rows = []
+    for variant, (conn, proc), t in zip(LOSS_VARIANTS, workers, times):
+        conn.send(None)
+        rows.append(dict(variant=variant, seconds=statistics.median(t), peak=conn.recv()))
+        proc.join()
+    return dict(device=str(device), torch=torch.__version__, threads=threads, tokens=tokens, d=d, vocab=vocab,
+                chunk=chunk, warmup=warmup, repeats=repeats, rows=rows)
+
+
+def bench_loss_text(r):
+    eager = r["rows"][0]
+    lines = [f"The loss region on {r['device']} (torch {r['torch']}, {r['threads']} thread"
+             f"{'s' if r['threads'] > 1 else ''}): {r['tokens']:,} tokens, d {r['d']}, vocab {r['vocab']:,}, "
+             f"fused in chunks of {r['chunk']:,};",
+             f"forward + backward, median of {r['repeats']} rounds round-robin after {r['warmup']} warm-up; "
+             "peak memory above the inputs; each variant in a process of its own.",
+             f"  {'variant':<16} {'ms':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}"]
+    for row in r["rows"]:
+        lines.append(f"  {row['variant']:<16} {row['seconds'] * 1e3:>8.0f} {row['seconds'] / eager['seconds']:>6.2f} "
+                     f"{row['peak'] / 2**20:>9.0f} {row['peak'] / eager['peak']:>6.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -426,19 +549,21 @@ def parse_args(argv=None):
     a("--accum", type=int, default=1, help="growth regimes: micro-batches per rank per step")
     a("--json", action="store_true", help="print the results as one JSON object")
     a("--measure", action="store_true", help="time real training steps on this machine (a benchmark)")
-    a("--device", default="auto", help="for --measure: auto, cpu, cuda")
+    a("--bench-loss", action="store_true",
+      help="time the head and loss, eager against fused, and their peak memory (a benchmark)")
+    a("--device", default="auto", help="for --measure and --bench-loss: auto, cpu, cuda")
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
     args = p.parse_args(argv)
     # flags the chosen report would silently ignore
     given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
-    if args.measure:
-        wrong = given - {"measure", "device", "json"}
+    if args.measure or args.bench_loss:
+        wrong = given - {"measure", "bench-loss", "device", "json"}
     else:
         wrong = given & ({"device"} | ({"stages", "cost", "phase1-mode"} if args.regime != "incremental"
                                        else {"ranks", "accum"}))
     if wrong:
         p.error(f"{', '.join('--' + f for f in sorted(wrong))} cannot go with "
-                f"{'--measure' if args.measure else '--regime ' + args.regime}")
+                f"{'--measure or --bench-loss' if args.measure or args.bench_loss else '--regime ' + args.regime}")
     return args
 
 
@@ -468,11 +593,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check(args)
-        if args.measure:
+        if args.measure or args.bench_loss:
             import torch
 
-            device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-            report, text = measure(torch.device(device)), measure_text
+            device = torch.device(pick_device(args.device))
+            report, text = (measure(device), measure_text) if args.measure else (bench_loss(device), bench_loss_text)
         elif args.regime == "incremental":
             report = incremental_report(args.model, args.stages, args.steps, args.phase1_mode, args.cost,
                                         args.seq_len, args.batch_tokens, args.mfu)

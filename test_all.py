@@ -48,8 +48,8 @@ from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate, load
 import prepare_fineweb as pf  # noqa: E402
 import train  # noqa: E402
 from cost import incremental_report, main as cost_main, paper_closed_form, per_layer_phases  # noqa: E402
-from model import (GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, load_model,  # noqa: E402
-                   peak_flops as model_peak, step_flops)
+from model import (GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, linear_cross_entropy,  # noqa: E402
+                   load_model, peak_flops as model_peak, step_flops)
 from prepare_fineweb import DataError, DownloadError  # noqa: E402
 from export import main as export_main  # noqa: E402
 from sample import DEFAULTS as SAMPLE_DEFAULTS, generate, main as sample_main, sample  # noqa: E402
@@ -289,6 +289,84 @@ def test_model_step_flops_match_flop_counter():
         want = step_flops(cfg, Plan(tuple(range(sp.unique)), sp.isolate), sp.trainable, B * seq, seq)
         got = counted_flops(model, sp, x, y)
         assert got == pytest.approx(want, rel=0.02), name
+
+
+def loss_and_grads(model, loss_fn):
+    """loss_fn()'s loss and every parameter's gradient after its backward, by name (the tied
+    wte / lm_head weight once, its gradient from the embedding and the head together)."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def fused_loss(model, x, y, chunk):
+    """The loss as forward computes it where fuses_loss says so, at any chunk size."""
+    return linear_cross_entropy(model.hidden(x).flatten(0, 1), model.lm_head.weight, y.flatten(), chunk)
+
+
+def test_model_fused_loss_and_gradients_equal_eager_at_any_chunk():
+    model = small_model()
+    x, y = tokens(0, 29), tokens(1, 29)  # 58 tokens: chunks of 5 and 16 leave a shorter last one
+    want_loss, want = loss_and_grads(model, lambda: model(x, y)[1])
+    for chunk in (1, 5, 16, 58, 100):
+        loss, got = loss_and_grads(model, lambda: fused_loss(model, x, y, chunk))
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0, msg=f"chunk {chunk}")
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7, msg=f"chunk {chunk}")
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(fused_loss(model, x, y, 5), want_loss, rtol=1e-6, atol=0)
+
+
+def test_model_fused_loss_under_bf16_autocast():
+    """bf16 matmuls as the eager head's under autocast, the loss and the weight's gradient
+    accumulated in fp32: within bf16 rounding of the eager path under the same autocast."""
+    model = small_model()
+    x, y = tokens(0, 29), tokens(1, 29)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss, want = loss_and_grads(model, lambda: model(x, y)[1])
+        loss, got = loss_and_grads(model, lambda: fused_loss(model, x, y, 16))
+    assert loss.dtype == want_loss.dtype == torch.float32
+    assert abs(loss - want_loss) < 1e-2
+    for name, g in got.items():
+        assert (g - want[name]).abs().max() <= 0.02 * want[name].abs().max(), name
+
+
+def test_model_fused_loss_keeps_the_heads_three_matmuls():
+    """Gradients computed in forward, not logits recomputed in backward: the FLOPs step_flops
+    counts for the head, 2·N·d·V forward and twice that backward."""
+    N, C, V = 58, 32, 512
+    x, w = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
+    y = torch.randint(V, (N,))
+    # the counter has no formula for the in-place addmm_ that sums the weight's gradient: addmm's,
+    # from the shapes of C += A (m, k) @ B (k, n)
+    in_place = {torch.ops.aten.addmm_: lambda c, a, b, *args, **kwargs: 2 * a[0] * a[1] * b[1]}
+    counts = []
+    for loss_fn in (lambda: F.cross_entropy(F.linear(x, w), y), lambda: linear_cross_entropy(x, w, y, 16)):
+        with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
+            loss_fn().backward()
+        counts.append(counter.get_total_flops())
+    assert counts == [3 * 2 * N * C * V] * 2
+
+
+def test_model_compile_blocks_fuses_the_loss():
+    """The switch: eager on the CPU, bit for bit as F.cross_entropy over the whole head; fused on
+    CUDA and under compile_blocks, there with the per-chunk step compiled too."""
+    cfg = GPTConfig(block_size=32, vocab_size=512, n_layer=1, n_head=2, n_embd=32)  # one block: compiles fast
+    eager, compiled = small_model(cfg=cfg), small_model(cfg=cfg)
+    compiled.compile_blocks()
+    assert not eager.fuses_loss(torch.device("cpu")) and eager.fuses_loss(torch.device("cuda"))
+    assert compiled.fuses_loss(torch.device("cpu"))
+    x, y = tokens(0, 29), tokens(1, 29)
+    logits, loss = eager(x, y)
+    assert torch.equal(loss, F.cross_entropy(eager.lm_head(eager.hidden(x)).flatten(0, 1), y.flatten()))
+    assert compiled(x, y)[0] is None  # the fused loss never holds the whole logits
+    want_loss, want = loss_and_grads(eager, lambda: eager(x, y)[1])
+    loss, got = loss_and_grads(compiled, lambda: compiled(x, y)[1])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    compiled.eval()  # evaluation (val_loss): uncompiled blocks and step, the loss alone
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, y)[1], want_loss, rtol=1e-6, atol=0)
 
 
 def test_model_import_graph_runs_one_way():
