@@ -504,6 +504,8 @@ def test_baseline_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
     assert "--msg-ramp only applies to --grow-op msg" in error_of("--msg-ramp", "5")
     assert "--budget-steps sets --max-steps" in error_of("--budget-steps", "5", "--max-steps", "5")
     assert "does not split into --n-head 3 heads" in error_of("--n-head", "3")
+    assert "--min-lr 0.01 is above --lr 0.003" in error_of("--min-lr", "0.01")
+    assert "shrink every weight past zero" in error_of("--weight-decay", "1000")
     assert "less than one batch of --batch-size 4 x --seq-len 100000" in error_of("--seq-len", "100000",
                                                                                   "--total-batch", "400000")
     assert "this machine has no CUDA device" in error_of("--device", "cuda")

@@ -173,6 +173,11 @@ def check_flags(args, given):
             if bad:
                 valid = (f"above {lo}" if name in ("lr", "peak_flops") else f"from {lo} to {hi}" if hi is not None else f"{lo} or more")
                 raise ValueError(f"{flag(name)} {v}: must be {kind} {valid}")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min-lr")
+    if args.lr * args.weight_decay >= 1:
+        raise ValueError(f"--lr {args.lr} x --weight-decay {args.weight_decay} is 1 or more: each AdamW step would "
+                         "shrink every weight past zero; lower either")
     if args.n_embd % args.n_head:
         raise ValueError(f"--n-embd {args.n_embd} does not split into --n-head {args.n_head} heads: "
                          "the width must be a multiple of the head count")
