@@ -45,6 +45,10 @@ REGIMES = {
     "msg": dict(grow_op="msg", grow_layers="3,6,12", grow_at="0.1,0.25"),
     # new blocks start as the identity: their residual output projections are zero
     "zero": dict(grow_op="zero", grow_layers="3,6,12", grow_at="0.1,0.25"),
+    # late expansion (Bu 2025): 0 blocks (embeddings, final norm and head) for most of the run, one
+    # expansion to full depth at 80% of the steps, under a warmup-stable-decay LR; --grow-layers 1,12
+    # starts from one block, and --grow-op copy-top then copies it into every new slot
+    "late": dict(grow_op="random", grow_layers="0,12", grow_at="0.8", schedule="wsd"),
 }
 
 DEFAULTS = dict(
@@ -69,12 +73,18 @@ def regime_options(regime, warmup, **given):
     DEFAULTS; "as long as the warmup" resolved to `warmup` steps."""
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
-    opts = {**DEFAULTS, **REGIMES[regime], **{k: v for k, v in given.items() if v is not None}}
+    own = {k: v for k, v in REGIMES[regime].items() if k in DEFAULTS}
+    opts = {**DEFAULTS, **own, **{k: v for k, v in given.items() if v is not None}}
     if opts["msg_ramp"] is None:
         opts["msg_ramp"] = warmup
     if opts["rewarm"] == -1:
         opts["rewarm"] = warmup
     return opts
+
+
+def training_defaults(regime):
+    """The training flags (not growth options) a regime sets its own default for, e.g. its LR schedule."""
+    return {k: v for k, v in REGIMES[regime].items() if k not in DEFAULTS}
 
 
 def misplaced(regime, given):
@@ -128,8 +138,8 @@ def scale_layers(layers, L):
     """A layer list written for 12 layers, fitted to L: 1,3,6,12 on 24 layers is 2,6,12,24. Where
     scaling merges two stages (1,3,6,12 on 4 layers is 1,1,2,4) the later one of the pair is dropped.
     Returns the indices kept and their layer counts."""
-    if layers[-1] == 12 and L != 12:
-        layers = [max(1, round(u * L / 12)) for u in layers]
+    if layers[-1] == 12 and L != 12:  # 0 blocks stay 0; any other count keeps at least one
+        layers = [max(1, round(u * L / 12)) if u else 0 for u in layers]
     keep = [i for i in range(len(layers)) if i == 0 or layers[i] != layers[i - 1]]
     return keep, [layers[i] for i in keep]
 
@@ -148,8 +158,8 @@ def growth_stages(layers_spec, at_spec, L, max_steps):
     starts = [0] + [round(f * max_steps) for f in at]
     if any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= max_steps:
         raise ValueError(f"--grow-at {at} must increase strictly and stay below 1")
-    if any(b <= a for a, b in zip(layers, layers[1:])):
-        raise ValueError(f"--grow-layers {layers} must increase strictly")
+    if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0:
+        raise ValueError(f"--grow-layers {layers} must increase strictly from 0 or more")
     return [Stage(s, u) for s, u in zip(starts, layers)]
 
 
@@ -234,6 +244,9 @@ def build_schedule(regime, n_layer, max_steps, inc_steps, seed, *, stages, phase
     else:
         layout = growth_stages(grow_layers, grow_at, L, max_steps)
         continual = None
+        if layout[0].layers == 0 and grow_op not in ("random", "zero", "msg"):
+            raise ValueError(f"--grow-op {grow_op} copies blocks, and a model of 0 blocks has none: "
+                             "use random, zero or msg, or start from 1 block")
     entered = [replace(st, grow_op=grow_op, rewarm=rewarm, ramp=msg_ramp if grow_op == "msg" else 0,
                        optimizer=continual_optimizer if i == continual else growth_optimizer)
                for i, st in enumerate(layout[1:], 1)]

@@ -564,6 +564,17 @@ def test_baseline_ddp_ranks_exit_cleanly_with_compile(tmp_path, data):
         assert read_log(tmp_path / f"run{i}")[0][-1]["step"] == 6
 
 
+def test_baseline_wsd_schedule_at_known_steps():
+    wsd = dict(lr=1e-3, min_lr=1e-4, warmup=100, max_steps=1000, schedule="wsd")
+    lr = lambda step, **kw: train.get_lr(step, **{**wsd, **kw})  # noqa: E731
+    assert lr(0) == 1e-3 / 100 and lr(99) == 1e-3  # warmup
+    assert lr(100) == lr(500) == lr(800) == 1e-3  # stable until the last 20%
+    assert lr(900) == pytest.approx(1e-3 - 0.9e-3 * 0.5) and lr(1000) == pytest.approx(1e-4)
+    assert lr(900, decay_shape="sqrt") == pytest.approx(1e-3 - 0.9e-3 * 0.5 ** 0.5)
+    assert lr(700, decay_frac=0.5) == pytest.approx(1e-3 - 0.9e-3 * 0.4)
+    assert lr(5000) == pytest.approx(1e-4)  # past the end it stays at the minimum
+
+
 def test_baseline_grad_clip_zero_means_no_clipping(tmp_path, data):
     clipped, _ = run_train(tmp_path / "a", data, "--max-steps", "3", "--grad-clip", "1e-3")
     free, _ = run_train(tmp_path / "b", data, "--max-steps", "3", "--grad-clip", "0")
@@ -1019,6 +1030,36 @@ def test_growth_ops_that_preserve_the_function(op, same):
         gates = (1.0, 1.0, 0.0, 0.0) if op == "msg" else None  # MSG's new blocks enter at μ = 0
         after = model(x, plan=Plan((0, 1, 2, 3), gates=gates))[0]
     assert torch.allclose(before, after, atol=1e-5) == same
+
+
+def test_late_expansion_zero_blocks_forward_and_flops():
+    """A model of 0 blocks: embeddings, final norm and head; its FLOPs are the head's alone."""
+    model = small_model()
+    x = tokens(0, 16)
+    h = model.transformer
+    with torch.no_grad():
+        by_hand = model.lm_head(h.ln_f(h.wte(x) + h.wpe(torch.arange(16))))
+        assert torch.allclose(model(x, plan=Plan(()))[0], by_hand, atol=1e-6)
+    _, loss = model(x, x, plan=Plan(()))
+    loss.backward()
+    assert all(p.grad is None for p in h.h.parameters()) and h.wpe.weight.grad is not None
+    assert step_flops(SMALL, Plan(()), (), 100, 32) == 100 * 3 * 2 * 32 * 512  # 2·d·V forward, twice that back
+
+
+def test_late_expansion_boundary_and_flops_column_match_the_cost_model(tmp_path, data):
+    late = growth_schedule("late", L=4, steps=10)
+    assert [(s.start, s.layers, s.grow_op) for s in late.stages] == [(0, 0, "random"), (8, 4, "random")]
+    assert grow.training_defaults("late") == {"schedule": "wsd"}
+    steps, _ = run_train(tmp_path, data, "--regime", "late", "--max-steps", "10", "--warmup", "2")
+    assert [r["unique_layers"] for r in steps] == [0] * 8 + [4] * 2
+    assert all(r["depth"] == [r["unique_layers"]] * 2 for r in steps)
+    cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
+    expected = sum(r["steps"] * r["step_flops"] for r in grow.schedule_phases(cfg, late, 10, 256, 32))
+    assert steps[-1]["flops"] == expected
+    assert [r["lr"] for r in steps][2:8] == [3e-3] * 6 and steps[-1]["lr"] < 3e-3  # WSD: stable, then decay
+    assert "--grow-op stack copies blocks" in str(pytest.raises(ValueError, growth_schedule, "late",
+                                                                grow_op="stack").value)
+    assert [s.layers for s in growth_schedule("late", L=24).stages] == [0, 24]
 
 
 def test_growth_regimes_are_data_and_stages_carry_their_boundary_actions():

@@ -51,17 +51,18 @@ PRESETS = {
                  eval_every=25, hellaswag_every=0, sample_every=0, ckpt_every=50),
 }
 
-TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=1337,
-                         hellaswag_limit=None)
+TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", decay_frac=0.2, decay_shape="linear", weight_decay=0.1,
+                         grad_clip=1.0, seed=1337, hellaswag_limit=None)
 
 # flags that may differ when resuming: they change neither the math nor the data order, or only
 # steps not yet taken (a change of --max-steps that moves a stage boundary already crossed is
 # refused: see resume)
 RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "eval_every", "hellaswag_every", "hellaswag_limit",
-                     "sample_every", "compile", "device", "bench", "max_steps", "lr", "min_lr", "schedule", "grad_clip", "peak_flops"}
+                     "sample_every", "compile", "device", "bench", "max_steps", "lr", "min_lr", "schedule", "grad_clip", "peak_flops",
+                     "decay_frac", "decay_shape"}
 
 # flags added since checkpoints were first written, with the value the runs before them had
-ADDED_FLAGS = {"precision": "bf16", "peak_flops": None}
+ADDED_FLAGS = {"precision": "bf16", "peak_flops": None, "decay_frac": 0.2, "decay_shape": "linear"}
 
 # valid ranges of the numeric flags, checked before any work: (lowest, highest), None = unbounded
 INT_RANGES = dict(n_layer=(1, None), n_head=(1, None), n_embd=(1, None), batch_size=(1, None),
@@ -70,7 +71,7 @@ INT_RANGES = dict(n_layer=(1, None), n_head=(1, None), n_embd=(1, None), batch_s
                   rewarm=(0, None), budget_steps=(0, None), val_tokens=(1, None), eval_every=(1, None),
                   hellaswag_every=(0, None), hellaswag_limit=(1, None), ckpt_every=(1, None), bench=(0, None))
 FLOAT_RANGES = dict(lr=(0, None), min_lr=(0, None), weight_decay=(0, None), grad_clip=(0, None),
-                    phase1_frac=(0, 1), peak_flops=(0, None))  # lr and peak_flops must be above their bound
+                    phase1_frac=(0, 1), peak_flops=(0, None), decay_frac=(0, 1))  # lr and peak_flops must be above their bound
 
 
 def parse_args(argv=None):
@@ -106,7 +107,11 @@ def parse_args(argv=None):
     for name in ("lr", "min_lr", "weight_decay"):
         g.add_argument("--" + name.replace("_", "-"), type=float)
     g.add_argument("--grad-clip", type=float, help="clip the gradients' global norm to this; 0 = no clipping")
-    g.add_argument("--schedule", choices=["cosine", "constant"], help="cosine: warmup then cosine to --min-lr")
+    g.add_argument("--schedule", choices=["cosine", "constant", "wsd"],
+                   help="cosine: warmup then cosine to --min-lr; wsd: warmup, constant, decay (get_lr)")
+    g.add_argument("--decay-frac", type=float, help="wsd: the last share of the steps that decays")
+    g.add_argument("--decay-shape", choices=["linear", "sqrt"],
+                   help="wsd: lr - (lr - min_lr) * progress, or * sqrt(progress)")
     g.add_argument("--budget-steps", type=int,
                    help="set --max-steps so the run spends what the full-depth baseline spends in this "
                         "many steps (expected FLOPs, from cost.py); equal_cost is marked there too")
@@ -143,7 +148,7 @@ def parse_args(argv=None):
         p.error(f"{', '.join('--' + k.replace('_', '-') for k in wrong)} cannot go with --regime {args.regime}")
     if "budget_steps" in given and "max_steps" in given:
         p.error("--budget-steps sets --max-steps: give one of them")
-    for defaults in (PRESETS[args.preset], TRAINING_DEFAULTS):
+    for defaults in (PRESETS[args.preset], grow.training_defaults(args.regime), TRAINING_DEFAULTS):
         for k, v in defaults.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
@@ -173,6 +178,8 @@ def check_flags(args, given):
             if bad:
                 valid = (f"above {lo}" if name in ("lr", "peak_flops") else f"from {lo} to {hi}" if hi is not None else f"{lo} or more")
                 raise ValueError(f"{flag(name)} {v}: must be {kind} {valid}")
+    if args.schedule != "wsd" and {"decay_frac", "decay_shape"} & set(given):
+        raise ValueError(f"--decay-frac and --decay-shape only apply to --schedule wsd, not {args.schedule}")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min-lr")
     if args.lr * args.weight_decay >= 1:
@@ -199,13 +206,24 @@ def make_schedule(args, max_steps):
                                **{k: getattr(args, k) for k in grow.DEFAULTS})
 
 
-def get_lr(step, lr, min_lr, warmup, max_steps, schedule, stage_start=0, rewarm=0):
-    """Warmup then cosine to min_lr at max_steps (or constant lr), rewarmed linearly over `rewarm`
-    steps from the start of the stage the step is in."""
+def get_lr(step, lr, min_lr, warmup, max_steps, schedule, decay_frac=0.2, decay_shape="linear", stage_start=0,
+           rewarm=0):
+    """The learning rate at `step`, rewarmed linearly over `rewarm` steps from the start of the stage
+    the step is in.
+    cosine    linear warmup, then cosine from lr to min_lr at max_steps
+    constant  lr throughout (the authors' code)
+    wsd       warmup-stable-decay: linear warmup, lr, then over the last decay_frac of the steps a
+              decay to min_lr, linear or "sqrt" (1 - sqrt of the decay's progress); until the decay
+              starts the LR does not depend on the run's length, which suits runs grown late"""
+    decay_start = max(warmup, max_steps - round(decay_frac * max_steps))
     if schedule == "constant":
         rate = lr
     elif step < warmup:
         rate = lr * (step + 1) / warmup
+    elif schedule == "wsd":
+        progress = min(1.0, max(0, step - decay_start) / max(1, max_steps - decay_start))
+        shrink = progress if decay_shape == "linear" else math.sqrt(progress)
+        rate = lr - (lr - min_lr) * shrink
     else:
         ratio = min(1.0, (step - warmup) / max(1, max_steps - warmup))
         rate = min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
@@ -690,7 +708,7 @@ def wrapper(run):
 def train(run, stop, max_steps, lr_args, grad_clip, eval_every, hellaswag_every, sample_every, ckpt_every,
           resuming):
     """The loop: enter stages as they come, evaluate and checkpoint on their cadence, and between
-    them one train_step per iteration. lr_args: get_lr's (lr, min_lr, warmup, max_steps, schedule)."""
+    them one train_step per iteration. lr_args: get_lr's keyword arguments but the stage's."""
     schedule, opt = run.schedule, run.new_optimizer()
     state, changed = resume(run, opt) if resuming else (RunState(), {})
     log = Log(run.out / "log.jsonl", run.rank == 0)
@@ -713,7 +731,7 @@ def train(run, stop, max_steps, lr_args, grad_clip, eval_every, hellaswag_every,
         # -------------------------------- one training step --------------------------------
         t0 = time.time()
         stage = schedule.stages[sp.stage - 1]
-        lr = get_lr(state.step, *lr_args, stage.start, stage.rewarm)
+        lr = get_lr(state.step, **lr_args, stage_start=stage.start, rewarm=stage.rewarm)
         loss, norm, plans, flops = train_step(run, wrapped, opt, sp, state.step, lr, grad_clip)
         dt = time.time() - t0
         # -----------------------------------------------------------------------------------
@@ -776,9 +794,10 @@ def main(argv=None):
             if run.rank == 0:
                 print(summary(run, args.max_steps, args.resume))
             with StopFlag(announce=run.rank == 0) as stop:
-                train(run, stop, args.max_steps, (args.lr, args.min_lr, args.warmup, args.max_steps, args.schedule),
-                      args.grad_clip, args.eval_every, args.hellaswag_every, args.sample_every, args.ckpt_every,
-                      args.resume)
+                lr_args = dict(lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, max_steps=args.max_steps,
+                               schedule=args.schedule, decay_frac=args.decay_frac, decay_shape=args.decay_shape)
+                train(run, stop, args.max_steps, lr_args, args.grad_clip, args.eval_every, args.hellaswag_every,
+                      args.sample_every, args.ckpt_every, args.resume)
     except (ValueError, OSError, FloatingPointError, DataError) as e:  # OSError: FileNotFoundError, disk full
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
