@@ -189,7 +189,8 @@ def growth_report(name, regime, steps, seq_len, batch_tokens, mfu, ranks=8, accu
                                                        micro_tokens, seq_len) for r in phases)
     report = dict(
         regime=regime, model=name, n_layer=L, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
-        grow_layers=[s.layers for s in stages], grow_at=[s.start / steps for s in stages[1:]], depth=opts["depth"], share=opts["share"],
+        grow_layers=[s.layers for s in stages], grow_at=[s.start / steps for s in stages[1:]], depth=opts["depth"],
+        share=opts["share"],
         stages=[{**r, "step_flops": float(r["step_flops"]), "depth": float(r["depth"]),
                  "vs_full": float(r["step_flops"] / full)} for r in phases],
         flops=float(spent), baseline_flops=steps * full, saved=float(100 * (1 - spent / (steps * full))),

@@ -465,7 +465,8 @@ def main(argv=None):
         parser.error("--text and --source cannot go together: --text tokenizes a local file")
     wrong = sorted(f for source, flags in own.items() if source != chosen for f in flags & given)
     if wrong:
-        parser.error(f"{', '.join('--' + f for f in wrong)} cannot go with {'--text' if args.text else '--source ' + chosen}")
+        source = "--text" if args.text else "--source " + chosen
+        parser.error(f"{', '.join('--' + f for f in wrong)} cannot go with {source}")
     endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
 
     try:

@@ -58,8 +58,8 @@ TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", decay_frac=0.2, deca
 # steps not yet taken (a change of --max-steps that moves a stage boundary already crossed is
 # refused: see resume)
 RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "eval_every", "hellaswag_every", "hellaswag_limit",
-                     "sample_every", "compile", "device", "bench", "max_steps", "lr", "min_lr", "schedule", "grad_clip", "peak_flops",
-                     "decay_frac", "decay_shape"}
+                     "sample_every", "compile", "device", "bench", "peak_flops", "max_steps", "lr", "min_lr",
+                     "schedule", "grad_clip", "decay_frac", "decay_shape"}
 
 # flags added since checkpoints were first written, with the value the runs before them had
 ADDED_FLAGS = {"precision": "bf16", "peak_flops": None, "decay_frac": 0.2, "decay_shape": "linear"}
@@ -71,7 +71,8 @@ INT_RANGES = dict(n_layer=(1, None), n_head=(1, None), n_embd=(1, None), batch_s
                   rewarm=(0, None), budget_steps=(0, None), val_tokens=(1, None), eval_every=(1, None),
                   hellaswag_every=(0, None), hellaswag_limit=(1, None), ckpt_every=(1, None), bench=(0, None))
 FLOAT_RANGES = dict(lr=(0, None), min_lr=(0, None), weight_decay=(0, None), grad_clip=(0, None),
-                    phase1_frac=(0, 1), peak_flops=(0, None), decay_frac=(0, 1))  # lr and peak_flops must be above their bound
+                    phase1_frac=(0, 1), peak_flops=(0, None), decay_frac=(0, 1))
+ABOVE_BOUND = ("lr", "peak_flops")  # these must be above their lowest value; the others may equal it
 
 
 def parse_args(argv=None):
@@ -174,9 +175,10 @@ def check_flags(args, given):
         for name, (lo, hi) in ranges.items():
             v = getattr(args, name)
             bad = v is not None and (not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi)
-                                     or (name in ("lr", "peak_flops") and v <= lo))
+                                     or (name in ABOVE_BOUND and v <= lo))
             if bad:
-                valid = (f"above {lo}" if name in ("lr", "peak_flops") else f"from {lo} to {hi}" if hi is not None else f"{lo} or more")
+                valid = (f"above {lo}" if name in ABOVE_BOUND else
+                         f"from {lo} to {hi}" if hi is not None else f"{lo} or more")
                 raise ValueError(f"{flag(name)} {v}: must be {kind} {valid}")
     if args.schedule != "wsd" and {"decay_frac", "decay_shape"} & set(given):
         raise ValueError(f"--decay-frac and --decay-shape only apply to --schedule wsd, not {args.schedule}")
@@ -479,10 +481,11 @@ def assemble(args):
                          f"world = {B * T * world}")
     if rank == 0 and args.data_dir == PRESETS["tiny"]["data_dir"]:
         prepare_tinyshakespeare(args.data_dir)
-    examples = hellaswag.load_examples("val", limit=args.hellaswag_limit) if rank == 0 and args.hellaswag_every > 0 else None
+    hellaswag_on = args.hellaswag_every > 0
+    examples = hellaswag.load_examples("val", limit=args.hellaswag_limit) if rank == 0 and hellaswag_on else None
     if world > 1:
         dist.barrier()
-    if args.hellaswag_every > 0 and rank > 0:
+    if hellaswag_on and rank > 0:
         examples = hellaswag.load_examples("val", limit=args.hellaswag_limit)
     train_files, val_files = list_shards(args.data_dir)
     cfg = model_config(args)
