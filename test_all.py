@@ -517,9 +517,19 @@ def test_baseline_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
     assert "toy_train_000001.bin" in error_of("--max-steps", "40", data_dir=corrupt)
 
 
+def test_baseline_val_tokens_zero_is_the_whole_split(data):
+    """The val shard holds 2049 tokens: 2048 (+1 for the targets) fill 16 batches of 4 x 32; 2 x 32
+    batches of 64 tokens fit 32 times; a batch longer than the split is refused in one line."""
+    val = [data / "toy_val_000000.bin"]
+    assert len(train.ValSet(val, 0, 4, 32)) == 16 and len(train.ValSet(val, 0, 2, 32)) == 32
+    assert len(train.ValSet(val, 256, 4, 32)) == 2
+    with pytest.raises(ValueError, match=r"the validation split \(2048 tokens\) is less than one batch"):
+        train.ValSet(val, 0, 4, 1024)
+
+
 INT_FLAGS = ["--n-layer", "--n-head", "--n-embd", "--batch-size", "--seq-len", "--total-batch", "--max-steps",
-             "--stages", "--inc-steps", "--val-tokens", "--eval-every", "--ckpt-every"]  # 1 or more
-NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--hellaswag-every", "--bench"]
+             "--stages", "--inc-steps", "--eval-every", "--ckpt-every"]  # 1 or more
+NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--val-tokens", "--hellaswag-every", "--bench"]
 
 
 @pytest.mark.parametrize("flag,value", [(f, v) for f in INT_FLAGS for v in ("0", "-3", "1.5", "x")]
