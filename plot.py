@@ -153,37 +153,42 @@ def save_figure(fig, out):
 
 
 def summarize(runs, labels):
-    """One dict per run, for the results table:
+    """One dict per run, for the results table (see run_row), measured against the run labelled
+    "baseline": its budget, and its final val loss as the target."""
+    base = dict(zip(labels, runs)).get("baseline")
+    budget = baseline_budget(base) if base else None
+    target = base["evals"][-1]["val_loss"] if base and base["evals"] else None
+    return [run_row(run, label, budget, target) for run, label in zip(runs, labels)]
+
+
+def baseline_budget(base):
+    """The FLOPs of the baseline's equal-cost evaluation, or of its whole run if it has none."""
+    marked = [e for e in base["evals"] if e.get("equal_cost")]
+    return marked[0]["flops"] if marked else base["steps"][-1]["flops"]
+
+
+def run_row(run, label, budget, target):
+    """One run's results:
     final_val_loss     the last evaluation's val loss
     budget_val_loss    val loss at the baseline's budget: the run's equal-cost evaluation, else its
-                       last evaluation within the FLOPs of the baseline's (the run labelled
-                       "baseline") equal-cost evaluation, or of its whole run if it has none
-    flops_to_baseline  FLOPs at the first evaluation at or below the baseline's final val loss
+                       last evaluation within `budget` FLOPs
+    flops_to_baseline  FLOPs at the first evaluation at or below `target` (a val loss)
     total_flops        training FLOPs of the whole run
     train_seconds      the sum of the step times (evaluation excluded)
-    A value is None where it doesn't exist: no evaluations, no baseline run, a loss not reached."""
-    base = dict(zip(labels, runs)).get("baseline")
-    budget = target = None
-    if base:
-        marked = [e for e in base["evals"] if e.get("equal_cost")]
-        budget = marked[0]["flops"] if marked else base["steps"][-1]["flops"]
-        target = base["evals"][-1]["val_loss"] if base["evals"] else None
-    rows = []
-    for run, label in zip(runs, labels):
-        evals = run["evals"]
-        at_budget = [e for e in evals if e.get("equal_cost")]
-        if not at_budget and budget is not None:
-            at_budget = [e for e in evals if e["flops"] <= budget][-1:]
-        reached = [e for e in evals if e["val_loss"] <= target] if target is not None else []
-        rows.append({
-            "run": label,
-            "final_val_loss": evals[-1]["val_loss"] if evals else None,
-            "budget_val_loss": at_budget[0]["val_loss"] if at_budget else None,
-            "flops_to_baseline": reached[0]["flops"] if reached else None,
-            "total_flops": run["steps"][-1]["flops"],
-            "train_seconds": sum(r["dt"] for r in run["steps"]),
-        })
-    return rows
+    A value is None where it doesn't exist: no evaluations, no budget or target, a loss not reached."""
+    evals = run["evals"]
+    at_budget = [e for e in evals if e.get("equal_cost")]
+    if not at_budget and budget is not None:
+        at_budget = [e for e in evals if e["flops"] <= budget][-1:]
+    reached = [e for e in evals if e["val_loss"] <= target] if target is not None else []
+    return {
+        "run": label,
+        "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "budget_val_loss": at_budget[0]["val_loss"] if at_budget else None,
+        "flops_to_baseline": reached[0]["flops"] if reached else None,
+        "total_flops": run["steps"][-1]["flops"],
+        "train_seconds": sum(r["dt"] for r in run["steps"]),
+    }
 
 
 def duration(seconds):
