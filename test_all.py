@@ -1813,6 +1813,97 @@ def test_plot_toy_reproduction_script_at_a_very_small_size(tmp_path, data):
     assert len(rows) == 1 + len(runs) and rows[1].startswith("| baseline")  # a header, then the runs
 
 
+def evals_at(*points, equal_cost_at=None):
+    """Evaluation records {step, val_loss}; the one at step equal_cost_at is marked equal_cost."""
+    return [{"step": s, "val_loss": v, **({"equal_cost": True} if s == equal_cost_at else {})} for s, v in points]
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A study folder, REGIME/seedN. baseline: 10 FLOPs a step, equal cost at step 2 (20 FLOPs),
+    final val 4.0 and 4.2, so the target is 4.1 and the baseline's mean FLOPs 40. inc: 8 FLOPs a
+    step, equal cost at step 3; seed 1 reaches 4.1 at 32 FLOPs (0.8 of the baseline's), seed 2 at
+    40 (1.0), seed 10 never. slow: one seed, never below 8."""
+    def run(regime, seed, flops_per_step, n_steps, dt, evals):
+        write_log(tmp_path / regime / f"seed{seed}" / "log.jsonl",
+                  [*[step_rec(s, flops_per_step * s, dt=dt) for s in range(1, n_steps + 1)], *evals])
+
+    run("baseline", 1, 10, 4, 0.5, evals_at((0, 10.0), (2, 6.0), (4, 4.0), equal_cost_at=2))
+    run("baseline", 2, 10, 4, 1.0, evals_at((0, 10.0), (2, 6.2), (4, 4.2), equal_cost_at=2))
+    run("inc", 1, 8, 5, 0.2, evals_at((3, 4.5), (4, 4.0), (5, 3.8), equal_cost_at=3))
+    run("inc", 2, 8, 5, 0.4, evals_at((3, 4.7), (4, 4.3), (5, 4.05), equal_cost_at=3))
+    run("inc", 10, 8, 5, 0.6, evals_at((3, 4.9), (5, 4.2), equal_cost_at=3))
+    run("slow", 1, 10, 2, 0.5, evals_at((2, 8.0)))
+    (tmp_path / "inc" / "seed3").mkdir()  # a run that never started: no log, left out
+    return tmp_path
+
+
+def test_plot_study_means_deviations_and_not_reached_counts(study):
+    runs, labels = plot.study_runs(study)
+    assert labels == ["baseline", "baseline", "inc", "inc", "inc", "slow"]
+    assert [e["val_loss"] for e in runs[4]["evals"]] == [4.9, 4.2]  # seed10 after seed2
+    assert plot.mean_sd([1.0]) == (1.0, None) and plot.mean_sd([]) == (None, None)
+    summary = plot.study_summary(runs, labels)
+    assert summary["target"] == pytest.approx(4.1)
+    assert (summary["baseline_flops"], summary["budget"]) == (40, 20)
+    sd2 = math.sqrt(0.02)  # two values 0.1 either side of their mean: sum of squares 0.02, over n − 1 = 1
+    expected = [  # (regime, n, val loss at budget, FLOPs ratio, not reached, training seconds)
+        ("baseline", 2, (6.1, sd2), (1.0, None), 1, (3.0, math.sqrt(2))),  # seed 2 ends at 4.2 > 4.1
+        ("inc", 3, (4.7, 0.2), (0.9, sd2), 1, (2.0, 1.0)),
+        ("slow", 1, (8.0, None), (None, None), 1, (1.0, None))]  # no mark: its last eval within 20 FLOPs
+    for r, (regime, n, budget, ratio, missed, seconds) in zip(summary["regimes"], expected, strict=True):
+        assert (r["regime"], r["n"], r["not_reached"]) == (regime, n, missed)
+        for key, want in (("budget_val_loss", budget), ("flops_ratio", ratio), ("train_seconds", seconds)):
+            assert r[key] == pytest.approx(want), (regime, key)
+
+    lines = plot.study_table(summary).splitlines()
+    assert lines[0].startswith("| regime | n | val loss at baseline budget |")
+    assert lines[2] == "| baseline | 2 | 6.1000 ± 0.1414 | 1.000; not reached, 1 of 2 | 3.0 s ± 1.4 s |"
+    assert lines[3] == "| inc | 3 | 4.7000 ± 0.2000 | 0.900 ± 0.141; not reached, 1 of 3 | 2.0 s ± 1.0 s |"
+    assert lines[4] == "| slow | 1 | 8.0000 | not reached, 1 of 1 | 1.0 s |"
+    assert "sample standard deviation (n − 1)" in lines[-1] and "4.1000" in lines[-1]
+
+
+def test_plot_study_curves_bands_and_equal_cost_marks(study):
+    runs, labels = plot.study_runs(study)
+    flops, mean, sd = plot.regime_curve(runs[:2])  # the baselines share their evaluations' FLOPs
+    assert flops.tolist() == [0, 20, 40] and mean == pytest.approx([10.0, 6.1, 4.1])
+    assert sd == pytest.approx([0, math.sqrt(0.02), math.sqrt(0.02)])
+    # different FLOPs: each run interpolated onto the union of points both cover (5..20)
+    a = {"evals": [{"flops": f, "val_loss": v} for f, v in [(0, 10.0), (10, 6.0), (20, 4.0)]]}
+    b = {"evals": [{"flops": f, "val_loss": v} for f, v in [(5, 9.0), (15, 5.0), (25, 3.0)]]}
+    flops, mean, sd = plot.regime_curve([a, b])
+    assert flops.tolist() == [5, 10, 15, 20] and mean == pytest.approx([8.5, 6.5, 5.0, 4.0])
+    assert plot.regime_curve([a])[2].tolist() == [0, 0, 0]
+
+    ax, = plot.make_study_figure(runs, labels).axes
+    assert [line.get_label() for line in ax.lines] == ["baseline (n=2)", "inc (n=3)", "slow (n=1)"]
+    from matplotlib.collections import PathCollection, PolyCollection
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 3  # a band per regime
+    marks = [c.get_offsets().tolist() for c in ax.collections if isinstance(c, PathCollection)]
+    assert marks == [[[20, pytest.approx(6.1)]], [[24, pytest.approx(4.7)]]]  # slow has no mark
+
+
+def test_plot_study_cli_and_bad_input(study, tmp_path, capsys):
+    png = tmp_path / "fig" / "study.png"
+    plot.main(["--study", str(study), "--table", "--out", str(png)])
+    out = capsys.readouterr().out
+    assert "| inc | 3 |" in out and png.read_bytes()[:4] == b"\x89PNG"
+    assert plot.write_study(study).splitlines()[3].startswith("| inc | 3 |")
+    assert (study / "study.md").read_text().startswith("| regime |") and (study / "study.png").exists()
+    shutil.rmtree(study / "baseline")
+    (tmp_path / "empty").mkdir()
+    for argv, message in [(["--study", str(study), "--table"], "no runs of a regime named baseline"),
+                          (["--study", str(tmp_path / "empty"), "--table"], "no runs in"),
+                          (["--study", str(study), str(study), "--table"], "give run logs or --study DIR"),
+                          (["--study", str(study), "--x", "step", "--table"], "drop --labels and --x"),
+                          ([], "give run logs or --study DIR")]:
+        with pytest.raises(SystemExit) as e:
+            plot.main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], (argv, err)
+
+
 # ----------------------------------------------------------------------------------------------
 # Samples and export (sample.py, export.py): text from a checkpoint, a Hugging Face GPT-2 folder
 
