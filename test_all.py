@@ -2,7 +2,7 @@
 come from ../shared/data (CI puts it beside the checkout).
 
 Ordered by method, as the README is; test names carry the method, so `pytest -k apollo` (or
-incremental, msg, growth, cost, data, hellaswag, plot, model, baseline, sample, export) selects all
+incremental, msg, growth, cost, data, hellaswag, plot, sweep, model, baseline, sample, export) selects all
 of its tests."""
 import hashlib
 import io
@@ -46,6 +46,7 @@ import plot  # noqa: E402
 from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate, load_examples,  # noqa: E402
                        main as hs_main, predict, render, score_batch)
 import prepare_fineweb as pf  # noqa: E402
+import sweep  # noqa: E402
 import train  # noqa: E402
 from cost import incremental_report, main as cost_main, paper_closed_form, per_layer_phases  # noqa: E402
 from model import (GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, linear_cross_entropy,  # noqa: E402
@@ -1633,7 +1634,7 @@ def test_hellaswag_logged_by_train_on_its_cadence(tmp_path, data, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# plot.py and toy.sh: figures and the results table from real and hand-written logs
+# plot.py, toy.sh and sweep.py: figures and the results tables from real and hand-written logs
 
 
 def write_log(path, records):
@@ -1902,6 +1903,86 @@ def test_plot_study_cli_and_bad_input(study, tmp_path, capsys):
             plot.main(argv)
         err = capsys.readouterr().err.splitlines()
         assert e.value.code == 2 and len(err) == 1 and message in err[0], (argv, err)
+
+
+# the suite's toy flags without --val-tokens and --eval-every: the sweep's evaluation defaults apply
+SWEEP_TOY = [x for f, v in zip(TOY[::2], TOY[1::2]) if f not in ("--val-tokens", "--eval-every") for x in (f, v)]
+
+
+def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, capsys, monkeypatch):
+    """2 regimes x 2 seeds of a 2-layer model at the budget of 4 baseline steps, after an
+    interrupted sweep left one run stopped at a checkpoint: the sweep starts three, resumes that
+    one and writes the summary; run again, it starts nothing."""
+    out = tmp_path / "study"
+    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "2", "--total-batch", "128",
+             "--budget-steps", "4", "--inc-steps", "4"]
+    flags, max_steps = sweep.train_flags("inc2-freeze", 2, extra)
+    assert flags[-4:] == ["--val-tokens", "0", "--eval-every", "1"] and max_steps > 4  # cheaper steps: more
+    stopped = out / "inc2-freeze" / "seed2"
+    proc = subprocess.Popen([sys.executable, "-u", str(HERE / "train.py"), *flags, "--out", str(stopped)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in proc.stdout:
+        if line.startswith(f"step {2:5d} |"):
+            proc.send_signal(signal.SIGTERM)  # checkpoints at the end of the step it is in
+    assert proc.wait(timeout=120) == 0 and (stopped / "ckpt.pt").exists()
+    assert not sweep.finished(stopped, max_steps)
+
+    argv = ["--regimes", "baseline,inc2-freeze", "--seeds", "1,2", "--out", str(out), "--", *extra]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs' threads
+    sweep.main(argv)  # in this process: its runs are subprocesses all the same
+    printed = capsys.readouterr().out
+    starts = [line.split(" in ")[0] for line in printed.splitlines() if line.startswith("[") and "done" not in line]
+    assert starts == ["[1/4] baseline seed 1: starting (4 steps)", f"[2/4] inc2-freeze seed 1: starting ({max_steps} steps)",
+                      "[3/4] baseline seed 2: starting (4 steps)", f"[4/4] inc2-freeze seed 2: resuming ({max_steps} steps)"]
+    logs = {}
+    for regime in ("baseline", "inc2-freeze"):
+        for seed in (1, 2):
+            folder = out / regime / f"seed{seed}"
+            steps, evals = read_log(folder)
+            assert [e["step"] for e in evals][-1] == steps[-1]["step"] and sweep.finished(folder, steps[-1]["step"])
+            assert len({e["step"] for e in evals}) == steps[-1]["step"] + 1  # --eval-every 1: every step
+            assert "validation 2,048 tokens in 16 batches" in (folder / "train.out").read_text()  # all 2049 - 1
+            logs[folder] = (folder / "log.jsonl").read_bytes()
+    assert b'"resumed": true' in logs[stopped]
+    table = (out / "study.md").read_text()
+    assert "| baseline | 2 |" in table and "| inc2-freeze | 2 |" in table and table in printed
+    assert (out / "study.png").stat().st_size > 0
+
+    sweep.main(argv)
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")] == [
+        f"[{i}/4] {regime} seed {seed}: finished earlier, skipped"
+        for i, (seed, regime) in enumerate([(1, "baseline"), (1, "inc2-freeze"), (2, "baseline"), (2, "inc2-freeze")], 1)]
+    assert all(folder.joinpath("log.jsonl").read_bytes() == log for folder, log in logs.items())
+
+
+def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "study"
+    # seed 1 left a log but stopped before its first checkpoint: it cannot resume, and is not deleted
+    write_log(out / "baseline" / "seed1" / "log.jsonl", [step_rec(1, 10), {"step": 1, "val_loss": 5.0}])
+    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--max-steps", "2"]
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--regimes", "baseline", "--seeds", "1,2", "--out", str(out), "--", *extra])
+    captured = capsys.readouterr()
+    assert e.value.code == 1
+    assert "[1/2] baseline seed 1: FAILED:" in captured.out and "delete the folder to run it again" in captured.out
+    assert "[2/2] baseline seed 2: done" in captured.out and "| baseline | 2 |" in captured.out
+    assert captured.err.splitlines() == ["failed: baseline seed 1"]
+    assert (out / "baseline" / "seed1" / "log.jsonl").exists()
+
+    for argv, message in [
+            (["--regimes", "baseline,inc5"], "--regimes: unknown inc5"),
+            (["--regimes", "baseline", "--seeds", "1,x"], "--seeds 1,x: give comma-separated whole numbers"),
+            (["--regimes", "baseline", "--seeds", "1,1"], "must not repeat"),
+            (["--regimes", "apollo", "--out", str(tmp_path / "new")], "add baseline to --regimes"),
+            (["--regimes", "baseline", "--", "--seed", "3"], "--seed after --"),
+            (["--regimes", "baseline", "--", *extra, "--lr", "-1"], "--lr -1.0: must be")]:
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["--out", str(tmp_path / "bad"), *argv] if "--out" not in argv else argv)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], (argv, err)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "new").exists()
 
 
 # ----------------------------------------------------------------------------------------------
