@@ -88,7 +88,6 @@ def make_figure(runs, labels, x="flops"):
     """Three panels, one line per run in the same colour in each: training loss (EMA), val loss and
     HellaSwag acc_norm, against x = "flops" (cumulative training FLOPs) or "step"."""
     try:
-        import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
@@ -105,10 +104,7 @@ def make_figure(runs, labels, x="flops"):
         (val_ax, "val_loss", "validation loss", "no validation evaluations"),
         (hs_ax, "hellaswag_acc_norm", hs_label, "no HellaSwag evaluations"),
     ]
-    # the default cycle repeats after 10 colours; tab20 keeps up to 20 runs apart
-    colors = [f"C{i}" for i in range(len(runs))] if len(runs) <= 10 else \
-        [matplotlib.colormaps["tab20"](i) for i in range(len(runs))]
-    for run, label, color in zip(runs, labels, colors):
+    for run, label, color in zip(runs, labels, line_colors(len(runs))):
         steps = run["steps"]
         train_ax.plot([r[x] for r in steps], ema([r["loss"] for r in steps]), color=color, label=label)
         for ax, key, _, _ in panels:
@@ -133,6 +129,12 @@ def make_figure(runs, labels, x="flops"):
                         label="equal cost: the baseline's FLOPs at --inc-steps (or --budget-steps)")
     fig.legend(handles=train_ax.lines + [marker_key], loc="outside upper center", ncols=min(len(runs) + 1, 6))
     return fig
+
+
+def line_colors(n):
+    """n colours: the default cycle, which repeats after 10; past that tab20 keeps up to 20 apart."""
+    import matplotlib
+    return [f"C{i}" for i in range(n)] if n <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(n)]
 
 
 def zoom_past_start(ax, skip=0.1):
@@ -349,8 +351,7 @@ def make_study_figure(runs, labels):
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     groups = group(runs, labels)
-    for i, (label, members) in enumerate(groups.items()):
-        color = f"C{i % 10}"
+    for (label, members), color in zip(groups.items(), line_colors(len(groups))):
         flops, mean, sd = regime_curve(members)
         ax.plot(flops, mean, "o-", ms=2, color=color, label=f"{label} (n={len(members)})")
         ax.fill_between(flops, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
