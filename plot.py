@@ -5,15 +5,20 @@ in the paper's figures.
     python plot.py out/baseline out/inc4 --out runs.png            # a run folder or its log.jsonl
     python plot.py out/baseline out/inc4 --out runs.png --x step
     python plot.py out/baseline out/inc4 --table                   # the README's results table
+    python plot.py --study out/study --out study.png --table       # seeds of each regime (sweep.py)
 
 A run is labelled by its folder name (--labels a,b,... overrides); the run labelled "baseline" is
-the reference for the table's budget columns. matplotlib is needed only for the figure.
+the reference for the table's budget columns. A study's runs are labelled by their regime folder,
+and its table gives each regime's mean ± sd over seeds. matplotlib is needed only for the figures.
 """
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 EMA = 0.9  # per-step loss is noisy; this smooths over ~10 steps, light next to a run's thousands
 STEP_FIELDS = ("step", "loss", "flops", "dt")  # what the figure and table read from a step record
@@ -83,7 +88,6 @@ def make_figure(runs, labels, x="flops"):
     """Three panels, one line per run in the same colour in each: training loss (EMA), val loss and
     HellaSwag acc_norm, against x = "flops" (cumulative training FLOPs) or "step"."""
     try:
-        import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
@@ -100,10 +104,7 @@ def make_figure(runs, labels, x="flops"):
         (val_ax, "val_loss", "validation loss", "no validation evaluations"),
         (hs_ax, "hellaswag_acc_norm", hs_label, "no HellaSwag evaluations"),
     ]
-    # the default cycle repeats after 10 colours; tab20 keeps up to 20 runs apart
-    colors = [f"C{i}" for i in range(len(runs))] if len(runs) <= 10 else \
-        [matplotlib.colormaps["tab20"](i) for i in range(len(runs))]
-    for run, label, color in zip(runs, labels, colors):
+    for run, label, color in zip(runs, labels, line_colors(len(runs))):
         steps = run["steps"]
         train_ax.plot([r[x] for r in steps], ema([r["loss"] for r in steps]), color=color, label=label)
         for ax, key, _, _ in panels:
@@ -130,6 +131,12 @@ def make_figure(runs, labels, x="flops"):
     return fig
 
 
+def line_colors(n):
+    """n colours: the default cycle, which repeats after 10; past that tab20 keeps up to 20 apart."""
+    import matplotlib
+    return [f"C{i}" for i in range(n)] if n <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(n)]
+
+
 def zoom_past_start(ax, skip=0.1):
     """Fit the y axis to the points past the first `skip` of the x range: every loss starts near
     ln(vocab) and falls fast, and that drop would squeeze the differences between runs flat."""
@@ -153,37 +160,42 @@ def save_figure(fig, out):
 
 
 def summarize(runs, labels):
-    """One dict per run, for the results table:
+    """One dict per run, for the results table (see run_row), measured against the run labelled
+    "baseline": its budget, and its final val loss as the target."""
+    base = dict(zip(labels, runs)).get("baseline")
+    budget = baseline_budget(base) if base else None
+    target = base["evals"][-1]["val_loss"] if base and base["evals"] else None
+    return [run_row(run, label, budget, target) for run, label in zip(runs, labels)]
+
+
+def baseline_budget(base):
+    """The FLOPs of the baseline's equal-cost evaluation, or of its whole run if it has none."""
+    marked = [e for e in base["evals"] if e.get("equal_cost")]
+    return marked[0]["flops"] if marked else base["steps"][-1]["flops"]
+
+
+def run_row(run, label, budget, target):
+    """One run's results:
     final_val_loss     the last evaluation's val loss
     budget_val_loss    val loss at the baseline's budget: the run's equal-cost evaluation, else its
-                       last evaluation within the FLOPs of the baseline's (the run labelled
-                       "baseline") equal-cost evaluation, or of its whole run if it has none
-    flops_to_baseline  FLOPs at the first evaluation at or below the baseline's final val loss
+                       last evaluation within `budget` FLOPs
+    flops_to_baseline  FLOPs at the first evaluation at or below `target` (a val loss)
     total_flops        training FLOPs of the whole run
     train_seconds      the sum of the step times (evaluation excluded)
-    A value is None where it doesn't exist: no evaluations, no baseline run, a loss not reached."""
-    base = dict(zip(labels, runs)).get("baseline")
-    budget = target = None
-    if base:
-        marked = [e for e in base["evals"] if e.get("equal_cost")]
-        budget = marked[0]["flops"] if marked else base["steps"][-1]["flops"]
-        target = base["evals"][-1]["val_loss"] if base["evals"] else None
-    rows = []
-    for run, label in zip(runs, labels):
-        evals = run["evals"]
-        at_budget = [e for e in evals if e.get("equal_cost")]
-        if not at_budget and budget is not None:
-            at_budget = [e for e in evals if e["flops"] <= budget][-1:]
-        reached = [e for e in evals if e["val_loss"] <= target] if target is not None else []
-        rows.append({
-            "run": label,
-            "final_val_loss": evals[-1]["val_loss"] if evals else None,
-            "budget_val_loss": at_budget[0]["val_loss"] if at_budget else None,
-            "flops_to_baseline": reached[0]["flops"] if reached else None,
-            "total_flops": run["steps"][-1]["flops"],
-            "train_seconds": sum(r["dt"] for r in run["steps"]),
-        })
-    return rows
+    A value is None where it doesn't exist: no evaluations, no budget or target, a loss not reached."""
+    evals = run["evals"]
+    at_budget = [e for e in evals if e.get("equal_cost")]
+    if not at_budget and budget is not None:
+        at_budget = [e for e in evals if e["flops"] <= budget][-1:]
+    reached = [e for e in evals if e["val_loss"] <= target] if target is not None else []
+    return {
+        "run": label,
+        "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "budget_val_loss": at_budget[0]["val_loss"] if at_budget else None,
+        "flops_to_baseline": reached[0]["flops"] if reached else None,
+        "total_flops": run["steps"][-1]["flops"],
+        "train_seconds": sum(r["dt"] for r in run["steps"]),
+    }
 
 
 def duration(seconds):
@@ -211,15 +223,178 @@ def table(rows):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Studies: several seeds of each regime (sweep.py's OUT/REGIME/seedN folders), summarized per regime
+
+
+def study_runs(folder):
+    """The runs of a study folder laid out as REGIME/seedN/log.jsonl: (runs, labels), each run
+    labelled by its regime; baseline first, then the regimes and seeds in name order. A run folder
+    without a log (it never started) is left out."""
+    logs = sorted(Path(folder).glob("*/seed*/log.jsonl"),
+                  key=lambda p: (p.parent.parent.name != "baseline", p.parent.parent.name,
+                                 len(p.parent.name), p.parent.name))  # seed2 before seed10
+    if not logs:
+        raise FileNotFoundError(f"no runs in {folder}: a study holds REGIME/seedN/log.jsonl")
+    return [read_log(p) for p in logs], [p.parent.parent.name for p in logs]
+
+
+def group(runs, labels):
+    """{label: its runs}, labels in first-seen order."""
+    groups = {}
+    for run, label in zip(runs, labels):
+        groups.setdefault(label, []).append(run)
+    return groups
+
+
+def mean_sd(values):
+    """(mean, sample standard deviation, dividing by n − 1); sd is None for one value, both for none."""
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None)
+
+
+def study_summary(runs, labels):
+    """Per regime (label), over its runs (seeds), measured against the runs labelled "baseline":
+    {"target": the mean of the baseline runs' final val loss, "baseline_flops": their mean training
+    FLOPs, "budget": the baseline's equal-cost FLOPs (the same for every baseline seed: full depth
+    costs the same each step; the first one's is taken), "regimes": one dict per regime:
+        regime, n
+        budget_val_loss  (mean, sd) of the val loss at the budget (run_row's budget_val_loss)
+        flops_ratio      (mean, sd) of the FLOPs to reach the target / baseline_flops, over the runs
+                         that reached it
+        not_reached      how many of the n runs never reached the target
+        train_seconds    (mean, sd) of the training time (step times summed)}"""
+    groups = group(runs, labels)
+    base = groups.get("baseline")
+    if not base:
+        raise ValueError("no runs of a regime named baseline: a study is measured against it")
+    if not all(run["evals"] for run in base):
+        raise ValueError("a baseline run has no evaluations: its final val loss is the target")
+    target = mean_sd([run["evals"][-1]["val_loss"] for run in base])[0]
+    baseline_flops = mean_sd([run["steps"][-1]["flops"] for run in base])[0]
+    budget = baseline_budget(base[0])
+    regimes = []
+    for label, members in groups.items():
+        rows = [run_row(run, label, budget, target) for run in members]
+        reached = [r["flops_to_baseline"] / baseline_flops for r in rows if r["flops_to_baseline"] is not None]
+        regimes.append({
+            "regime": label, "n": len(rows),
+            "budget_val_loss": mean_sd([r["budget_val_loss"] for r in rows if r["budget_val_loss"] is not None]),
+            "flops_ratio": mean_sd(reached),
+            "not_reached": len(rows) - len(reached),
+            "train_seconds": mean_sd([r["train_seconds"] for r in rows]),
+        })
+    return {"target": target, "baseline_flops": baseline_flops, "budget": budget, "regimes": regimes}
+
+
+def study_table(summary):
+    """study_summary as a markdown table, each cell mean ± sd (the mean alone for one run), and a
+    line saying what the columns measure."""
+    def cell(mean_and_sd, fmt):
+        mean, sd = mean_and_sd
+        return "–" if mean is None else fmt(mean) + ("" if sd is None else f" ± {fmt(sd)}")
+
+    lines = ["| regime | n | val loss at baseline budget | FLOPs to baseline's final val loss (× baseline's) "
+             "| training time |",
+             "|---|---:|---:|---:|---:|"]
+    for r in summary["regimes"]:
+        to_base = cell(r["flops_ratio"], lambda v: f"{v:.3f}") if r["not_reached"] < r["n"] else ""
+        if r["not_reached"]:
+            to_base += ("; " if to_base else "") + f"not reached, {r['not_reached']} of {r['n']}"
+        lines.append(f"| {r['regime']} | {r['n']} | {cell(r['budget_val_loss'], lambda v: f'{v:.4f}')} "
+                     f"| {to_base} | {cell(r['train_seconds'], duration)} |")
+    lines += ["", f"Mean ± sample standard deviation (n − 1) over seeds. Budget: the baseline's "
+              f"{summary['budget']:.3e} FLOPs. Target: the mean final val loss of the baseline's seeds, "
+              f"{summary['target']:.4f}, reached at the first evaluation at or below it; its FLOPs are a ratio "
+              f"to the baseline's mean training FLOPs, {summary['baseline_flops']:.3e}, over the runs that "
+              f"reached it."]
+    return "\n".join(lines)
+
+
+def regime_curve(runs):
+    """Val loss against cumulative training FLOPs over a regime's runs: (flops, mean, sd) as
+    arrays, sd the sample one (n − 1), zero for one run. Runs evaluated at the same FLOPs (one
+    schedule, other seeds) are averaged point by point; otherwise (Apollo's sampled depths make
+    each seed's FLOPs its own) each run is interpolated linearly onto the union of their
+    evaluations' FLOPs, within the range every run covers (no extrapolation)."""
+    runs = [run for run in runs if run["evals"]]
+    if not runs:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    xs = [np.array([e["flops"] for e in run["evals"]], dtype=float) for run in runs]
+    ys = [np.array([e["val_loss"] for e in run["evals"]]) for run in runs]
+    if all(np.array_equal(x, xs[0]) for x in xs):
+        grid = xs[0]
+    else:
+        lo, hi = max(x[0] for x in xs), min(x[-1] for x in xs)
+        grid = np.unique(np.concatenate([x[(x >= lo) & (x <= hi)] for x in xs]))
+        ys = [np.interp(grid, x, y) for x, y in zip(xs, ys)]
+    losses = np.stack(ys)  # (runs, points)
+    sd = losses.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(grid))
+    return grid, losses.mean(axis=0), sd
+
+
+def make_study_figure(runs, labels):
+    """One panel: per regime, the mean val loss against cumulative training FLOPs with a ±1 sd band
+    (regime_curve), and its runs' equal-cost evaluations (mean FLOPs, mean val loss) as a large
+    marker."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError:
+        raise ImportError("plot.py needs matplotlib for the figure: pip install matplotlib") from None
+
+    fig = Figure(figsize=(10, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    groups = group(runs, labels)
+    for (label, members), color in zip(groups.items(), line_colors(len(groups))):
+        flops, mean, sd = regime_curve(members)
+        ax.plot(flops, mean, "o-", ms=2, color=color, label=f"{label} (n={len(members)})")
+        ax.fill_between(flops, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
+        marked = [e for run in members for e in run["evals"] if e.get("equal_cost")]
+        if marked:
+            ax.scatter([mean_sd([e["flops"] for e in marked])[0]], [mean_sd([e["val_loss"] for e in marked])[0]],
+                       s=90, color=color, zorder=3)
+    ax.set_xlabel("training FLOPs (cumulative)")
+    ax.set_ylabel("validation loss (mean ± 1 sd over seeds)")
+    ax.grid(alpha=0.3)
+    zoom_past_start(ax)
+    marker_key = Line2D([], [], marker="o", ls="", ms=9, color="black", label="equal cost (mean over seeds)")
+    ax.legend(handles=ax.lines + [marker_key])
+    return fig
+
+
+def write_study(folder):
+    """FOLDER/study.md (the table) and FOLDER/study.png (the figure) from the runs in it; returns
+    the table."""
+    runs, labels = study_runs(folder)
+    text = study_table(study_summary(runs, labels))
+    tmp = Path(folder) / "study.md.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, Path(folder) / "study.md")
+    save_figure(make_study_figure(runs, labels), Path(folder) / "study.png")
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("logs", nargs="+", metavar="LOG", help="a run folder or its log.jsonl")
+    p.add_argument("logs", nargs="*", metavar="LOG", help="a run folder or its log.jsonl")
+    p.add_argument("--study", metavar="DIR", help="a study folder (REGIME/seedN runs, sweep.py's): one line and "
+                   "band per regime in the figure, mean ± sd per regime in the table")
     p.add_argument("--out", help="the figure to write, e.g. runs.png")
     p.add_argument("--x", choices=["flops", "step"], default="flops", help="the x axis of every panel")
     p.add_argument("--labels", help="comma-separated run labels (default: the folder names)")
     p.add_argument("--table", action="store_true", help="print a markdown table of the results")
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
     args = p.parse_args(argv)
+    if bool(args.logs) == bool(args.study):
+        p.error("give run logs or --study DIR, one of them")
+    if args.study and (args.labels or args.x != "flops"):
+        p.error("--study labels runs by their regime folder and draws against FLOPs: drop --labels and --x")
     if not args.out and not args.table:
         p.error("nothing to do: give --out FIG.png, --table or both")
     return args
@@ -228,14 +403,20 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        labels = args.labels.split(",") if args.labels else [run_label(p) for p in args.logs]
-        if len(labels) != len(args.logs):
-            raise ValueError(f"--labels gives {len(labels)} labels for {len(args.logs)} logs")
-        runs = [read_log(p) for p in args.logs]
+        if args.study:
+            runs, labels = study_runs(args.study)
+            tabulate, draw = (lambda: study_table(study_summary(runs, labels)),
+                              lambda: make_study_figure(runs, labels))
+        else:
+            labels = args.labels.split(",") if args.labels else [run_label(p) for p in args.logs]
+            if len(labels) != len(args.logs):
+                raise ValueError(f"--labels gives {len(labels)} labels for {len(args.logs)} logs")
+            runs = [read_log(p) for p in args.logs]
+            tabulate, draw = lambda: table(summarize(runs, labels)), lambda: make_figure(runs, labels, args.x)
         if args.table:
-            print(table(summarize(runs, labels)))
+            print(tabulate())
         if args.out:
-            save_figure(make_figure(runs, labels, args.x), args.out)
+            save_figure(draw(), args.out)
             print(f"wrote {args.out}")
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

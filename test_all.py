@@ -2,7 +2,7 @@
 come from ../shared/data (CI puts it beside the checkout).
 
 Ordered by method, as the README is; test names carry the method, so `pytest -k apollo` (or
-incremental, msg, growth, cost, data, hellaswag, plot, model, baseline, sample, export) selects all
+incremental, msg, growth, cost, data, hellaswag, plot, sweep, model, baseline, sample, export) selects all
 of its tests."""
 import hashlib
 import io
@@ -46,6 +46,7 @@ import plot  # noqa: E402
 from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate, load_examples,  # noqa: E402
                        main as hs_main, predict, render, score_batch)
 import prepare_fineweb as pf  # noqa: E402
+import sweep  # noqa: E402
 import train  # noqa: E402
 from cost import incremental_report, main as cost_main, paper_closed_form, per_layer_phases  # noqa: E402
 from model import (GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, linear_cross_entropy,  # noqa: E402
@@ -517,9 +518,19 @@ def test_baseline_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
     assert "toy_train_000001.bin" in error_of("--max-steps", "40", data_dir=corrupt)
 
 
+def test_baseline_val_tokens_zero_is_the_whole_split(data):
+    """The val shard holds 2049 tokens: 2048 (+1 for the targets) fill 16 batches of 4 x 32; 2 x 32
+    batches of 64 tokens fit 32 times; a batch longer than the split is refused in one line."""
+    val = [data / "toy_val_000000.bin"]
+    assert len(train.ValSet(val, 0, 4, 32)) == 16 and len(train.ValSet(val, 0, 2, 32)) == 32
+    assert len(train.ValSet(val, 256, 4, 32)) == 2
+    with pytest.raises(ValueError, match=r"the validation split \(2048 tokens\) is less than one batch"):
+        train.ValSet(val, 0, 4, 1024)
+
+
 INT_FLAGS = ["--n-layer", "--n-head", "--n-embd", "--batch-size", "--seq-len", "--total-batch", "--max-steps",
-             "--stages", "--inc-steps", "--val-tokens", "--eval-every", "--ckpt-every"]  # 1 or more
-NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--hellaswag-every", "--bench"]
+             "--stages", "--inc-steps", "--eval-every", "--ckpt-every"]  # 1 or more
+NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--val-tokens", "--hellaswag-every", "--bench"]
 
 
 @pytest.mark.parametrize("flag,value", [(f, v) for f in INT_FLAGS for v in ("0", "-3", "1.5", "x")]
@@ -611,7 +622,8 @@ def test_baseline_nan_keeps_last_good_and_resume_may_lower_the_lr(tmp_path, data
     assert "loss is nan at step 4" in err and "try a lower --lr, then --resume" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     # the advice is taken: a lower --lr is accepted on resume (these weights are NaN, so NaN again)
-    err = train_error(tmp_path, data, capsys, "--max-steps", "8", "--lr", "1e-3", "--resume", out=".")
+    err = train_error(tmp_path, data, capsys, "--max-steps", "8", "--lr", "1e-4", "--min-lr", "1e-5", "--resume",
+                      out=".")
     assert "loss is nan at step 4" in err
 
 
@@ -1664,7 +1676,7 @@ def test_hellaswag_logged_by_train_on_its_cadence(tmp_path, data, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# plot.py and toy.sh: figures and the results table from real and hand-written logs
+# plot.py, toy.sh and sweep.py: figures and the results tables from real and hand-written logs
 
 
 def write_log(path, records):
@@ -1842,6 +1854,177 @@ def test_plot_toy_reproduction_script_at_a_very_small_size(tmp_path, data):
     assert (out / "toy.png").stat().st_size > 0
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(runs) and rows[1].startswith("| baseline")  # a header, then the runs
+
+
+def evals_at(*points, equal_cost_at=None):
+    """Evaluation records {step, val_loss}; the one at step equal_cost_at is marked equal_cost."""
+    return [{"step": s, "val_loss": v, **({"equal_cost": True} if s == equal_cost_at else {})} for s, v in points]
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A study folder, REGIME/seedN. baseline: 10 FLOPs a step, equal cost at step 2 (20 FLOPs),
+    final val 4.0 and 4.2, so the target is 4.1 and the baseline's mean FLOPs 40. inc: 8 FLOPs a
+    step, equal cost at step 3; seed 1 reaches 4.1 at 32 FLOPs (0.8 of the baseline's), seed 2 at
+    40 (1.0), seed 10 never. slow: one seed, never below 8."""
+    def run(regime, seed, flops_per_step, n_steps, dt, evals):
+        write_log(tmp_path / regime / f"seed{seed}" / "log.jsonl",
+                  [*[step_rec(s, flops_per_step * s, dt=dt) for s in range(1, n_steps + 1)], *evals])
+
+    run("baseline", 1, 10, 4, 0.5, evals_at((0, 10.0), (2, 6.0), (4, 4.0), equal_cost_at=2))
+    run("baseline", 2, 10, 4, 1.0, evals_at((0, 10.0), (2, 6.2), (4, 4.2), equal_cost_at=2))
+    run("inc", 1, 8, 5, 0.2, evals_at((3, 4.5), (4, 4.0), (5, 3.8), equal_cost_at=3))
+    run("inc", 2, 8, 5, 0.4, evals_at((3, 4.7), (4, 4.3), (5, 4.05), equal_cost_at=3))
+    run("inc", 10, 8, 5, 0.6, evals_at((3, 4.9), (5, 4.2), equal_cost_at=3))
+    run("slow", 1, 10, 2, 0.5, evals_at((2, 8.0)))
+    (tmp_path / "inc" / "seed3").mkdir()  # a run that never started: no log, left out
+    return tmp_path
+
+
+def test_plot_study_means_deviations_and_not_reached_counts(study):
+    runs, labels = plot.study_runs(study)
+    assert labels == ["baseline", "baseline", "inc", "inc", "inc", "slow"]
+    assert [e["val_loss"] for e in runs[4]["evals"]] == [4.9, 4.2]  # seed10 after seed2
+    assert plot.mean_sd([1.0]) == (1.0, None) and plot.mean_sd([]) == (None, None)
+    summary = plot.study_summary(runs, labels)
+    assert summary["target"] == pytest.approx(4.1)
+    assert (summary["baseline_flops"], summary["budget"]) == (40, 20)
+    sd2 = math.sqrt(0.02)  # two values 0.1 either side of their mean: sum of squares 0.02, over n − 1 = 1
+    expected = [  # (regime, n, val loss at budget, FLOPs ratio, not reached, training seconds)
+        ("baseline", 2, (6.1, sd2), (1.0, None), 1, (3.0, math.sqrt(2))),  # seed 2 ends at 4.2 > 4.1
+        ("inc", 3, (4.7, 0.2), (0.9, sd2), 1, (2.0, 1.0)),
+        ("slow", 1, (8.0, None), (None, None), 1, (1.0, None))]  # no mark: its last eval within 20 FLOPs
+    for r, (regime, n, budget, ratio, missed, seconds) in zip(summary["regimes"], expected, strict=True):
+        assert (r["regime"], r["n"], r["not_reached"]) == (regime, n, missed)
+        for key, want in (("budget_val_loss", budget), ("flops_ratio", ratio), ("train_seconds", seconds)):
+            assert r[key] == pytest.approx(want), (regime, key)
+
+    lines = plot.study_table(summary).splitlines()
+    assert lines[0].startswith("| regime | n | val loss at baseline budget |")
+    assert lines[2] == "| baseline | 2 | 6.1000 ± 0.1414 | 1.000; not reached, 1 of 2 | 3.0 s ± 1.4 s |"
+    assert lines[3] == "| inc | 3 | 4.7000 ± 0.2000 | 0.900 ± 0.141; not reached, 1 of 3 | 2.0 s ± 1.0 s |"
+    assert lines[4] == "| slow | 1 | 8.0000 | not reached, 1 of 1 | 1.0 s |"
+    assert "sample standard deviation (n − 1)" in lines[-1] and "4.1000" in lines[-1]
+
+
+def test_plot_study_curves_bands_and_equal_cost_marks(study):
+    runs, labels = plot.study_runs(study)
+    flops, mean, sd = plot.regime_curve(runs[:2])  # the baselines share their evaluations' FLOPs
+    assert flops.tolist() == [0, 20, 40] and mean == pytest.approx([10.0, 6.1, 4.1])
+    assert sd == pytest.approx([0, math.sqrt(0.02), math.sqrt(0.02)])
+    # different FLOPs: each run interpolated onto the union of points both cover (5..20)
+    a = {"evals": [{"flops": f, "val_loss": v} for f, v in [(0, 10.0), (10, 6.0), (20, 4.0)]]}
+    b = {"evals": [{"flops": f, "val_loss": v} for f, v in [(5, 9.0), (15, 5.0), (25, 3.0)]]}
+    flops, mean, sd = plot.regime_curve([a, b])
+    assert flops.tolist() == [5, 10, 15, 20] and mean == pytest.approx([8.5, 6.5, 5.0, 4.0])
+    assert plot.regime_curve([a])[2].tolist() == [0, 0, 0]
+
+    ax, = plot.make_study_figure(runs, labels).axes
+    assert [line.get_label() for line in ax.lines] == ["baseline (n=2)", "inc (n=3)", "slow (n=1)"]
+    from matplotlib.collections import PathCollection, PolyCollection
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 3  # a band per regime
+    marks = [c.get_offsets().tolist() for c in ax.collections if isinstance(c, PathCollection)]
+    assert marks == [[[20, pytest.approx(6.1)]], [[24, pytest.approx(4.7)]]]  # slow has no mark
+
+
+def test_plot_study_cli_and_bad_input(study, tmp_path, capsys):
+    png = tmp_path / "fig" / "study.png"
+    plot.main(["--study", str(study), "--table", "--out", str(png)])
+    out = capsys.readouterr().out
+    assert "| inc | 3 |" in out and png.read_bytes()[:4] == b"\x89PNG"
+    assert plot.write_study(study).splitlines()[3].startswith("| inc | 3 |")
+    assert (study / "study.md").read_text().startswith("| regime |") and (study / "study.png").exists()
+    shutil.rmtree(study / "baseline")
+    (tmp_path / "empty").mkdir()
+    for argv, message in [(["--study", str(study), "--table"], "no runs of a regime named baseline"),
+                          (["--study", str(tmp_path / "empty"), "--table"], "no runs in"),
+                          (["--study", str(study), str(study), "--table"], "give run logs or --study DIR"),
+                          (["--study", str(study), "--x", "step", "--table"], "drop --labels and --x"),
+                          ([], "give run logs or --study DIR")]:
+        with pytest.raises(SystemExit) as e:
+            plot.main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], (argv, err)
+
+
+# the suite's toy flags without --val-tokens and --eval-every: the sweep's evaluation defaults apply
+SWEEP_TOY = [x for f, v in zip(TOY[::2], TOY[1::2]) if f not in ("--val-tokens", "--eval-every") for x in (f, v)]
+
+
+def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, capsys, monkeypatch):
+    """2 regimes x 2 seeds of a 2-layer model at the budget of 4 baseline steps, after an
+    interrupted sweep left one run stopped at a checkpoint: the sweep starts three, resumes that
+    one and writes the summary; run again, it starts nothing."""
+    out = tmp_path / "study"
+    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "2", "--total-batch", "128",
+             "--budget-steps", "4", "--inc-steps", "4"]
+    flags, max_steps = sweep.train_flags("inc2-freeze", 2, extra)
+    assert flags[-4:] == ["--val-tokens", "0", "--eval-every", "1"] and max_steps > 4  # cheaper steps: more
+    stopped = out / "inc2-freeze" / "seed2"
+    proc = subprocess.Popen([sys.executable, "-u", str(HERE / "train.py"), *flags, "--out", str(stopped)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in proc.stdout:
+        if line.startswith(f"step {2:5d} |"):
+            proc.send_signal(signal.SIGTERM)  # checkpoints at the end of the step it is in
+    assert proc.wait(timeout=120) == 0 and (stopped / "ckpt.pt").exists()
+    assert not sweep.finished(stopped, max_steps)
+
+    argv = ["--regimes", "baseline,inc2-freeze", "--seeds", "1,2", "--out", str(out), "--", *extra]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs' threads
+    sweep.main(argv)  # in this process: its runs are subprocesses all the same
+    printed = capsys.readouterr().out
+    starts = [line.split(" in ")[0] for line in printed.splitlines() if line.startswith("[") and "done" not in line]
+    assert starts == ["[1/4] baseline seed 1: starting (4 steps)", f"[2/4] inc2-freeze seed 1: starting ({max_steps} steps)",
+                      "[3/4] baseline seed 2: starting (4 steps)", f"[4/4] inc2-freeze seed 2: resuming ({max_steps} steps)"]
+    logs = {}
+    for regime in ("baseline", "inc2-freeze"):
+        for seed in (1, 2):
+            folder = out / regime / f"seed{seed}"
+            steps, evals = read_log(folder)
+            assert [e["step"] for e in evals][-1] == steps[-1]["step"] and sweep.finished(folder, steps[-1]["step"])
+            assert len({e["step"] for e in evals}) == steps[-1]["step"] + 1  # --eval-every 1: every step
+            assert "validation 2,048 tokens in 16 batches" in (folder / "train.out").read_text()  # all 2049 - 1
+            logs[folder] = (folder / "log.jsonl").read_bytes()
+    assert b'"resumed": true' in logs[stopped]
+    table = (out / "study.md").read_text()
+    assert "| baseline | 2 |" in table and "| inc2-freeze | 2 |" in table and table in printed
+    assert (out / "study.png").stat().st_size > 0
+
+    sweep.main(argv)
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")] == [
+        f"[{i}/4] {regime} seed {seed}: finished earlier, skipped"
+        for i, (seed, regime) in enumerate([(1, "baseline"), (1, "inc2-freeze"), (2, "baseline"), (2, "inc2-freeze")], 1)]
+    assert all(folder.joinpath("log.jsonl").read_bytes() == log for folder, log in logs.items())
+
+
+def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "study"
+    # seed 1 left a log but stopped before its first checkpoint: it cannot resume, and is not deleted
+    write_log(out / "baseline" / "seed1" / "log.jsonl", [step_rec(1, 10), {"step": 1, "val_loss": 5.0}])
+    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--max-steps", "2"]
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--regimes", "baseline", "--seeds", "1,2", "--out", str(out), "--", *extra])
+    captured = capsys.readouterr()
+    assert e.value.code == 1
+    assert "[1/2] baseline seed 1: FAILED:" in captured.out and "delete the folder to run it again" in captured.out
+    assert "[2/2] baseline seed 2: done" in captured.out and "| baseline | 2 |" in captured.out
+    assert captured.err.splitlines() == ["failed: baseline seed 1"]
+    assert (out / "baseline" / "seed1" / "log.jsonl").exists()
+
+    for argv, message in [
+            (["--regimes", "baseline,inc5"], "--regimes: unknown inc5"),
+            (["--regimes", "baseline", "--seeds", "1,x"], "--seeds 1,x: give comma-separated whole numbers"),
+            (["--regimes", "baseline", "--seeds", "1,1"], "must not repeat"),
+            (["--regimes", "apollo", "--out", str(tmp_path / "new")], "add baseline to --regimes"),
+            (["--regimes", "baseline", "--", "--seed", "3"], "--seed after --"),
+            (["--regimes", "baseline", "--", *extra, "--lr", "-1"], "--lr -1.0: must be")]:
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["--out", str(tmp_path / "bad"), *argv] if "--out" not in argv else argv)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], (argv, err)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "new").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ ADDED_FLAGS = {"precision": "bf16", "peak_flops": None, "decay_frac": 0.2, "deca
 INT_RANGES = dict(n_layer=(1, None), n_head=(1, None), n_embd=(1, None), batch_size=(1, None),
                   seq_len=(1, None), total_batch=(1, None), warmup=(0, None), max_steps=(1, None),
                   seed=(0, 2**32 - 1), stages=(1, None), inc_steps=(1, None), msg_ramp=(0, None),
-                  rewarm=(0, None), budget_steps=(0, None), val_tokens=(1, None), eval_every=(1, None),
+                  rewarm=(0, None), budget_steps=(0, None), val_tokens=(0, None), eval_every=(1, None),
                   hellaswag_every=(0, None), hellaswag_limit=(1, None), ckpt_every=(1, None), bench=(0, None))
 FLOAT_RANGES = dict(lr=(0, None), min_lr=(0, None), weight_decay=(0, None), grad_clip=(0, None),
                     phase1_frac=(0, 1), peak_flops=(0, None), decay_frac=(0, 1))
@@ -118,7 +118,7 @@ def parse_args(argv=None):
                         "many steps (expected FLOPs, from cost.py); equal_cost is marked there too")
     g = p.add_argument_group("data, evaluation, output")
     a("--data-dir")
-    a("--val-tokens", type=int)
+    a("--val-tokens", type=int, help="validation tokens per evaluation; 0 = the whole val split (whole batches)")
     a("--eval-every", type=int)
     a("--hellaswag-every", type=int, help="0 = off")
     a("--hellaswag-limit", type=int, help="evaluate only the first N HellaSwag examples")
@@ -307,17 +307,20 @@ def check_vocab(path, tokens, vocab_size):
 
 class ValSet:
     """The fixed validation set: the first n·B·T (+1) tokens of the val shard(s), kept as uint16
-    until a (B, T) batch is made. The same set whatever the world size; ranks split the batches."""
+    until a (B, T) batch is made; n_tokens 0 takes every whole batch they hold. The same set
+    whatever the world size; ranks split the batches."""
 
     def __init__(self, val_files, n_tokens, B, T, vocab_size=None):
         shards = [read_shard(f) for f in val_files]
         for f, tokens in zip(val_files, shards):
             check_vocab(f, tokens, vocab_size)
         self.tokens = np.concatenate(shards)  # uint16
-        self.B, self.T, self.n = B, T, n_tokens // (B * T)
+        usable = n_tokens or len(self.tokens) - 1  # a batch reads one token past its end, for targets
+        self.B, self.T, self.n = B, T, usable // (B * T)
         where = ", ".join(str(f) for f in val_files)
         if self.n == 0:
-            raise ValueError(f"--val-tokens {n_tokens} is less than one batch of --batch-size {B} x --seq-len {T} "
+            what = f"--val-tokens {n_tokens}" if n_tokens else f"the validation split ({usable} tokens)"
+            raise ValueError(f"{what} is less than one batch of --batch-size {B} x --seq-len {T} "
                              f"= {B * T} tokens: raise --val-tokens or lower the batch")
         if self.n * B * T + 1 > len(self.tokens):
             raise ValueError(f"--val-tokens {n_tokens} needs {self.n * B * T + 1} validation tokens in batches of "

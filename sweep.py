@@ -1,0 +1,167 @@
+"""Run a study: each regime in a list with each seed in a list, all at one FLOPs budget, then the
+summary (plot.py --study): per regime, mean ± sd over seeds of the val loss at equal FLOPs, the
+FLOPs to reach the baseline's final val loss, and the training time, in OUT/study.md and a figure
+of mean val loss against FLOPs with a ±1 sd band per regime in OUT/study.png.
+
+    python sweep.py --regimes baseline,inc4-freeze,apollo --seeds 1,2,3 --out out/study \\
+        -- --preset tiny --budget-steps 100 --inc-steps 100
+
+Each run is `python train.py <the regime's flags> <everything after --> --seed N --out
+OUT/REGIME/seedN`, its output in OUT/REGIME/seedN/train.out. Every evaluation covers the whole
+validation split (--val-tokens 0), about 50 times a run (--eval-every), unless those flags come
+after `--`. Seeds are the outer loop, so a study cut short has every regime at its first seeds.
+
+Run the same command again to go on after an interruption (Ctrl-C lets the current run save a
+checkpoint): finished runs are skipped, runs with a checkpoint resumed, the rest started; nothing
+is deleted. A failed run is reported and the sweep goes on; it exits 1 at the end if any failed.
+"""
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import plot
+import train
+
+HERE = Path(__file__).resolve().parent
+
+# regime name -> train.py flags: toy.sh's runs, and more incremental stage counts
+REGIMES = {
+    "baseline": [],
+    "inc2-freeze": ["--stages", "2", "--phase1-mode", "freeze"],
+    "inc2-isolate": ["--stages", "2", "--phase1-mode", "isolate"],
+    "inc4-freeze": ["--stages", "4", "--phase1-mode", "freeze"],
+    "inc4-isolate": ["--stages", "4", "--phase1-mode", "isolate"],
+    "inc4-copy-top": ["--stages", "4", "--grow-op", "copy-top"],
+    "inc8": ["--stages", "8"],
+    "inc12": ["--stages", "12"],
+    "apollo": ["--regime", "apollo"],
+    "stack": ["--regime", "stack"],
+    "gstack": ["--regime", "gstack"],
+    "msg": ["--regime", "msg"],
+    "zero": ["--regime", "zero"],
+}
+EVALS_PER_RUN = 50  # resolves "FLOPs to the baseline's val loss" to about 2% of a run
+SWEEP_OWNS = ("--out", "--seed", "--resume")  # set per run by the sweep
+
+
+def parse_args(argv=None):
+    """(sweep's arguments, the train.py flags after `--`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
+    p.add_argument("--regimes", required=True, help=f"comma-separated, of: {', '.join(REGIMES)}")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated whole numbers")
+    p.add_argument("--out", required=True, help="the study's folder: OUT/REGIME/seedN per run")
+    args = p.parse_args(own)
+    args.regimes = args.regimes.split(",")
+    unknown = [r for r in args.regimes if r not in REGIMES]
+    if unknown:
+        p.error(f"--regimes: unknown {', '.join(unknown)}; known: {', '.join(REGIMES)}")
+    if not args.seeds.replace(",", "").isdigit() or "" in args.seeds.split(","):
+        p.error(f"--seeds {args.seeds}: give comma-separated whole numbers, e.g. 1,2,3")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    if len(set(args.regimes)) < len(args.regimes) or len(set(args.seeds)) < len(args.seeds):
+        p.error("--regimes and --seeds must not repeat a value: each run has one folder")
+    taken = [f for f in extra if f.split("=")[0] in SWEEP_OWNS]
+    if taken:
+        p.error(f"{', '.join(taken)} after --: the sweep sets --out, --seed and --resume for each run")
+    if "baseline" not in args.regimes and not (Path(args.out) / "baseline").is_dir():
+        p.error("a study is measured against the baseline: add baseline to --regimes")
+    return args, extra
+
+
+def given(extra, name):
+    return any(f == name or f.startswith(name + "=") for f in extra)
+
+
+def train_flags(regime, seed, extra):
+    """The train.py flags of one run, less --out and --resume: the regime's, the user's, and the
+    sweep's evaluation defaults where the user set none. Parsing them with train.py's parser
+    checks them (a ValueError or SystemExit(2) before any run starts) and gives the run's length."""
+    flags = [*REGIMES[regime], *extra, "--seed", str(seed)]
+    max_steps = train.parse_args(flags).max_steps
+    if not given(extra, "--val-tokens"):
+        flags += ["--val-tokens", "0"]  # the whole validation split
+    if not given(extra, "--eval-every"):
+        flags += ["--eval-every", str(max(1, max_steps // EVALS_PER_RUN))]
+    return flags, max_steps
+
+
+def finished(folder, max_steps):
+    """Whether the run's log holds its final evaluation, the one after step max_steps."""
+    try:
+        return any(e["step"] >= max_steps for e in plot.read_log(folder)["evals"])
+    except (FileNotFoundError, ValueError):  # no log yet, or one cut short before its first step
+        return False
+
+
+def run_one(folder, flags, resume):
+    """train.py in a subprocess, its output appended to FOLDER/train.out. Returns (exit code,
+    its last line of output). On Ctrl-C the run (which got the signal too) saves a checkpoint at
+    the end of its step: wait for it, then stop the sweep."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(HERE / "train.py"), *flags, "--out", str(folder), *(["--resume"] if resume else [])]
+    with open(folder / "train.out", "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()
+            raise
+    lines = (folder / "train.out").read_text(errors="replace").strip().splitlines()
+    return code, lines[-1] if lines else ""
+
+
+def sweep(regimes, seeds, extra, out):
+    """Every (seed, regime) run not yet finished, in that order; returns the runs that failed."""
+    plans = [(regime, seed, *train_flags(regime, seed, extra)) for seed in seeds for regime in regimes]
+    failed = []
+    for i, (regime, seed, flags, max_steps) in enumerate(plans, 1):
+        folder = Path(out) / regime / f"seed{seed}"
+        head = f"[{i}/{len(plans)}] {regime} seed {seed}"
+        if finished(folder, max_steps):
+            print(f"{head}: finished earlier, skipped", flush=True)
+            continue
+        resume = (folder / "ckpt.pt").exists()
+        if (folder / "log.jsonl").exists() and not resume:
+            print(f"{head}: FAILED: {folder} holds a log but no checkpoint (stopped before its first): "
+                  "delete the folder to run it again", flush=True)
+            failed.append(f"{regime} seed {seed}")
+            continue
+        print(f"{head}: {'resuming' if resume else 'starting'} ({max_steps} steps) in {folder}", flush=True)
+        t0 = time.time()
+        code, last = run_one(folder, flags, resume)
+        if code:
+            print(f"{head}: FAILED (exit {code}): {last}", flush=True)
+            failed.append(f"{regime} seed {seed}")
+        else:
+            print(f"{head}: done in {plot.duration(time.time() - t0)}", flush=True)
+    return failed
+
+
+def main(argv=None):
+    args, extra = parse_args(argv)
+    try:
+        failed = sweep(args.regimes, args.seeds, extra, args.out)
+    except ValueError as e:  # train.py refused a run's flags
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("stopped: run the same command again to go on", file=sys.stderr)
+        sys.exit(130)
+    try:
+        print(plot.write_study(args.out))
+        print(f"wrote {Path(args.out) / 'study.md'} and {Path(args.out) / 'study.png'}")
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"no summary: {e}", file=sys.stderr)
+        failed.append("the summary")
+    if failed:
+        print(f"failed: {'; '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
