@@ -26,7 +26,7 @@ import train
 
 HERE = Path(__file__).resolve().parent
 
-# regime name -> train.py flags: toy.sh's runs, and more incremental stage counts
+# regime name -> train.py flags: toy.sh's runs, more incremental stage counts, late expansion
 REGIMES = {
     "baseline": [],
     "inc2-freeze": ["--stages", "2", "--phase1-mode", "freeze"],
@@ -41,6 +41,9 @@ REGIMES = {
     "gstack": ["--regime", "gstack"],
     "msg": ["--regime", "msg"],
     "zero": ["--regime", "zero"],
+    "late0": ["--regime", "late"],  # Bu 2025: 0 blocks, one expansion at 80%, WSD
+    "late1": ["--regime", "late", "--grow-layers", "1,12"],
+    "baseline-wsd": ["--schedule", "wsd"],  # the baseline on late expansion's schedule
 }
 EVALS_PER_RUN = 50  # resolves "FLOPs to the baseline's val loss" to about 2% of a run
 SWEEP_OWNS = ("--out", "--seed", "--resume")  # set per run by the sweep
