@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import grow
 import hellaswag
 import sample
-from model import (GPT, GPTConfig, autocast, forward_backward, full_step_flops, mfu, optimizer_step, peak_flops,
-                   pick_device, read_checkpoint, step_flops)
-from prepare_fineweb import DataError, gpt2_encoding, prepare_tinyshakespeare, read_shard
+from model import (GPT, GPTConfig, autocast, blocks_share, forward_backward, full_step_flops, mfu, optimizer_step,
+                   peak_flops, pick_device, read_checkpoint, step_flops)
+from prepare_fineweb import DataError, prepare_tinyshakespeare, read_meta, read_shard, tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: a preset fills every flag the user left unset; grow.py's regimes fill the growth
@@ -50,6 +50,9 @@ PRESETS = {
                  inc_steps=150, data_dir="data/tinyshakespeare", val_tokens=32768,
                  eval_every=25, hellaswag_every=0, sample_every=0, ckpt_every=50),
 }
+
+# the presets' data folders that train.py makes from Tiny Shakespeare on first use, by tokenizer
+SHAKESPEARE_DIRS = {PRESETS["tiny"]["data_dir"]: "gpt2"}
 
 TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=1337,
                          hellaswag_limit=None)
@@ -190,7 +193,12 @@ def check_flags(args, given):
 
 
 def model_config(args):
-    return GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    """The model the flags and the data folder ask for: the vocabulary is the data's tokenizer's,
+    GPT-2's padded to 50,304 (a multiple of 128, for faster matmuls), a byte or char vocabulary as
+    it is (nanoGPT's 65 characters: the head is ~1% of the FLOPs there, padding buys nothing)."""
+    meta = read_meta(args.data_dir)
+    vocab = {} if meta["tokenizer"] == "gpt2" else {"vocab_size": meta["vocab_size"]}
+    return GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, **vocab)
 
 
 def make_schedule(args, max_steps):
@@ -443,6 +451,7 @@ class Run:
     loader: ShardLoader
     val: list  # validation (x, y) batches
     hellaswag: list  # examples, or None when HellaSwag is off
+    tokenizer: dict  # the data's tokenizer meta (prepare_fineweb.read_meta), saved in checkpoints
     out: Path
     peak_flops: float  # per device, for MFU; None: not known
     precision: str  # bf16 or fp32 (CUDA only)
@@ -459,8 +468,14 @@ def assemble(args):
     if args.total_batch % (B * T * world):
         raise ValueError(f"--total-batch {args.total_batch} must be a multiple of batch-size x seq-len x "
                          f"world = {B * T * world}")
-    if rank == 0 and args.data_dir == PRESETS["tiny"]["data_dir"]:
-        prepare_tinyshakespeare(args.data_dir)
+    if rank == 0 and args.data_dir in SHAKESPEARE_DIRS:
+        prepare_tinyshakespeare(args.data_dir, tokenizer_name=SHAKESPEARE_DIRS[args.data_dir])
+    if world > 1:
+        dist.barrier()  # the data folder's meta.json decides the model's vocabulary
+    meta = read_meta(args.data_dir)
+    if args.hellaswag_every > 0 and meta["tokenizer"] != "gpt2":
+        raise ValueError(f"--hellaswag-every {args.hellaswag_every}: HellaSwag needs GPT-2's tokenizer and "
+                         f"{args.data_dir} is {meta['tokenizer']}-level: use --hellaswag-every 0")
     examples = hellaswag.load_examples("val", limit=args.hellaswag_limit) if rank == 0 and args.hellaswag_every > 0 else None
     if world > 1:
         dist.barrier()
@@ -480,7 +495,7 @@ def assemble(args):
         grad_accum=args.total_batch // (B * T * world), model=model,
         new_optimizer=lambda: model.configure_optimizer(args.lr, args.weight_decay, fused=fused),
         loader=ShardLoader(train_files, B, T, rank, world, args.seed, cfg.vocab_size), val=val,
-        hellaswag=examples, out=Path(args.out), lock=lock, precision=args.precision,
+        hellaswag=examples, tokenizer=meta, out=Path(args.out), lock=lock, precision=args.precision,
         peak_flops=args.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None),
         # the equal-cost point: where this run has spent what the full-depth baseline spends in
         # --budget-steps if given, else in --inc-steps (the paper's marked points)
@@ -507,7 +522,8 @@ def summary(run, max_steps, resuming):
     total = sum(p.numel() for p in run.model.parameters())
     tokens = run.config["total_batch"]
     lines = [f"model: {cfg.n_layer} layers x {per_block / 1e6:.2f}M parameters a block, {total / 1e6:.1f}M in all "
-             f"(width {cfg.n_embd}, {cfg.n_head} heads, vocabulary {cfg.vocab_size:,}, sequence {T})",
+             f"(width {cfg.n_embd}, {cfg.n_head} heads, vocabulary {cfg.vocab_size:,} {run.tokenizer['tokenizer']}, "
+             f"sequence {T}); the blocks are {blocks_share(cfg, T):.1%} of its training FLOPs, the head the rest",
              f"device: {run.device} x {run.world}, {run.precision if run.device.type == 'cuda' else 'fp32'}; "
              f"micro-batch {B} x {T}, gradient accumulation {run.grad_accum}, {tokens:,} tokens a step",
              f"schedule: {max_steps:,} steps"]
@@ -583,7 +599,7 @@ def show_samples(run, state, log):
     """build-nanogpt's look at the model as it stands: a few continuations of its prompt, on rank 0,
     printed and logged. Their own seeded generator and no gradients: training's numbers stay put."""
     if run.rank == 0:
-        texts = sample.sample(run.model, gpt2_encoding(), device=run.device,
+        texts = sample.sample(run.model, tokenizer(run.tokenizer), device=run.device,
                               plan=run.schedule.eval_plan(state.entered, state.step), **sample.DEFAULTS)
         log.record(step=state.step, samples=texts)
         log.print("\n".join(f"sample {i}: {text}" for i, text in enumerate(texts)))
@@ -625,7 +641,8 @@ def checkpoint(run, opt, state):
         save_checkpoint(run.out / "ckpt.pt", {
             **asdict(state), "model": run.model.state_dict(), "optimizer": opt.state_dict(),
             "loader": run.loader.state_dict(), "rng": {"torch": torch.get_rng_state()}, "config": run.config,
-            "model_config": run.cfg.to_dict(), "eval_plan": run.schedule.eval_plan(state.entered, state.step).to_dict()})
+            "model_config": run.cfg.to_dict(), "tokenizer": run.tokenizer,
+            "eval_plan": run.schedule.eval_plan(state.entered, state.step).to_dict()})
 
 
 def resume(run, opt):
