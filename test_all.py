@@ -718,6 +718,26 @@ def test_baseline_budget_steps_spend_the_baselines_flops(tmp_path, data, flags):
     assert [r["step"] for r in evals if r.get("equal_cost")] == [len(steps)]
 
 
+def test_baseline_char_preset_makes_its_data_and_its_blocks_are_the_flops(tmp_path, monkeypatch, capsys):
+    """--preset char tokenizes Tiny Shakespeare by character into data/shakespeare_char on first
+    use; at its shape the blocks are at least 95% of the training FLOPs (cost.py --split says so)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
+    shutil.copy(SHAKESPEARE, tmp_path / "data" / "shakespeare_char" / "input.txt")
+    train.main(["--preset", "char", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+                "--batch-size", "4", "--total-batch", "128", "--val-tokens", "256", "--max-steps", "1",
+                "--device", "cpu", "--out", "out"])
+    assert pf.read_meta("data/shakespeare_char")["vocab_size"] == 65  # nanoGPT's 65 characters
+    assert torch.load("out/ckpt.pt", weights_only=True)["model_config"]["vocab_size"] == 65
+    assert "vocabulary 65 char" in capsys.readouterr().out
+    args = train.parse_args(["--preset", "char"])
+    cfg = train.model_config(args)
+    assert (cfg.n_layer, cfg.vocab_size, args.seq_len, args.hellaswag_every) == (12, 65, 256, 0)
+    assert blocks_share(cfg, args.seq_len) >= 0.95
+    cost_main(["--split", "--n-embd", str(cfg.n_embd), "--vocab", "65", "--seq-len", str(args.seq_len)])
+    assert capsys.readouterr().out.endswith(f"blocks {blocks_share(cfg, args.seq_len):.1%}\n")
+
+
 # ----------------------------------------------------------------------------------------------
 # Incremental training (Li, Fung & Huang): stages, phase 1, stage entry, DDP, resume
 

@@ -49,10 +49,16 @@ PRESETS = {
                  total_batch=4096, lr=2e-3, min_lr=2e-4, warmup=10, max_steps=250,
                  inc_steps=150, data_dir="data/tinyshakespeare", val_tokens=32768,
                  eval_every=25, hellaswag_every=0, sample_every=0, ckpt_every=50),
+    # nanoGPT's shakespeare_char at 12 layers: one token a character (65), so the blocks are ~99%
+    # of the FLOPs, as at GPT-2 scale, and every stage count of 12 layers applies
+    "char": dict(n_layer=12, n_head=4, n_embd=128, batch_size=16, seq_len=256,
+                 total_batch=4096, lr=2e-3, min_lr=2e-4, warmup=20, max_steps=400,
+                 inc_steps=240, data_dir="data/shakespeare_char", val_tokens=65536,
+                 eval_every=50, hellaswag_every=0, sample_every=0, ckpt_every=100),
 }
 
 # the presets' data folders that train.py makes from Tiny Shakespeare on first use, by tokenizer
-SHAKESPEARE_DIRS = {PRESETS["tiny"]["data_dir"]: "gpt2"}
+SHAKESPEARE_DIRS = {PRESETS["tiny"]["data_dir"]: "gpt2", PRESETS["char"]["data_dir"]: "char"}
 
 TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", weight_decay=0.1, grad_clip=1.0, seed=1337,
                          hellaswag_limit=None)
@@ -82,7 +88,8 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--preset", choices=PRESETS, default="gpt2",
       help="gpt2: GPT-2 124M on FineWeb-Edu 10B, the paper's setup (`python train.py` alone runs it); "
-           "tiny: the same 12 layers, narrow, on Tiny Shakespeare, for a CPU")
+           "tiny: the same 12 layers, narrow, on Tiny Shakespeare, for a CPU; char: the same, one token a "
+           "character (nanoGPT's shakespeare_char)")
     a("--regime", choices=grow.REGIMES, default="incremental")
     g = p.add_argument_group("incremental regime (Li et al.)")
     g.add_argument("--stages", type=int, help="S stages that each add layers; 1 = the baseline")
