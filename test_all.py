@@ -600,7 +600,8 @@ def test_baseline_nan_keeps_last_good_and_resume_may_lower_the_lr(tmp_path, data
     assert "loss is nan at step 4" in err and "try a lower --lr, then --resume" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     # the advice is taken: a lower --lr is accepted on resume (these weights are NaN, so NaN again)
-    err = train_error(tmp_path, data, capsys, "--max-steps", "8", "--lr", "1e-4", "--resume", out=".")
+    err = train_error(tmp_path, data, capsys, "--max-steps", "8", "--lr", "1e-4", "--min-lr", "1e-5", "--resume",
+                      out=".")
     assert "loss is nan at step 4" in err
 
 
