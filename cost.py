@@ -5,6 +5,7 @@
     python cost.py --regime apollo                  # expected FLOPs of a growth schedule
     python cost.py --measure                        # time real training steps against their FLOPs
     python cost.py --bench-loss                     # the head and loss: eager against fused
+    python cost.py --split --n-embd 128 --vocab 65 --seq-len 256   # blocks vs head (train.py --preset char)
 
 Three models of the same incremental run, coarse to exact:
   paper          forward and backward each cost c per layer per token (Li et al.'s derivation)
@@ -26,7 +27,7 @@ import time
 from fractions import Fraction
 
 import grow
-from model import PEAK_BF16, SIZES, GPTConfig, Plan, full_step_flops, pick_device, step_flops
+from model import PEAK_BF16, SIZES, GPTConfig, Plan, blocks_share, full_step_flops, pick_device, step_flops
 
 H100_BF16 = PEAK_BF16["H100"]  # FLOP/s, dense bf16 peak of the SXM card
 APOLLO_REPORTED = {"code": 57.6, "paper": 47.9}  # % of FLOPs saved on GPT-Base: their code's, their paper's
@@ -389,6 +390,20 @@ def measure(device, batch=4, warmup=1, repeats=9, threads=1, seed=0):
                 warmup=warmup, repeats=repeats, rows=rows)
 
 
+def split_report(cfg):
+    """Training FLOPs a token of the full-depth baseline spends in the blocks and in the head."""
+    total = full_step_flops(cfg, 1, cfg.block_size)
+    share = blocks_share(cfg, cfg.block_size)
+    return dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab=cfg.vocab_size, seq_len=cfg.block_size,
+                block_flops=round(total * share), head_flops=round(total * (1 - share)), blocks_share=share)
+
+
+def split_text(r):
+    return (f"{r['n_layer']} layers of width {r['n_embd']}, vocabulary {r['vocab']:,}, sequence {r['seq_len']}: "
+            f"training FLOPs a token {r['block_flops'] / 1e6:.2f}M in the blocks, {r['head_flops'] / 1e6:.2f}M "
+            f"in the head: blocks {r['blocks_share']:.1%}")
+
+
 def measure_text(r):
     base = r["rows"][-1]  # the last phase 2 trains every block: the baseline step
     c = r["config"]
@@ -553,18 +568,25 @@ def parse_args(argv=None):
     a("--bench-loss", action="store_true",
       help="time the head and loss, eager against fused, and their peak memory (a benchmark)")
     a("--device", default="auto", help="for --measure and --bench-loss: auto, cpu, cuda")
+    a("--split", action="store_true", help="the training FLOPs of the blocks against the head's, a token")
+    a("--n-layer", type=int, help="--split: instead of --model's")
+    a("--n-embd", type=int, help="--split: instead of --model's")
+    a("--vocab", type=int, help="--split: instead of GPT-2's padded 50,304 (train.py's from the data's meta.json)")
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
     args = p.parse_args(argv)
     # flags the chosen report would silently ignore
     given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    shape = {"n-layer", "n-embd", "vocab"}
     if args.measure or args.bench_loss:
-        wrong = given - {"measure", "bench-loss", "device", "json"}
+        wrong, mode = given - {"measure", "bench-loss", "device", "json"}, "--measure or --bench-loss"
+    elif args.split:
+        wrong, mode = given - {"split", "model", "seq-len", "json"} - shape, "--split"
     else:
-        wrong = given & ({"device"} | ({"stages", "cost", "phase1-mode"} if args.regime != "incremental"
-                                       else {"ranks", "accum"}))
+        wrong = given & ({"device"} | shape | ({"stages", "cost", "phase1-mode"} if args.regime != "incremental"
+                                               else {"ranks", "accum"}))
+        mode = "--regime " + args.regime
     if wrong:
-        p.error(f"{', '.join('--' + f for f in sorted(wrong))} cannot go with "
-                f"{'--measure or --bench-loss' if args.measure or args.bench_loss else '--regime ' + args.regime}")
+        p.error(f"{', '.join('--' + f for f in sorted(wrong))} cannot go with {mode}")
     return args
 
 
@@ -588,6 +610,9 @@ def check(args):
                          f"whole --seq-len {args.seq_len} sequences")
     if not 0 < args.mfu <= 1:  # NaN fails this too
         raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
+    for flag, value in {"--n-layer": args.n_layer, "--n-embd": args.n_embd, "--vocab": args.vocab}.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be 1 or more")
 
 
 def main(argv=None):
@@ -599,6 +624,11 @@ def main(argv=None):
 
             device = torch.device(pick_device(args.device))
             report, text = (measure(device), measure_text) if args.measure else (bench_loss(device), bench_loss_text)
+        elif args.split:
+            shape = {k: v for k, v in dict(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab).items()
+                     if v is not None}
+            cfg = GPTConfig(**{**vars(model_config(args.model, args.seq_len)), **shape})
+            report, text = split_report(cfg), split_text
         elif args.regime == "incremental":
             report = incremental_report(args.model, args.stages, args.steps, args.phase1_mode, args.cost,
                                         args.seq_len, args.batch_tokens, args.mfu)

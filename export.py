@@ -10,7 +10,9 @@ The folder holds the model as the checkpoint is evaluated: its eval plan unrolle
 position j; the vocabulary cut from the padded 50,304 to GPT-2's 50,257 tokens; the head tied to
 the token embedding. MSG's gates have no GPT-2 equivalent, so a checkpoint saved while they were
 opening is refused. Writing the folder needs safetensors, not transformers; the tokenizer is
-GPT-2's own, not written here (tokenizer=gpt2 above).
+GPT-2's own, not written here (tokenizer=gpt2 above). A byte- or char-level checkpoint exports too,
+at its own vocabulary and without GPT-2's end-of-text token; its tokenizer (meta.json's record,
+copied into the folder as nanogrow_tokenizer.json) has no Hugging Face form here: build one to use it there.
 """
 import argparse
 import json
@@ -21,14 +23,16 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from model import CONV1D_WEIGHTS, load_model
+from model import CONV1D_WEIGHTS, checkpoint_model, read_checkpoint
+from prepare_fineweb import checkpoint_meta
 
 VOCAB = 50257  # GPT-2's tokenizer; the rows above it pad the matmuls and no token ever uses them
 EOT = 50256  # <|endoftext|>, GPT-2's bos and eos
 
 
-def hf_config(cfg, n_layer, vocab):
-    """GPT2Config's fields for our GPTConfig at depth n_layer: what model.py builds, spelled HF's way."""
+def hf_config(cfg, n_layer, vocab, eot=EOT):
+    """GPT2Config's fields for our GPTConfig at depth n_layer: what model.py builds, spelled HF's way.
+    eot: the bos and eos token, None for a tokenizer without one."""
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": vocab, "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": n_layer,
@@ -36,7 +40,7 @@ def hf_config(cfg, n_layer, vocab):
         "activation_function": "gelu_new",  # GELU's tanh approximation, as model.MLP
         "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which model.py uses
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # trained without dropout
-        "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": EOT, "eos_token_id": EOT,
+        "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot,
     }
 
 
@@ -55,22 +59,29 @@ def hf_state_dict(model, plan, vocab):
 
 def export(checkpoint, out):
     """Write the checkpoint's model to the folder `out` (absent or empty), atomically: into a
-    folder beside it, renamed into place when complete. Returns (depth, unique blocks)."""
-    model, plan = load_model(checkpoint)
+    folder beside it, renamed into place when complete. Returns (depth, unique blocks, tokenizer
+    meta)."""
+    ckpt = read_checkpoint(checkpoint)
+    model, plan = checkpoint_model(ckpt)
+    meta = checkpoint_meta(ckpt)
     if plan.gates is not None:
         raise ValueError(f"{checkpoint} was saved while MSG's gates were opening (μ = {plan.gates}), which GPT-2 "
                          "cannot express: export a checkpoint saved after --msg-ramp steps of the last stage")
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder: choose another --out")
-    vocab = min(model.config.vocab_size, VOCAB)
+    gpt2 = meta["tokenizer"] == "gpt2"
+    vocab = min(model.config.vocab_size, VOCAB) if gpt2 else meta["vocab_size"]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that crashed
     tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(hf_config(model.config, len(plan.blocks), vocab), indent=2) + "\n")
+    config = hf_config(model.config, len(plan.blocks), vocab, EOT if gpt2 else None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if not gpt2:  # what a Hugging Face tokenizer for this model must reproduce
+        (tmp / "nanogrow_tokenizer.json").write_text(json.dumps(meta, indent=1) + "\n")
     save_file(hf_state_dict(model, plan, vocab), tmp / "model.safetensors", metadata={"format": "pt"})
     os.replace(tmp, out)  # a folder replaces an empty one in a single rename
-    return len(plan.blocks), len(set(plan.blocks))
+    return len(plan.blocks), len(set(plan.blocks)), meta
 
 
 def main(argv=None):
@@ -79,12 +90,15 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the folder to write; must not exist, or be empty")
     args = p.parse_args(argv)
     try:
-        depth, unique = export(args.checkpoint, args.out)
+        depth, unique, meta = export(args.checkpoint, args.out)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     shared = f" ({unique} unique blocks unrolled)" if unique < depth else ""
     print(f"{args.out}: GPT-2 with {depth} layers{shared}; GPT2LMHeadModel.from_pretrained({str(args.out)!r}) loads it")
+    if meta["tokenizer"] != "gpt2":
+        print(f"its tokenizer is {meta['tokenizer']}-level ({meta['vocab_size']} tokens, recorded in "
+              "nanogrow_tokenizer.json), not GPT-2's: build a Hugging Face tokenizer for it separately")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import SIZES, GPT, load_model, pick_device
-from prepare_fineweb import DataError, DownloadError, download, gpt2_encoding
+from model import SIZES, GPT, checkpoint_model, pick_device, read_checkpoint
+from prepare_fineweb import DataError, DownloadError, checkpoint_meta, download, gpt2_encoding
 
 SCORING = "completion scoring, build-nanogpt style; not comparable with lm-eval-harness"
 SCORING_TAG = "completion (build-nanogpt)"  # the short form, for JSON
@@ -228,6 +228,10 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     try:
+        ckpt = read_checkpoint(args.checkpoint, device) if args.checkpoint is not None else None
+        if ckpt is not None and checkpoint_meta(ckpt)["tokenizer"] != "gpt2":  # before any download
+            raise ValueError(f"{args.checkpoint} was trained with the {checkpoint_meta(ckpt)['tokenizer']} tokenizer; "
+                             "HellaSwag scores endings as GPT-2 tokens: it needs a GPT-2 checkpoint")
         # rank 0 downloads alone; the others wait, then find the verified file in the cache
         if ddp and rank != 0:
             dist.barrier()
@@ -235,7 +239,7 @@ def main(argv=None):
         if ddp and rank == 0:
             dist.barrier()
         if args.checkpoint is not None:
-            model, plan = load_model(args.checkpoint, device)
+            model, plan = checkpoint_model(ckpt, device)
         else:
             model, plan = GPT.from_pretrained(args.model).to(device), None
         t0 = time.time()

@@ -327,7 +327,12 @@ def read_checkpoint(path, device="cpu"):
 def load_model(path, device="cpu"):
     """A GPT from a train.py checkpoint, in eval mode, and the Plan it is evaluated with (shared
     depths and MSG's gates included)."""
-    ckpt = read_checkpoint(path, device)
+    return checkpoint_model(read_checkpoint(path, device), device)
+
+
+def checkpoint_model(ckpt, device="cpu"):
+    """load_model on a checkpoint already read (read_checkpoint), for callers that read its other
+    keys too."""
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
@@ -370,6 +375,13 @@ def step_flops(cfg, plan, trainable, tokens, seq_len):
 def full_step_flops(cfg, tokens, seq_len):
     """One step of the full-depth baseline: every block runs once and trains."""
     return step_flops(cfg, full_plan(cfg.n_layer), range(cfg.n_layer), tokens, seq_len)
+
+
+def blocks_share(cfg, seq_len):
+    """The share of the full-depth baseline's training FLOPs spent in the transformer blocks, the
+    rest in the head (2·d·V a token forward): growth saves only on the blocks."""
+    head = step_flops(cfg, Plan(()), (), 1, seq_len)  # no blocks: the head alone
+    return 1 - head / full_step_flops(cfg, 1, seq_len)
 
 
 # Dense bf16 peak FLOP/s of common cards (the datasheets' sparsity figures are twice these), by a

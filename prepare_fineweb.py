@@ -5,10 +5,14 @@ Prepare GPT-2 token shards for nanogrow training.
     python prepare_fineweb.py --shards 10          # the val shard and the first 10 train shards
     python prepare_fineweb.py --source parquet     # sample-10BT parquet, tokenized here (needs pyarrow)
     python prepare_fineweb.py --text my.txt        # any local UTF-8 text file
+    python prepare_fineweb.py --text my.txt --tokenizer char   # ... one token a character
 
 Shards use llm.c's format: a header of 256 int32 (magic, version, token count, zeros), then the
 tokens as uint16. The first shard of a dataset is the val split: {name}_val_000000.bin, the rest
 are {name}_train_000001.bin, {name}_train_000002.bin, ...
+A folder made from --text also holds meta.json, the tokenizer its shards were made with (gpt2, byte
+or char, its vocab_size, and for char its characters): train.py sizes the model's vocabulary from
+it, and a checkpoint keeps it for sample.py. A folder without meta.json is GPT-2's (llm.c's shards).
 The hub address comes from $HF_ENDPOINT when set, else https://huggingface.co.
 """
 
@@ -104,6 +108,35 @@ def read_shard(path):
     if count == 0:
         return np.zeros(0, dtype=np.uint16)  # mmap cannot map zero bytes
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def write_meta(out_dir, meta):
+    """Write meta.json beside the shards, atomically as the shards are."""
+    path = Path(out_dir) / "meta.json"
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_meta(data_dir):
+    """The tokenizer meta of a shard folder: its meta.json, or GPT-2's where there is none."""
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        return dict(GPT2_META)
+    try:
+        meta = json.loads(path.read_text())
+        tokenizer(meta)  # checks the fields
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is not a tokenizer record ({type(e).__name__}: {e}): "
+                        "delete the folder and re-run prepare_fineweb.py") from None
+    return meta
+
+
+def checkpoint_meta(ckpt):
+    """The tokenizer meta a train.py checkpoint was trained with; checkpoints from before it was
+    saved there are GPT-2's."""
+    return ckpt.get("tokenizer") or dict(GPT2_META)
 
 
 def _shards_ok(paths):
@@ -254,6 +287,79 @@ def gpt2_encoding():
                         "and point TIKTOKEN_CACHE_DIR at it") from None
 
 
+GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257}
+TOKENIZERS = ("gpt2", "byte", "char")
+
+
+class GPT2Tokenizer:
+    """tiktoken's GPT-2 BPE; documents are separated by <|endoftext|>."""
+    name, vocab_size, eot = "gpt2", 50257, EOT
+
+    def __init__(self):
+        self.enc = gpt2_encoding()
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte: any text, vocabulary 256. No end-of-text token: a single text file
+    is one document. decode replaces bytes cut mid-character (a sample may stop inside one)."""
+    name, vocab_size, eot = "byte", 256, None
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class CharTokenizer:
+    """One token per character of a fixed list (nanoGPT's shakespeare_char): id i is chars[i]."""
+    name, eot = "char", None
+
+    def __init__(self, chars):
+        self.chars, self.vocab_size = chars, len(chars)
+        self.ids = {c: i for i, c in enumerate(chars)}
+
+    def encode(self, text):
+        try:
+            return [self.ids[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this char tokenizer's {self.vocab_size} "
+                             "characters (those of the text it was made from)") from None
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+def tokenizer(meta):
+    """The tokenizer a meta record (read_meta, or a checkpoint's "tokenizer") names."""
+    name = meta["tokenizer"]
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "char":
+        chars = meta["chars"]
+        if not isinstance(chars, str) or len(set(chars)) != len(chars) or meta["vocab_size"] != len(chars):
+            raise ValueError("char needs 'chars', a string of distinct characters, as many as vocab_size")
+        return CharTokenizer(chars)
+    raise ValueError(f"unknown tokenizer {name!r}: use one of {', '.join(TOKENIZERS)}")
+
+
+def text_meta(name, text):
+    """The meta record of tokenizer `name` for this text: char's characters are the text's own,
+    sorted, so the same file always gives the same ids."""
+    if name == "char":
+        chars = "".join(sorted(set(text)))
+        return {"tokenizer": "char", "vocab_size": len(chars), "chars": chars}
+    return GPT2_META if name == "gpt2" else {"tokenizer": "byte", "vocab_size": 256}
+
+
 # A newline between two non-space characters: GPT-2's pre-tokenizer always splits around it (a
 # token never spans it, nor does a run of whitespace), so the text may be cut after it.
 SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
@@ -270,9 +376,9 @@ def text_pieces(text, size):
         start = end
 
 
-def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20):
+def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokenizer_name="gpt2"):
     """Tokenize one text file (one document) into a val shard (its last val_frac) and a train shard,
-    `piece` characters at a time, with a progress bar."""
+    `piece` characters at a time, with a progress bar; meta.json records the tokenizer."""
     if not 0 < val_frac < 1:
         raise ValueError(f"val_frac must be between 0 and 1, got {val_frac}")
     try:
@@ -283,12 +389,13 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20):
         raise DataError(f"{text_path}: cannot read it ({e.strerror})") from None
     if not text.strip():
         raise DataError(f"{text_path} is empty: nothing to tokenize")
-    enc = gpt2_encoding()
-    tokens = [EOT]
+    meta = text_meta(tokenizer_name, text)
+    enc = tokenizer(meta)
+    tokens = [] if enc.eot is None else [enc.eot]
     with tqdm(total=len(text), unit="char", unit_scale=True, desc=f"tokenizing {Path(text_path).name}",
               disable=None) as bar:
         for part in text_pieces(text, piece):
-            tokens += enc.encode_ordinary(part)
+            tokens += enc.encode(part)
             bar.update(len(part))
             bar.set_postfix_str(f"{len(tokens):,} tokens", refresh=False)
     tokens = np.array(tokens, dtype=np.uint16)
@@ -297,13 +404,17 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20):
     val, train = out_dir / shard_name(name, 0), out_dir / shard_name(name, 1)
     write_shard(val, tokens[n_train:])
     write_shard(train, tokens[:n_train])
+    write_meta(out_dir, meta)
     return [val, train]
 
 
-def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE_URL, *, retries=2):
-    """Make sure data_dir holds Tiny Shakespeare's shards, downloading input.txt if it is not there."""
+def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE_URL, *, retries=2,
+                            tokenizer_name="gpt2"):
+    """Make sure data_dir holds Tiny Shakespeare's shards made with tokenizer_name, downloading
+    input.txt if it is not there."""
     data_dir = Path(data_dir)
-    if _shards_ok([data_dir / shard_name("tinyshakespeare", i) for i in (0, 1)]):
+    if (_shards_ok([data_dir / shard_name("tinyshakespeare", i) for i in (0, 1)])
+            and read_meta(data_dir)["tokenizer"] == tokenizer_name):
         return data_dir
     text = data_dir / "input.txt"
     if not text.exists():
@@ -312,7 +423,7 @@ def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE
         except DownloadError as e:
             raise DownloadError(f"could not download Tiny Shakespeare ({e}); "
                                 f"save {TINYSHAKESPEARE_URL} as {text} and run again") from None
-    tokenize_text(text, data_dir, "tinyshakespeare")
+    tokenize_text(text, data_dir, "tinyshakespeare", tokenizer_name=tokenizer_name)
     return data_dir
 
 
@@ -443,6 +554,9 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--source parquet: tokenizer processes")
     parser.add_argument("--text", type=Path, help="tokenize this local UTF-8 text file instead")
     parser.add_argument("--name", help="--text: shard name prefix (default: the file's stem)")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2",
+                        help="--text: gpt2 (BPE, 50,257 tokens), byte (UTF-8 bytes, 256) or char (the file's "
+                             "characters); recorded in meta.json")
     parser.add_argument("--val-frac", type=float, default=0.1, help="--text: the last fraction that becomes val")
     parser.add_argument("--out", type=Path, help="output folder (default data/fineweb10B, or data/NAME for --text)")
     given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
@@ -459,7 +573,7 @@ def main(argv=None):
         parser.error(f"--name {args.name!r}: a name of letters, digits, '.', '_' and '-', not a path; "
                      "use --out for the folder")
     # flags the chosen source would silently ignore
-    own = {"text": {"name", "val-frac"}, "tokens": {"shards"}, "parquet": {"shard-size", "workers"}}
+    own = {"text": {"name", "val-frac", "tokenizer"}, "tokens": {"shards"}, "parquet": {"shard-size", "workers"}}
     chosen = "text" if args.text else args.source or "tokens"
     if args.text and args.source:
         parser.error("--text and --source cannot go together: --text tokenizes a local file")
@@ -472,7 +586,8 @@ def main(argv=None):
     try:
         if args.text:
             name = args.name or args.text.stem
-            paths = tokenize_text(args.text, args.out or Path("data") / name, name, args.val_frac)
+            paths = tokenize_text(args.text, args.out or Path("data") / name, name, args.val_frac,
+                                  tokenizer_name=args.tokenizer)
         elif chosen == "tokens":
             paths = prepare_tokens(args.out or Path("data/fineweb10B"), endpoint, args.shards)
         else:

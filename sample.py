@@ -14,8 +14,8 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from model import autocast, load_model, pick_device
-from prepare_fineweb import DataError, gpt2_encoding
+from model import autocast, checkpoint_model, pick_device, read_checkpoint
+from prepare_fineweb import DataError, checkpoint_meta, tokenizer
 
 # build-nanogpt's: four continuations of this prompt (32 tokens in all there), top-50 at temperature 1
 DEFAULTS = dict(prompt="Hello, I'm a language model,", num_samples=4, max_new_tokens=32, top_k=50,
@@ -40,15 +40,18 @@ def generate(model, idx, max_new_tokens, top_k, temperature, gen, plan=None, voc
 def sample(model, enc, prompt, num_samples, max_new_tokens, top_k, temperature, seed, device, plan=None):
     """num_samples texts, each the prompt and max_new_tokens tokens after it (generate), drawn by a
     generator of their own seeded with `seed`: the global RNG is left alone, and the model's
-    train/eval mode is kept."""
+    train/eval mode is kept. enc: a prepare_fineweb tokenizer."""
+    start = enc.encode(prompt) or ([] if enc.eot is None else [enc.eot])  # no prompt: a new document
+    if not start:
+        raise ValueError(f"--prompt '': the {enc.name} tokenizer has no end-of-text token to start a new "
+                         "document with: give a prompt")
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    start = enc.encode(prompt, allowed_special="all") or [enc.eot_token]  # no prompt: a new document
     idx = torch.tensor(start, device=device).repeat(num_samples, 1)  # (N, T)
     gen = torch.Generator(device=device).manual_seed(seed)
     # the padded vocabulary's extra rows never occur in data: draw from the tokenizer's tokens only
-    out = generate(model, idx, max_new_tokens, top_k, temperature, gen, plan, enc.n_vocab)  # (N, T + new)
+    out = generate(model, idx, max_new_tokens, top_k, temperature, gen, plan, enc.vocab_size)  # (N, T + new)
     model.train(was_training)
     return [enc.decode(row) for row in out.tolist()]
 
@@ -76,13 +79,14 @@ def main(argv=None):
     try:
         check(args)
         device = pick_device(args.device)
-        model, plan = load_model(args.checkpoint, device)
-        enc = gpt2_encoding()
+        ckpt = read_checkpoint(args.checkpoint, device)
+        model, plan = checkpoint_model(ckpt, device)
+        enc = tokenizer(checkpoint_meta(ckpt))  # the tokenizer the model was trained with
+        texts = sample(model, enc, args.prompt, args.num_samples, args.max_new_tokens,
+                       args.top_k, args.temperature, args.seed, device, plan)
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    texts = sample(model, enc, args.prompt, args.num_samples, args.max_new_tokens,
-                   args.top_k, args.temperature, args.seed, device, plan)
     for i, text in enumerate(texts):
         print(f"sample {i}: {text}")
 

@@ -49,8 +49,8 @@ import prepare_fineweb as pf  # noqa: E402
 import sweep  # noqa: E402
 import train  # noqa: E402
 from cost import incremental_report, main as cost_main, paper_closed_form, per_layer_phases  # noqa: E402
-from model import (GPT, GPTConfig, Plan, convert_hf_state_dict, full_step_flops, linear_cross_entropy,  # noqa: E402
-                   load_model, peak_flops as model_peak, step_flops)
+from model import (GPT, GPTConfig, Plan, blocks_share, convert_hf_state_dict, full_step_flops,  # noqa: E402
+                   linear_cross_entropy, load_model, peak_flops as model_peak, step_flops)
 from prepare_fineweb import DataError, DownloadError  # noqa: E402
 from export import main as export_main  # noqa: E402
 from sample import DEFAULTS as SAMPLE_DEFAULTS, generate, main as sample_main, sample  # noqa: E402
@@ -741,6 +741,26 @@ def test_baseline_budget_steps_spend_the_baselines_flops(tmp_path, data, flags):
     assert [r["step"] for r in evals if r.get("equal_cost")] == [len(steps)]
 
 
+def test_baseline_char_preset_makes_its_data_and_its_blocks_are_the_flops(tmp_path, monkeypatch, capsys):
+    """--preset char tokenizes Tiny Shakespeare by character into data/shakespeare_char on first
+    use; at its shape the blocks are at least 95% of the training FLOPs (cost.py --split says so)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
+    shutil.copy(SHAKESPEARE, tmp_path / "data" / "shakespeare_char" / "input.txt")
+    train.main(["--preset", "char", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+                "--batch-size", "4", "--total-batch", "128", "--val-tokens", "256", "--max-steps", "1",
+                "--device", "cpu", "--out", "out"])
+    assert pf.read_meta("data/shakespeare_char")["vocab_size"] == 65  # nanoGPT's 65 characters
+    assert torch.load("out/ckpt.pt", weights_only=True)["model_config"]["vocab_size"] == 65
+    assert "vocabulary 65 char" in capsys.readouterr().out
+    args = train.parse_args(["--preset", "char"])
+    cfg = train.model_config(args)
+    assert (cfg.n_layer, cfg.vocab_size, args.seq_len, args.hellaswag_every) == (12, 65, 256, 0)
+    assert blocks_share(cfg, args.seq_len) >= 0.95
+    cost_main(["--split", "--n-embd", str(cfg.n_embd), "--vocab", "65", "--seq-len", str(args.seq_len)])
+    assert capsys.readouterr().out.endswith(f"blocks {blocks_share(cfg, args.seq_len):.1%}\n")
+
+
 # ----------------------------------------------------------------------------------------------
 # Incremental training (Li, Fung & Huang): stages, phase 1, stage entry, DDP, resume
 
@@ -1428,6 +1448,89 @@ def test_data_tinyshakespeare_offline(tmp_path):
     assert str(tmp_path / "ts" / "input.txt") in str(e.value) and "\n" not in str(e.value)
 
 
+def test_data_byte_and_char_tokenizers_round_trip_text(tmp_path, capsys):
+    text = "ROMEO: héllo, wörld 😀\nJULIET: 'tis\n"
+    byte = pf.tokenizer(pf.text_meta("byte", text))
+    assert byte.vocab_size == 256 and byte.eot is None and max(byte.encode(text)) < 256
+    assert byte.decode(byte.encode(text)) == text and len(byte.encode("😀")) == 4
+    char = pf.tokenizer(pf.text_meta("char", text))
+    assert char.chars == "".join(sorted(set(text))) and char.vocab_size == len(set(text)) and char.eot is None
+    assert char.decode(char.encode(text)) == text and char.encode(char.chars) == list(range(char.vocab_size))
+    with pytest.raises(ValueError, match="character 'z' is not in"):
+        char.encode("z")
+    # --text --tokenizer: no end-of-text token (one document), meta.json beside the shards
+    src = tmp_path / "in.txt"
+    src.write_text(text * 50, encoding="utf-8")
+    for name in ("byte", "char"):
+        out = tmp_path / name
+        assert pf.main(["--text", str(src), "--tokenizer", name, "--out", str(out)]) == 0
+        meta = pf.read_meta(out)
+        assert meta == pf.text_meta(name, text)
+        assert sorted(p.name for p in out.iterdir() if p.suffix != ".bin") == ["meta.json"]  # no .tmp left
+        shards = [pf.read_shard(out / pf.shard_name("in", i)).tolist() for i in (1, 0)]
+        assert pf.tokenizer(meta).decode(shards[0] + shards[1]) == text * 50
+    with pytest.raises(SystemExit) as e:
+        pf.main(["--source", "tokens", "--tokenizer", "char"])
+    assert e.value.code == 2 and "--tokenizer cannot go with --source tokens" in capsys.readouterr().err
+
+
+def test_data_folder_without_meta_is_gpt2(tmp_path, data, capsys):
+    assert pf.read_meta(data) == pf.GPT2_META == {"tokenizer": "gpt2", "vocab_size": 50257}
+    run_train(tmp_path / "run", data, "--max-steps", "1")  # llm.c-style shards: GPT-2 as before
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["tokenizer"] == pf.GPT2_META and ckpt["model_config"]["vocab_size"] == 50304
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "meta.json").write_text('{"tokenizer": "char", "vocab_size": 3}')
+    with pytest.raises(DataError) as e:
+        pf.read_meta(tmp_path / "bad")
+    assert "meta.json is not a tokenizer record" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    """A few steps on the first 20,000 characters of Tiny Shakespeare, one token a character."""
+    tmp = tmp_path_factory.mktemp("char")
+    (tmp / "in.txt").write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    pf.tokenize_text(tmp / "in.txt", tmp / "data", "in", tokenizer_name="char")
+    run_train(tmp / "out", tmp / "data", "--max-steps", "2")
+    return tmp
+
+
+def test_data_char_vocabulary_reaches_the_model_checkpoint_and_samples(char_run, capsys):
+    meta = pf.read_meta(char_run / "data")
+    ckpt = torch.load(char_run / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["tokenizer"] == meta and ckpt["model_config"]["vocab_size"] == meta["vocab_size"] == 58
+    assert ckpt["model"]["lm_head.weight"].shape[0] == 58
+    sample_main(["--checkpoint", str(char_run / "out" / "ckpt.pt"), "--prompt", "ROMEO:", "--num-samples", "2",
+                 "--max-new-tokens", "20", "--device", "cpu"])
+    printed = capsys.readouterr().out  # characters, the newlines among them
+    assert printed.startswith("sample 0: ROMEO:") and "\nsample 1: ROMEO:" in printed
+    assert len(printed) == 2 * len("sample 0: ROMEO:\n") + 2 * 20
+    with pytest.raises(SystemExit) as e:  # no end-of-text token to start a document with
+        sample_main(["--checkpoint", str(char_run / "out" / "ckpt.pt"), "--prompt", "", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "no end-of-text token" in err
+
+
+def test_data_hellaswag_refused_in_one_line_for_a_char_run(char_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "hs", char_run / "data", "--max-steps", "1", "--hellaswag-every", "1")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "HellaSwag needs GPT-2's tokenizer" in err
+    with pytest.raises(SystemExit) as e:
+        hs_main(["--checkpoint", str(char_run / "out" / "ckpt.pt"), "--data-file", "nowhere.jsonl"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "trained with the char tokenizer" in err
+
+
+def test_data_export_of_a_char_checkpoint_records_its_tokenizer(char_run, tmp_path, capsys):
+    export_main(["--checkpoint", str(char_run / "out" / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    assert "build a Hugging Face tokenizer for it separately" in capsys.readouterr().out
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["vocab_size"] == 58 and config["bos_token_id"] is None and config["eos_token_id"] is None
+    assert json.loads((tmp_path / "hf" / "nanogrow_tokenizer.json").read_text()) == pf.read_meta(char_run / "data")
+
+
 def test_data_token_ids_outside_the_vocabulary_name_the_shard(tmp_path, data, capsys):
     bad = make_shards(tmp_path / "bad")
     pf.write_shard(bad / "toy_train_000002.bin", np.r_[np.arange(4000), 60_000, np.arange(96)])
@@ -2038,7 +2141,7 @@ def save_checkpoint_with_plan(model, plan, path):
 
 
 def test_sample_same_seed_same_text_and_exactly_max_new_tokens():
-    model, enc = tiny_gpt(), tiktoken.get_encoding("gpt2")
+    model, enc = tiny_gpt(), pf.tokenizer(pf.GPT2_META)
     args = dict(SAMPLE_DEFAULTS, num_samples=3, max_new_tokens=8, device="cpu")
     first = sample(model, enc, **args)
     assert sample(model, enc, **args) == first and sample(model, enc, **{**args, "seed": 7}) != first
@@ -2046,8 +2149,8 @@ def test_sample_same_seed_same_text_and_exactly_max_new_tokens():
     assert model.training  # its mode is kept
     # generate: the prompt kept, exactly max_new_tokens more, never a padding token
     idx = tokens(0, 200)  # (2, 200): longer than block_size 128, so the context is cropped
-    out = generate(model.eval(), idx, 5, 50, 1.0, torch.Generator().manual_seed(0), vocab=enc.n_vocab)
-    assert out.shape == (2, 205) and torch.equal(out[:, :200], idx) and out.max() < enc.n_vocab
+    out = generate(model.eval(), idx, 5, 50, 1.0, torch.Generator().manual_seed(0), vocab=enc.vocab_size)
+    assert out.shape == (2, 205) and torch.equal(out[:, :200], idx) and out.max() < enc.vocab_size
     with torch.no_grad():  # top-1 is greedy: the argmax of the last 128 tokens' next-token logits
         greedy = generate(model, idx, 1, 1, 1.0, torch.Generator())[:, -1]
         assert torch.equal(greedy, model(idx[:, -128:])[0][:, -1].argmax(-1))
@@ -2062,7 +2165,7 @@ def test_sample_cli_follows_the_checkpoints_eval_plan(tmp_path, capsys):
     printed = capsys.readouterr().out
     sample_main(argv)
     assert capsys.readouterr().out == printed  # same seed, same text
-    enc = tiktoken.get_encoding("gpt2")
+    enc = pf.tokenizer(pf.GPT2_META)
     args = dict(prompt="ROMEO:", num_samples=2, max_new_tokens=6, top_k=50, temperature=1.0, seed=3, device="cpu")
     texts = sample(model, enc, plan=shared, **args)
     assert printed == "".join(f"sample {i}: {t}\n" for i, t in enumerate(texts))

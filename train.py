@@ -4,6 +4,7 @@ step; this file does the rest: data, DDP, optimizer, LR, evaluation, logging and
 
     python train.py --preset tiny                         # CPU, Tiny Shakespeare, minutes
     python train.py --preset tiny --stages 4              # incremental, 4 stages
+    python train.py --preset char                         # CPU, Tiny Shakespeare by character
     torchrun --nproc_per_node=8 train.py --stages 4       # the paper's S = 4 run
 
 Read it bottom-up from train(): the loop asks the Schedule for each step's plan, enters a stage
@@ -30,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import grow
 import hellaswag
 import sample
-from model import (GPT, GPTConfig, autocast, forward_backward, full_step_flops, mfu, optimizer_step, peak_flops,
-                   pick_device, read_checkpoint, step_flops)
-from prepare_fineweb import DataError, gpt2_encoding, prepare_tinyshakespeare, read_shard
+from model import (GPT, GPTConfig, autocast, blocks_share, forward_backward, full_step_flops, mfu, optimizer_step,
+                   peak_flops, pick_device, read_checkpoint, step_flops)
+from prepare_fineweb import DataError, prepare_tinyshakespeare, read_meta, read_shard, tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: a preset fills every flag the user left unset; grow.py's regimes fill the growth
@@ -49,7 +50,16 @@ PRESETS = {
                  total_batch=4096, lr=2e-3, min_lr=2e-4, warmup=10, max_steps=250,
                  inc_steps=150, data_dir="data/tinyshakespeare", val_tokens=32768,
                  eval_every=25, hellaswag_every=0, sample_every=0, ckpt_every=50),
+    # nanoGPT's shakespeare_char at 12 layers: one token a character (65), so the blocks are ~99%
+    # of the FLOPs, as at GPT-2 scale, and every stage count of 12 layers applies
+    "char": dict(n_layer=12, n_head=4, n_embd=128, batch_size=8, seq_len=256,
+                 total_batch=2048, lr=2e-3, min_lr=2e-4, warmup=30, max_steps=600,
+                 inc_steps=360, data_dir="data/shakespeare_char", val_tokens=65536,
+                 eval_every=100, hellaswag_every=0, sample_every=0, ckpt_every=100),
 }
+
+# the presets' data folders that train.py makes from Tiny Shakespeare on first use, by tokenizer
+SHAKESPEARE_DIRS = {PRESETS["tiny"]["data_dir"]: "gpt2", PRESETS["char"]["data_dir"]: "char"}
 
 TRAINING_DEFAULTS = dict(budget_steps=0, schedule="cosine", decay_frac=0.2, decay_shape="linear", weight_decay=0.1,
                          grad_clip=1.0, seed=1337, hellaswag_limit=None)
@@ -81,7 +91,8 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--preset", choices=PRESETS, default="gpt2",
       help="gpt2: GPT-2 124M on FineWeb-Edu 10B, the paper's setup (`python train.py` alone runs it); "
-           "tiny: the same 12 layers, narrow, on Tiny Shakespeare, for a CPU")
+           "tiny: the same 12 layers, narrow, on Tiny Shakespeare, for a CPU; char: the same, one token a "
+           "character (nanoGPT's shakespeare_char)")
     a("--regime", choices=grow.REGIMES, default="incremental")
     g = p.add_argument_group("incremental regime (Li et al.)")
     g.add_argument("--stages", type=int, help="S stages that each add layers; 1 = the baseline")
@@ -199,7 +210,12 @@ def check_flags(args, given):
 
 
 def model_config(args):
-    return GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    """The model the flags and the data folder ask for: the vocabulary is the data's tokenizer's,
+    GPT-2's padded to 50,304 (a multiple of 128, for faster matmuls), a byte or char vocabulary as
+    it is (nanoGPT's 65 characters: the head is ~1% of the FLOPs there, padding buys nothing)."""
+    meta = read_meta(args.data_dir)
+    vocab = {} if meta["tokenizer"] == "gpt2" else {"vocab_size": meta["vocab_size"]}
+    return GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, **vocab)
 
 
 def make_schedule(args, max_steps):
@@ -466,6 +482,7 @@ class Run:
     loader: ShardLoader
     val: list  # validation (x, y) batches
     hellaswag: list  # examples, or None when HellaSwag is off
+    tokenizer: dict  # the data's tokenizer meta (prepare_fineweb.read_meta), saved in checkpoints
     out: Path
     peak_flops: float  # per device, for MFU; None: not known
     precision: str  # bf16 or fp32 (CUDA only)
@@ -482,9 +499,15 @@ def assemble(args):
     if args.total_batch % (B * T * world):
         raise ValueError(f"--total-batch {args.total_batch} must be a multiple of batch-size x seq-len x "
                          f"world = {B * T * world}")
-    if rank == 0 and args.data_dir == PRESETS["tiny"]["data_dir"]:
-        prepare_tinyshakespeare(args.data_dir)
+    if rank == 0 and args.data_dir in SHAKESPEARE_DIRS:
+        prepare_tinyshakespeare(args.data_dir, tokenizer_name=SHAKESPEARE_DIRS[args.data_dir])
+    if world > 1:
+        dist.barrier()  # the data folder's meta.json decides the model's vocabulary
+    meta = read_meta(args.data_dir)
     hellaswag_on = args.hellaswag_every > 0
+    if hellaswag_on and meta["tokenizer"] != "gpt2":
+        raise ValueError(f"--hellaswag-every {args.hellaswag_every}: HellaSwag needs GPT-2's tokenizer and "
+                         f"{args.data_dir} is {meta['tokenizer']}-level: use --hellaswag-every 0")
     examples = hellaswag.load_examples("val", limit=args.hellaswag_limit) if rank == 0 and hellaswag_on else None
     if world > 1:
         dist.barrier()
@@ -504,7 +527,7 @@ def assemble(args):
         grad_accum=args.total_batch // (B * T * world), model=model,
         new_optimizer=lambda: model.configure_optimizer(args.lr, args.weight_decay, fused=fused),
         loader=ShardLoader(train_files, B, T, rank, world, args.seed, cfg.vocab_size), val=val,
-        hellaswag=examples, out=Path(args.out), lock=lock, precision=args.precision,
+        hellaswag=examples, tokenizer=meta, out=Path(args.out), lock=lock, precision=args.precision,
         peak_flops=args.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None),
         # the equal-cost point: where this run has spent what the full-depth baseline spends in
         # --budget-steps if given, else in --inc-steps (the paper's marked points)
@@ -531,7 +554,8 @@ def summary(run, max_steps, resuming):
     total = sum(p.numel() for p in run.model.parameters())
     tokens = run.config["total_batch"]
     lines = [f"model: {cfg.n_layer} layers x {per_block / 1e6:.2f}M parameters a block, {total / 1e6:.1f}M in all "
-             f"(width {cfg.n_embd}, {cfg.n_head} heads, vocabulary {cfg.vocab_size:,}, sequence {T})",
+             f"(width {cfg.n_embd}, {cfg.n_head} heads, vocabulary {cfg.vocab_size:,} {run.tokenizer['tokenizer']}, "
+             f"sequence {T}); the blocks are {blocks_share(cfg, T):.1%} of its training FLOPs, the head the rest",
              f"device: {run.device} x {run.world}, {run.precision if run.device.type == 'cuda' else 'fp32'}; "
              f"micro-batch {B} x {T}, gradient accumulation {run.grad_accum}, {tokens:,} tokens a step",
              f"schedule: {max_steps:,} steps"]
@@ -607,7 +631,7 @@ def show_samples(run, state, log):
     """build-nanogpt's look at the model as it stands: a few continuations of its prompt, on rank 0,
     printed and logged. Their own seeded generator and no gradients: training's numbers stay put."""
     if run.rank == 0:
-        texts = sample.sample(run.model, gpt2_encoding(), device=run.device,
+        texts = sample.sample(run.model, tokenizer(run.tokenizer), device=run.device,
                               plan=run.schedule.eval_plan(state.entered, state.step), **sample.DEFAULTS)
         log.record(step=state.step, samples=texts)
         log.print("\n".join(f"sample {i}: {text}" for i, text in enumerate(texts)))
@@ -649,7 +673,8 @@ def checkpoint(run, opt, state):
         save_checkpoint(run.out / "ckpt.pt", {
             **asdict(state), "model": run.model.state_dict(), "optimizer": opt.state_dict(),
             "loader": run.loader.state_dict(), "rng": {"torch": torch.get_rng_state()}, "config": run.config,
-            "model_config": run.cfg.to_dict(), "eval_plan": run.schedule.eval_plan(state.entered, state.step).to_dict()})
+            "model_config": run.cfg.to_dict(), "tokenizer": run.tokenizer,
+            "eval_plan": run.schedule.eval_plan(state.entered, state.step).to_dict()})
 
 
 def resume(run, opt):
