@@ -52,10 +52,10 @@ PRESETS = {
                  eval_every=25, hellaswag_every=0, sample_every=0, ckpt_every=50),
     # nanoGPT's shakespeare_char at 12 layers: one token a character (65), so the blocks are ~99%
     # of the FLOPs, as at GPT-2 scale, and every stage count of 12 layers applies
-    "char": dict(n_layer=12, n_head=4, n_embd=128, batch_size=8, seq_len=256,
-                 total_batch=2048, lr=2e-3, min_lr=2e-4, warmup=30, max_steps=600,
-                 inc_steps=360, data_dir="data/shakespeare_char", val_tokens=65536,
-                 eval_every=100, hellaswag_every=0, sample_every=0, ckpt_every=100),
+    "char": dict(n_layer=12, n_head=4, n_embd=128, batch_size=16, seq_len=64,
+                 total_batch=1024, lr=2e-3, min_lr=2e-4, warmup=50, max_steps=1500,
+                 inc_steps=900, data_dir="data/shakespeare_char", val_tokens=65536,
+                 eval_every=250, hellaswag_every=0, sample_every=0, ckpt_every=250),
 }
 
 # the presets' data folders that train.py makes from Tiny Shakespeare on first use, by tokenizer
