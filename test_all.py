@@ -755,7 +755,7 @@ def test_baseline_char_preset_makes_its_data_and_its_blocks_are_the_flops(tmp_pa
     assert "vocabulary 65 char" in capsys.readouterr().out
     args = train.parse_args(["--preset", "char"])
     cfg = train.model_config(args)
-    assert (cfg.n_layer, cfg.vocab_size, args.seq_len, args.hellaswag_every) == (12, 65, 256, 0)
+    assert (cfg.n_layer, cfg.vocab_size, args.seq_len, args.hellaswag_every) == (12, 65, 64, 0)
     assert blocks_share(cfg, args.seq_len) >= 0.95
     cost_main(["--split", "--n-embd", str(cfg.n_embd), "--vocab", "65", "--seq-len", str(args.seq_len)])
     assert capsys.readouterr().out.endswith(f"blocks {blocks_share(cfg, args.seq_len):.1%}\n")
