@@ -922,7 +922,7 @@ def test_apollo_lvps_matches_its_closed_form(u, p_u, mean):
     assert probs[u] == pytest.approx(p_u, abs=0.001) and emp[0] == pytest.approx(p_u, abs=0.005)
     assert sum(k * p for k, p in probs.items()) == pytest.approx(mean, abs=0.005)
     assert d.mean() == pytest.approx(mean, abs=0.02)
-    k = u + 2  # SPEC's closed form for u < k < L
+    k = u + 2  # the hyperbola's closed form for u < k < L: P(d = k) = m·u·(1/k − 1/(k+1)) / (1 − x_min)
     b = 12 / u + 0.4
     n = (b * grow.X_MIN - 0.6) / (0.6 - b)
     assert probs[k] == pytest.approx(0.6 * (n + 1) * u * (1 / k - 1 / (k + 1)) / (1 - grow.X_MIN))
