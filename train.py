@@ -591,13 +591,13 @@ def train_step(run, wrapped, opt, sp, step, lr, grad_clip):
     Returns (mean loss, gradient norm, the plans every rank ran in global micro-batch order, FLOPs
     spent by all ranks)."""
     B, T = run.loader.B, run.loader.T
+    # a depth per global micro-batch: rank r's micro-step m reads the tokens that micro-step
+    # m·world + r reads in one process, so those tokens meet the same depth on 1 GPU or 8
+    plans = [run.schedule.plan(sp, step, i) for i in range(run.grad_accum * run.world)]  # every rank's
     batches = []
     for micro in range(run.grad_accum):
         x, y = run.loader.next_batch()
-        # a depth per global micro-batch: rank r's micro-step m reads the tokens that micro-step
-        # m·world + r reads in one process, so those tokens meet the same depth on 1 GPU or 8
-        plan = run.schedule.plan(sp, step, micro * run.world + run.rank)
-        batches.append((x.to(run.device), y.to(run.device), plan))
+        batches.append((x.to(run.device), y.to(run.device), plans[micro * run.world + run.rank]))
     loss = all_sum(forward_backward(wrapped, batches, run.device, run.precision), run.world) / run.world
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopped; {run.out / 'ckpt.pt'} "
@@ -605,7 +605,6 @@ def train_step(run, wrapped, opt, sp, step, lr, grad_clip):
     norm = optimizer_step(run.model, opt, lr, grad_clip)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
-    plans = [run.schedule.plan(sp, step, i) for i in range(run.grad_accum * run.world)]  # every rank's
     flops = sum(step_flops(run.cfg, plan, sp.trainable, B * T, T) for plan in plans)
     return loss.item(), norm.item(), plans, flops
 
