@@ -264,6 +264,12 @@ def list_shards(data_dir):
     return train, val
 
 
+def batch_at(tokens, start, B, T):
+    """Inputs and targets (B, T), int64, from the B·T + 1 uint16 tokens at start: the targets are
+    the inputs shifted by one."""
+    buf = torch.from_numpy(tokens[start:start + B * T + 1].astype("int64"))  # (B·T + 1,)
+    return buf[:-1].view(B, T), buf[1:].view(B, T)
+
 
 class ShardLoader:
     """(B, T) batches from the training shards. The shard order is reshuffled every epoch from the
@@ -301,9 +307,8 @@ class ShardLoader:
             if self.shard == len(self.files):
                 self.epoch, self.shard = self.epoch + 1, 0
         start = self.pos + self.rank * self.B * self.T
-        buf = torch.from_numpy(self.tokens()[start:start + self.B * self.T + 1].astype("int64"))
         self.pos += self.window
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)  # inputs, targets (B, T)
+        return batch_at(self.tokens(), start, self.B, self.T)
 
     def state_dict(self):
         return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
@@ -314,8 +319,10 @@ class ShardLoader:
 
 def check_vocab(path, tokens, vocab_size):
     """A token id the model has no embedding for would fail deep inside it: name the shard instead."""
-    if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
-        bad = int(tokens.max())
+    if vocab_size is None or not len(tokens):
+        return
+    bad = int(tokens.max())  # one pass over what may be a 100M-token shard
+    if bad >= vocab_size:
         raise ValueError(f"{path} holds token id {bad} (first at position {int((tokens == bad).argmax())}), "
                          f"outside the model's vocabulary of {vocab_size}: it was made with another tokenizer; "
                          "re-make the shards with prepare_fineweb.py")
@@ -346,10 +353,8 @@ class ValSet:
         return self.n
 
     def batch(self, i):
-        """Inputs and targets (B, T), int64."""
-        n = self.B * self.T
-        buf = torch.from_numpy(self.tokens[i * n:(i + 1) * n + 1].astype("int64"))
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        """Inputs and targets (B, T) of batch i, int64."""
+        return batch_at(self.tokens, i * self.B * self.T, self.B, self.T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +485,7 @@ class Run:
     model: GPT
     new_optimizer: object  # () -> a fresh AdamW over the model
     loader: ShardLoader
-    val: list  # validation (x, y) batches
+    val: ValSet
     hellaswag: list  # examples, or None when HellaSwag is off
     tokenizer: dict  # the data's tokenizer meta (prepare_fineweb.read_meta), saved in checkpoints
     out: Path
