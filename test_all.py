@@ -530,7 +530,8 @@ def test_baseline_val_tokens_zero_is_the_whole_split(data):
 
 INT_FLAGS = ["--n-layer", "--n-head", "--n-embd", "--batch-size", "--seq-len", "--total-batch", "--max-steps",
              "--stages", "--inc-steps", "--eval-every", "--ckpt-every"]  # 1 or more
-NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--val-tokens", "--hellaswag-every", "--bench"]
+NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--val-tokens", "--hellaswag-every",
+                "--sample-every", "--bench"]
 
 
 @pytest.mark.parametrize("flag,value", [(f, v) for f in INT_FLAGS for v in ("0", "-3", "1.5", "x")]

@@ -79,7 +79,8 @@ INT_RANGES = dict(n_layer=(1, None), n_head=(1, None), n_embd=(1, None), batch_s
                   seq_len=(1, None), total_batch=(1, None), warmup=(0, None), max_steps=(1, None),
                   seed=(0, 2**32 - 1), stages=(1, None), inc_steps=(1, None), msg_ramp=(0, None),
                   rewarm=(0, None), budget_steps=(0, None), val_tokens=(0, None), eval_every=(1, None),
-                  hellaswag_every=(0, None), hellaswag_limit=(1, None), ckpt_every=(1, None), bench=(0, None))
+                  hellaswag_every=(0, None), hellaswag_limit=(1, None), sample_every=(0, None), ckpt_every=(1, None),
+                  bench=(0, None))
 FLOAT_RANGES = dict(lr=(0, None), min_lr=(0, None), weight_decay=(0, None), grad_clip=(0, None),
                     phase1_frac=(0, 1), peak_flops=(0, None), decay_frac=(0, 1))
 ABOVE_BOUND = ("lr", "peak_flops")  # these must be above their lowest value; the others may equal it
