@@ -152,8 +152,7 @@ def slowest_rank_step_flops(cfg, schedule, sp, ranks, accum, tokens, seq_len):
     wall-clock follows this, not the mean."""
     per_micro = {}  # FLOPs -> probability, for one micro-batch
     for d, p in grow.depth_probs(schedule.depth, sp.unique, cfg.n_layer).items():
-        plan = Plan(tuple(grow.layer_plan(d, sp.unique, schedule.share)), sp.isolate)
-        c = step_flops(cfg, plan, sp.trainable, tokens, seq_len)
+        c = grow.depth_step_flops(cfg, schedule, sp, d, tokens, seq_len)
         per_micro[c] = per_micro.get(c, 0.0) + p
     per_rank = {0: 1.0}  # the sum over a rank's micro-batches: accum-fold convolution
     for _ in range(accum):

@@ -264,14 +264,19 @@ def uniform_draw(seed, step, micro):
     return np.random.default_rng([seed, step, micro]).uniform(X_MIN, 1.0)
 
 
-def lvps_depth(x, u, L):
-    """Low-value-prioritized sampling: a hyperbola y = m/(x+n) through (x_min, r+0.4) and (1, 0.6),
-    clipped to [1, r] with r = L/u; depth floor(y·u). Small depths are the likely ones.
-    Works on a float or a numpy array of draws."""
+def lvps_curve(u, L):
+    """(r, m, n) of LVPS's hyperbola y = m/(x+n) through (x_min, r+0.4) and (1, 0.6), r = L/u."""
     r = L / u
     b = r + LVPS_B_OFFSET
     n = (b * X_MIN - LVPS_E) / (LVPS_E - b)
-    m = LVPS_E * (n + 1)
+    return r, LVPS_E * (n + 1), n
+
+
+def lvps_depth(x, u, L):
+    """Low-value-prioritized sampling: the hyperbola of lvps_curve at the uniform draw x, clipped to
+    [1, r]; depth floor(y·u). Small depths are the likely ones. Works on a float or a numpy array of
+    draws."""
+    r, m, n = lvps_curve(u, L)
     y = np.clip(m / (np.asarray(x) + n), 1.0, r)
     return np.floor(y * u + 1e-9).astype(np.int64)  # the epsilon keeps (L/u)·u from rounding to L-1
 
@@ -280,10 +285,7 @@ def lvps_probs(u, L):
     """Closed form of lvps_depth's distribution over d = u..L (tests and cost.py use it)."""
     if u == L:
         return {L: 1.0}
-    r = L / u
-    b = r + LVPS_B_OFFSET
-    n = (b * X_MIN - LVPS_E) / (LVPS_E - b)
-    m = LVPS_E * (n + 1)
+    _, m, n = lvps_curve(u, L)
     # d >= k  <=>  y >= k/u  <=>  x <= m·u/k − n  (y decreases in x)
     def cdf_x(k):  # P(d >= k) for u < k <= L
         return min(max((m * u / k - n - X_MIN) / (1 - X_MIN), 0.0), 1.0)
@@ -394,11 +396,17 @@ def segments(schedule, steps):
     return list(zip(cuts, cuts[1:]))
 
 
+def depth_step_flops(cfg, schedule, sp, d, tokens, seq_len):
+    """Training FLOPs of `tokens` tokens run at depth d under StepPlan sp: the shared blocks along
+    it, the isolated prefix, what trains."""
+    plan = Plan(tuple(layer_plan(d, sp.unique, schedule.share)), sp.isolate)
+    return step_flops(cfg, plan, sp.trainable, tokens, seq_len)
+
+
 def expected_step_flops(cfg, schedule, sp, probs, tokens, seq_len):
     """FLOPs of one step under StepPlan sp when each token's micro-batch runs depth d with
     probability probs[d]. Fractions keep it exact (probs are floats, but exactly representable)."""
-    return sum(Fraction(p) * step_flops(cfg, Plan(tuple(layer_plan(d, sp.unique, schedule.share)), sp.isolate),
-                                        sp.trainable, tokens, seq_len) for d, p in probs.items())
+    return sum(Fraction(p) * depth_step_flops(cfg, schedule, sp, d, tokens, seq_len) for d, p in probs.items())
 
 
 def schedule_phases(cfg, schedule, steps, tokens, seq_len):
