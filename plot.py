@@ -84,19 +84,28 @@ def ema(values, beta=EMA):
     return out
 
 
-def make_figure(runs, labels, x="flops"):
-    """Three panels, one line per run in the same colour in each: training loss (EMA), val loss and
-    HellaSwag acc_norm, against x = "flops" (cumulative training FLOPs) or "step"."""
+def new_figure(size):
+    """A bare Figure on an Agg canvas: no screen, and no pyplot state kept between calls."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
     except ImportError:
         raise ImportError("plot.py needs matplotlib for the figure: pip install matplotlib") from None
-
-    # a bare Figure on an Agg canvas: no screen, and no pyplot state kept between calls
-    fig = Figure(figsize=(16, 4.8), layout="constrained")
+    fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
+    return fig
+
+
+def equal_cost_key(label):
+    """The legend's key for the equal-cost markers: a large black dot."""
+    from matplotlib.lines import Line2D
+    return Line2D([], [], marker="o", ls="", ms=9, color="black", label=label)
+
+
+def make_figure(runs, labels, x="flops"):
+    """Three panels, one line per run in the same colour in each: training loss (EMA), val loss and
+    HellaSwag acc_norm, against x = "flops" (cumulative training FLOPs) or "step"."""
+    fig = new_figure((16, 4.8))
     train_ax, val_ax, hs_ax = fig.subplots(1, 3, sharex=True)
     hs_sizes = sorted({e["hellaswag_n"] for run in runs for e in run["evals"] if "hellaswag_n" in e})
     hs_label = "HellaSwag acc_norm" + (f" (n={hs_sizes[0]})" if len(hs_sizes) == 1 else "")
@@ -125,8 +134,7 @@ def make_figure(runs, labels, x="flops"):
         ax.grid(alpha=0.3)
     for ax in (train_ax, val_ax):
         zoom_past_start(ax)
-    marker_key = Line2D([], [], marker="o", ls="", ms=9, color="black",
-                        label="equal cost: the baseline's FLOPs at --inc-steps (or --budget-steps)")
+    marker_key = equal_cost_key("equal cost: the baseline's FLOPs at --inc-steps (or --budget-steps)")
     fig.legend(handles=train_ax.lines + [marker_key], loc="outside upper center", ncols=min(len(runs) + 1, 6))
     return fig
 
@@ -340,15 +348,7 @@ def make_study_figure(runs, labels):
     """One panel: per regime, the mean val loss against cumulative training FLOPs with a ±1 sd band
     (regime_curve), and its runs' equal-cost evaluations (mean FLOPs, mean val loss) as a large
     marker."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-    except ImportError:
-        raise ImportError("plot.py needs matplotlib for the figure: pip install matplotlib") from None
-
-    fig = Figure(figsize=(10, 6), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure((10, 6))
     ax = fig.subplots()
     groups = group(runs, labels)
     for (label, members), color in zip(groups.items(), line_colors(len(groups))):
@@ -363,8 +363,7 @@ def make_study_figure(runs, labels):
     ax.set_ylabel("validation loss (mean ± 1 sd over seeds)")
     ax.grid(alpha=0.3)
     zoom_past_start(ax)
-    marker_key = Line2D([], [], marker="o", ls="", ms=9, color="black", label="equal cost (mean over seeds)")
-    ax.legend(handles=ax.lines + [marker_key])
+    ax.legend(handles=ax.lines + [equal_cost_key("equal cost (mean over seeds)")])
     return fig
 
 
