@@ -24,15 +24,14 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from model import CONV1D_WEIGHTS, checkpoint_model, read_checkpoint
-from prepare_fineweb import checkpoint_meta
+from prepare_fineweb import EOT, GPT2_META, checkpoint_meta
 
-VOCAB = 50257  # GPT-2's tokenizer; the rows above it pad the matmuls and no token ever uses them
-EOT = 50256  # <|endoftext|>, GPT-2's bos and eos
+VOCAB = GPT2_META["vocab_size"]  # GPT-2's tokenizer; the rows above it pad the matmuls, no token uses them
 
 
 def hf_config(cfg, n_layer, vocab, eot=EOT):
     """GPT2Config's fields for our GPTConfig at depth n_layer: what model.py builds, spelled HF's way.
-    eot: the bos and eos token, None for a tokenizer without one."""
+    eot: the bos and eos token (GPT-2's <|endoftext|>), None for a tokenizer without one."""
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": vocab, "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": n_layer,
