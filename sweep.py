@@ -16,9 +16,11 @@ checkpoint): finished runs are skipped, runs with a checkpoint resumed, the rest
 is deleted. A failed run is reported and the sweep goes on; it exits 1 at the end if any failed.
 """
 import argparse
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import plot
@@ -26,7 +28,7 @@ import train
 
 HERE = Path(__file__).resolve().parent
 
-# regime name -> train.py flags: toy.sh's runs, more incremental stage counts, late expansion
+# regime name -> train.py flags: the study's regimes and more incremental stage counts
 REGIMES = {
     "baseline": [],
     "inc2-freeze": ["--stages", "2", "--phase1-mode", "freeze"],
@@ -58,7 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--regimes", required=True, help=f"comma-separated, of: {', '.join(REGIMES)}")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated whole numbers")
     p.add_argument("--out", required=True, help="the study's folder: OUT/REGIME/seedN per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (CPU cores shared among them)")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, launched with torchrun")
     args = p.parse_args(own)
+    if args.jobs < 1 or args.nproc < 1:
+        p.error(f"--jobs {args.jobs} --nproc {args.nproc}: give whole numbers of at least 1")
     args.regimes = args.regimes.split(",")
     unknown = [r for r in args.regimes if r not in REGIMES]
     if unknown:
@@ -101,54 +107,76 @@ def finished(folder, max_steps):
         return False
 
 
-def run_one(folder, flags, resume):
+def launcher(nproc):
+    """The command that starts train.py: python, or torchrun with nproc processes."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def run_one(folder, flags, resume, launch, env):
     """train.py in a subprocess, its output appended to FOLDER/train.out. Returns (exit code,
-    its last line of output). On Ctrl-C the run (which got the signal too) saves a checkpoint at
-    the end of its step: wait for it, then stop the sweep."""
+    its last line of output)."""
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(HERE / "train.py"), *flags, "--out", str(folder), *(["--resume"] if resume else [])]
+    cmd = [*launch, str(HERE / "train.py"), *flags, "--out", str(folder), *(["--resume"] if resume else [])]
     with open(folder / "train.out", "a") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:
-            proc.wait()
-            raise
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     lines = (folder / "train.out").read_text(errors="replace").strip().splitlines()
     return code, lines[-1] if lines else ""
 
 
-def sweep(regimes, seeds, extra, out):
-    """Every (seed, regime) run not yet finished, in that order; returns the runs that failed."""
+def run_env(jobs):
+    """The runs' environment: with several at once, the CPU's cores split among them (each
+    PyTorch would otherwise take them all), unless OMP_NUM_THREADS is set."""
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
+    """Every (seed, regime) run not yet finished, in that order, `jobs` at once; returns the runs
+    that failed, in that order."""
     plans = [(regime, seed, *train_flags(regime, seed, extra)) for seed in seeds for regime in regimes]
-    failed = []
-    for i, (regime, seed, flags, max_steps) in enumerate(plans, 1):
+    launch, env = launcher(nproc), run_env(jobs)
+
+    def attempt(i, regime, seed, flags, max_steps):
+        """One run, or why it can't run; returns whether it failed."""
         folder = Path(out) / regime / f"seed{seed}"
         head = f"[{i}/{len(plans)}] {regime} seed {seed}"
         if finished(folder, max_steps):
             print(f"{head}: finished earlier, skipped", flush=True)
-            continue
+            return False
         resume = (folder / "ckpt.pt").exists()
         if (folder / "log.jsonl").exists() and not resume:
             print(f"{head}: FAILED: {folder} holds a log but no checkpoint (stopped before its first): "
                   "delete the folder to run it again", flush=True)
-            failed.append(f"{regime} seed {seed}")
-            continue
+            return True
         print(f"{head}: {'resuming' if resume else 'starting'} ({max_steps} steps) in {folder}", flush=True)
         t0 = time.time()
-        code, last = run_one(folder, flags, resume)
+        code, last = run_one(folder, flags, resume, launch, env)
         if code:
             print(f"{head}: FAILED (exit {code}): {last}", flush=True)
-            failed.append(f"{regime} seed {seed}")
+        elif not finished(folder, max_steps):  # a Ctrl-C or SIGTERM: it saved a checkpoint and stopped
+            print(f"{head}: stopped at its checkpoint", flush=True)
         else:
             print(f"{head}: done in {plot.duration(time.time() - t0)}", flush=True)
-    return failed
+        return bool(code)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        try:
+            outcomes = list(pool.map(lambda plan: attempt(*plan), [(i, *p) for i, p in enumerate(plans, 1)]))
+        except KeyboardInterrupt:  # the runs got Ctrl-C too and save a checkpoint at the end of their
+            # step: wait for them (they run in the pool's threads), start no more
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return [f"{regime} seed {seed}" for (regime, seed, _, _), bad in zip(plans, outcomes) if bad]
 
 
 def main(argv=None):
     args, extra = parse_args(argv)
     try:
-        failed = sweep(args.regimes, args.seeds, extra, args.out)
+        failed = sweep(args.regimes, args.seeds, extra, args.out, args.jobs, args.nproc)
     except ValueError as e:  # train.py refused a run's flags
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1780,7 +1780,7 @@ def test_hellaswag_logged_by_train_on_its_cadence(tmp_path, data, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# plot.py, toy.sh and sweep.py: figures and the results tables from real and hand-written logs
+# plot.py and sweep.py: figures and the results tables from real and hand-written logs
 
 
 def write_log(path, records):
@@ -1939,27 +1939,6 @@ def test_plot_bad_input(tmp_path, capsys, content):
     assert not (tmp_path / "fig.png").exists()
 
 
-def test_plot_toy_reproduction_script_at_a_very_small_size(tmp_path, data):
-    """toy.sh end to end: every regime at one budget, then the figure and the table."""
-    out = tmp_path / "toy"
-    small = ["--data-dir", str(data), *TOY, "--n-layer", "4", "--total-batch", "128", "--val-tokens", "128",
-             "--eval-every", "3"]
-    env = dict(os.environ, BUDGET="8", OMP_NUM_THREADS="1")
-    res = subprocess.run(["bash", str(HERE / "toy.sh"), str(out), *small], cwd=HERE, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert runs == sorted(["baseline", "inc2-freeze", "inc2-isolate", "inc4-freeze", "inc4-isolate",
-                           "inc4-copy-top", "apollo", "stack", "gstack", "msg", "zero"])
-    budget = 8 * full_step_flops(GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32), 128, 32)
-    for run in runs:
-        steps, evals = read_log(out / run)
-        assert steps[-1]["flops"] >= budget and evals[-1].get("equal_cost"), run
-    assert (out / "toy.png").stat().st_size > 0
-    rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(runs) and rows[1].startswith("| baseline")  # a header, then the runs
-
-
 def evals_at(*points, equal_cost_at=None):
     """Evaluation records {step, val_loss}; the one at step equal_cost_at is marked equal_cost."""
     return [{"step": s, "val_loss": v, **({"equal_cost": True} if s == equal_cost_at else {})} for s, v in points]
@@ -2074,13 +2053,16 @@ def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, 
     assert proc.wait(timeout=120) == 0 and (stopped / "ckpt.pt").exists()
     assert not sweep.finished(stopped, max_steps)
 
-    argv = ["--regimes", "baseline,inc2-freeze", "--seeds", "1,2", "--out", str(out), "--", *extra]
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs' threads
-    sweep.main(argv)  # in this process: its runs are subprocesses all the same
+    argv = ["--regimes", "baseline,inc2-freeze", "--seeds", "1,2", "--out", str(out), "--jobs", "2", "--", *extra]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # --jobs 2 sets it for the runs: cores / 2
+    sweep.main(argv)  # in this process: its runs are subprocesses all the same, two at a time
     printed = capsys.readouterr().out
     starts = [line.split(" in ")[0] for line in printed.splitlines() if line.startswith("[") and "done" not in line]
-    assert starts == ["[1/4] baseline seed 1: starting (4 steps)", f"[2/4] inc2-freeze seed 1: starting ({max_steps} steps)",
-                      "[3/4] baseline seed 2: starting (4 steps)", f"[4/4] inc2-freeze seed 2: resuming ({max_steps} steps)"]
+    assert sorted(starts) == ["[1/4] baseline seed 1: starting (4 steps)",
+                              f"[2/4] inc2-freeze seed 1: starting ({max_steps} steps)",
+                              "[3/4] baseline seed 2: starting (4 steps)",
+                              f"[4/4] inc2-freeze seed 2: resuming ({max_steps} steps)"]
+    assert sweep.run_env(2)["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))
     logs = {}
     for regime in ("baseline", "inc2-freeze"):
         for seed in (1, 2):
@@ -2100,6 +2082,39 @@ def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, 
         f"[{i}/4] {regime} seed {seed}: finished earlier, skipped"
         for i, (seed, regime) in enumerate([(1, "baseline"), (1, "inc2-freeze"), (2, "baseline"), (2, "inc2-freeze")], 1)]
     assert all(folder.joinpath("log.jsonl").read_bytes() == log for folder, log in logs.items())
+
+
+def test_sweep_every_regime_spends_the_budget_at_a_very_small_size(tmp_path, data, capsys):
+    """Every regime sweep.py knows, one seed, at the FLOPs of 24 baseline steps of a narrow 12-layer
+    model (S = 12 needs 12):
+    each trains, ends within one of its steps past the budget with its equal-cost evaluation,
+    and has its row in the study's table."""
+    out = tmp_path / "study"
+    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "12", "--total-batch", "128",
+             "--budget-steps", "24", "--inc-steps", "24", "--val-tokens", "128"]
+    sweep.main(["--regimes", ",".join(sweep.REGIMES), "--seeds", "1", "--out", str(out), "--jobs", "2", "--", *extra])
+    budget = 24 * full_step_flops(GPTConfig(block_size=32, n_layer=12, n_head=2, n_embd=32), 128, 32)
+    table = capsys.readouterr().out
+    for regime in sweep.REGIMES:
+        steps, evals = read_log(out / regime / "seed1")
+        last_step = steps[-1]["flops"] - steps[-2]["flops"]
+        assert budget <= steps[-1]["flops"] < budget + last_step and evals[-1].get("equal_cost"), regime
+        assert f"| {regime} | 1 |" in table, regime
+
+
+def test_sweep_nproc_launches_each_run_with_torchrun_and_matches_one_process(tmp_path, data, capsys, monkeypatch):
+    """--nproc 2: the run is DDP on two CPU processes (gloo), and its losses are those of the same
+    run in one process (the batch is split across ranks, not changed)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "2", "--max-steps", "3"]
+    losses = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        sweep.main(["--regimes", "baseline", "--seeds", "1", "--out", str(out), "--nproc", str(nproc), "--", *extra])
+        assert "[1/1] baseline seed 1: done" in capsys.readouterr().out
+        assert f"device: cpu x {nproc}" in (out / "baseline" / "seed1" / "train.out").read_text()
+        losses[nproc] = [r["loss"] for r in read_log(out / "baseline" / "seed1")[0]]
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data, capsys, monkeypatch):
@@ -2123,6 +2138,7 @@ def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data
             (["--regimes", "baseline", "--seeds", "1,1"], "must not repeat"),
             (["--regimes", "apollo", "--out", str(tmp_path / "new")], "add baseline to --regimes"),
             (["--regimes", "baseline", "--", "--seed", "3"], "--seed after --"),
+            (["--regimes", "baseline", "--jobs", "0"], "--jobs 0 --nproc 1: give whole numbers"),
             (["--regimes", "baseline", "--", *extra, "--lr", "-1"], "--lr -1.0: must be")]:
         with pytest.raises(SystemExit) as e:
             sweep.main(["--out", str(tmp_path / "bad"), *argv] if "--out" not in argv else argv)
