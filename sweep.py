@@ -11,12 +11,17 @@ OUT/REGIME/seedN`, its output in OUT/REGIME/seedN/train.out. Every evaluation co
 validation split (--val-tokens 0), about 50 times a run (--eval-every), unless those flags come
 after `--`. Seeds are the outer loop, so a study cut short has every regime at its first seeds.
 
-Run the same command again to go on after an interruption (Ctrl-C lets the current run save a
-checkpoint): finished runs are skipped, runs with a checkpoint resumed, the rest started; nothing
-is deleted. A failed run is reported and the sweep goes on; it exits 1 at the end if any failed.
+--jobs N runs N at once, for a CPU with cores to spare: each run gets OMP_NUM_THREADS = cores / N
+unless that is set. --nproc N launches each run on N GPUs with torchrun, e.g. --nproc 8 on one
+node. Neither changes a result: every run is seeded and alone in its folder.
+
+Run the same command again to go on after an interruption (Ctrl-C, or SIGTERM to the sweep, which
+passes it on: the runs in flight save a checkpoint and stop): finished runs are skipped, runs with
+a checkpoint resumed, the rest started; nothing is deleted. A failed run is reported and the sweep goes on; it exits 1 at the end if any failed.
 """
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -114,13 +119,16 @@ def launcher(nproc):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
-def run_one(folder, flags, resume, launch, env):
-    """train.py in a subprocess, its output appended to FOLDER/train.out. Returns (exit code,
-    its last line of output)."""
+def run_one(folder, flags, resume, launch, env, running):
+    """train.py in a subprocess, its output appended to FOLDER/train.out, held in the set
+    `running` while it runs. Returns (exit code, its last line of output)."""
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [*launch, str(HERE / "train.py"), *flags, "--out", str(folder), *(["--resume"] if resume else [])]
     with open(folder / "train.out", "a") as out:
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        running.add(proc)
+        code = proc.wait()
+        running.discard(proc)
     lines = (folder / "train.out").read_text(errors="replace").strip().splitlines()
     return code, lines[-1] if lines else ""
 
@@ -138,7 +146,7 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
     """Every (seed, regime) run not yet finished, in that order, `jobs` at once; returns the runs
     that failed, in that order."""
     plans = [(regime, seed, *train_flags(regime, seed, extra)) for seed in seeds for regime in regimes]
-    launch, env = launcher(nproc), run_env(jobs)
+    launch, env, running = launcher(nproc), run_env(jobs), set()
 
     def attempt(i, regime, seed, flags, max_steps):
         """One run, or why it can't run; returns whether it failed."""
@@ -154,7 +162,7 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
             return True
         print(f"{head}: {'resuming' if resume else 'starting'} ({max_steps} steps) in {folder}", flush=True)
         t0 = time.time()
-        code, last = run_one(folder, flags, resume, launch, env)
+        code, last = run_one(folder, flags, resume, launch, env, running)
         if code:
             print(f"{head}: FAILED (exit {code}): {last}", flush=True)
         elif not finished(folder, max_steps):  # a Ctrl-C or SIGTERM: it saved a checkpoint and stopped
@@ -163,13 +171,24 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
             print(f"{head}: done in {plot.duration(time.time() - t0)}", flush=True)
         return bool(code)
 
-    with ThreadPoolExecutor(jobs) as pool:
-        try:
-            outcomes = list(pool.map(lambda plan: attempt(*plan), [(i, *p) for i, p in enumerate(plans, 1)]))
-        except KeyboardInterrupt:  # the runs got Ctrl-C too and save a checkpoint at the end of their
-            # step: wait for them (they run in the pool's threads), start no more
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    def terminate(signum, frame):
+        """SIGTERM reaches the sweep alone (`kill PID`; Ctrl-C reaches the whole process group):
+        pass it on, so the runs save a checkpoint rather than run on orphaned, and stop."""
+        for proc in list(running):
+            proc.send_signal(signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with ThreadPoolExecutor(jobs) as pool:
+            try:
+                outcomes = list(pool.map(lambda plan: attempt(*plan), [(i, *p) for i, p in enumerate(plans, 1)]))
+            except KeyboardInterrupt:  # the runs save a checkpoint at the end of their step and stop:
+                # wait for them (they run in the pool's threads), start no more
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return [f"{regime} seed {seed}" for (regime, seed, _, _), bad in zip(plans, outcomes) if bad]
 
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -2100,6 +2101,31 @@ def test_sweep_every_regime_spends_the_budget_at_a_very_small_size(tmp_path, dat
         last_step = steps[-1]["flops"] - steps[-2]["flops"]
         assert budget <= steps[-1]["flops"] < budget + last_step and evals[-1].get("equal_cost"), regime
         assert f"| {regime} | 1 |" in table, regime
+
+
+def test_sweep_passes_sigterm_to_its_runs_which_checkpoint_and_resume(tmp_path, data):
+    """`kill SWEEP_PID` (SIGTERM to the sweep alone, as for one started with nohup): the run in
+    flight gets it too, saves a checkpoint and stops, rather than running on orphaned; the same
+    command then resumes it and finishes."""
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(HERE / "sweep.py"), "--regimes", "baseline", "--seeds", "1", "--out", str(out), "--",
+           "--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--max-steps", "200", "--val-tokens", "256",
+           "--eval-every", "100"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = out / "baseline" / "seed1" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count('"loss"') >= 3) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped: run the same command again" in stderr, (stdout, stderr)
+    steps, _ = read_log(out / "baseline" / "seed1")
+    assert (out / "baseline" / "seed1" / "ckpt.pt").exists() and len(steps) < 200
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "[1/1] baseline seed 1: resuming (200 steps)" in res.stdout, res.stderr
+    steps, evals = read_log(out / "baseline" / "seed1")
+    assert [r["step"] for r in steps] == list(range(1, 201)) and evals[-1]["step"] == 200
 
 
 def test_sweep_nproc_launches_each_run_with_torchrun_and_matches_one_process(tmp_path, data, capsys, monkeypatch):
