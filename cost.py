@@ -5,7 +5,7 @@
     python cost.py --regime apollo                  # expected FLOPs of a growth schedule
     python cost.py --measure                        # time real training steps against their FLOPs
     python cost.py --bench-loss                     # the head and loss: eager against fused
-    python cost.py --split --n-embd 128 --vocab 65 --seq-len 256   # blocks vs head (train.py --preset char)
+    python cost.py --split --n-embd 64 --vocab 65 --seq-len 64     # blocks vs head (train.py --preset char)
 
 Three models of the same incremental run, coarse to exact:
   paper          forward and backward each cost c per layer per token (Li et al.'s derivation)
