@@ -1973,6 +1973,7 @@ def test_plot_study_means_deviations_and_not_reached_counts(study):
     summary = plot.study_summary(runs, labels)
     assert summary["target"] == pytest.approx(4.1)
     assert (summary["baseline_flops"], summary["budget"]) == (40, 20)
+    assert summary["last_fifth"] == (2, pytest.approx(6.1))  # the last evaluations within 0.8 x 4 steps
     sd2 = math.sqrt(0.02)  # two values 0.1 either side of their mean: sum of squares 0.02, over n − 1 = 1
     expected = [  # (regime, n, val loss at budget, FLOPs ratio, not reached, training seconds)
         ("baseline", 2, (6.1, sd2), (1.0, None), 1, (3.0, math.sqrt(2))),  # seed 2 ends at 4.2 > 4.1
@@ -1989,6 +1990,7 @@ def test_plot_study_means_deviations_and_not_reached_counts(study):
     assert lines[3] == "| inc | 3 | 4.7000 ± 0.2000 | 0.900 ± 0.141; not reached, 1 of 3 | 2.0 s ± 1.0 s |"
     assert lines[4] == "| slow | 1 | 8.0000 | not reached, 1 of 1 | 1.0 s |"
     assert "sample standard deviation (n − 1)" in lines[-1] and "4.1000" in lines[-1]
+    assert "went from 6.1000 (step 2) to 4.1000, -32.8%" in lines[-1]
 
 
 def test_plot_study_curves_bands_and_equal_cost_marks(study):
