@@ -269,8 +269,9 @@ def study_summary(runs, labels):
     {"target": the mean of the baseline runs' final val loss, "baseline_flops": their mean training
     FLOPs, "budget": the baseline's equal-cost FLOPs (the same for every baseline seed: full depth
     costs the same each step; the first one's is taken), "last_fifth": (step, the baseline runs'
-    mean val loss there) at their last evaluation within 80% of the run, for whether the baseline
-    has converged, "regimes": one dict per regime:
+    mean val loss there) at their last evaluation within 80% of the run and past half of it, for
+    whether the baseline has converged; None where the runs have none there or differ in that step,
+    "regimes": one dict per regime:
         regime, n
         budget_val_loss  (mean, sd) of the val loss at the budget (run_row's budget_val_loss)
         flops_ratio      (mean, sd) of the FLOPs to reach the target / baseline_flops, over the runs
@@ -286,8 +287,10 @@ def study_summary(runs, labels):
     target = mean_sd([run["evals"][-1]["val_loss"] for run in base])[0]
     baseline_flops = mean_sd([run["steps"][-1]["flops"] for run in base])[0]
     budget = baseline_budget(base[0])
-    fifth = [[e for e in run["evals"] if e["step"] <= 0.8 * run["evals"][-1]["step"]][-1:] for run in base]
-    last_fifth = (fifth[0][0]["step"], mean_sd([e[0]["val_loss"] for e in fifth])[0]) if all(fifth) else None
+    ends = [run["evals"][-1]["step"] for run in base]
+    fifth = [[e for e in run["evals"] if end / 2 < e["step"] <= 0.8 * end][-1:] for run, end in zip(base, ends)]
+    same_step = all(fifth) and len({e[0]["step"] for e in fifth}) == 1  # else no one point to average
+    last_fifth = (fifth[0][0]["step"], mean_sd([e[0]["val_loss"] for e in fifth])[0]) if same_step else None
     regimes = []
     for label, members in groups.items():
         rows = [run_row(run, label, budget, target) for run in members]
@@ -327,8 +330,7 @@ def study_table(summary):
     if summary["last_fifth"]:
         step, loss = summary["last_fifth"]
         lines[-1] += (f" Over the last fifth of its run the baseline's mean val loss went from {loss:.4f} (step "
-                      f"{step}) to {summary['target']:.4f}, {(summary['target'] - loss) / loss:+.1%} (a converged run "
-                      f"moves by less than 1%).")
+                      f"{step}) to {summary['target']:.4f}, {(summary['target'] - loss) / loss:+.1%}.")
     return "\n".join(lines)
 
 

@@ -17,13 +17,15 @@ node. Neither changes a result: every run is seeded and alone in its folder.
 
 Run the same command again to go on after an interruption (Ctrl-C, or SIGTERM to the sweep, which
 passes it on: the runs in flight save a checkpoint and stop): finished runs are skipped, runs with
-a checkpoint resumed, the rest started; nothing is deleted. A failed run is reported and the sweep goes on; it exits 1 at the end if any failed.
+a checkpoint resumed, the rest started; nothing is deleted. A failed run is reported and the
+sweep goes on; it exits 1 at the end if any failed.
 """
 import argparse
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,6 +72,8 @@ def parse_args(argv=None):
     args = p.parse_args(own)
     if args.jobs < 1 or args.nproc < 1:
         p.error(f"--jobs {args.jobs} --nproc {args.nproc}: give whole numbers of at least 1")
+    if args.jobs > 1 and args.nproc > 1:
+        p.error("--jobs with --nproc: each run would take the same GPUs; give one of them (--jobs for CPU cores)")
     args.regimes = args.regimes.split(",")
     unknown = [r for r in args.regimes if r not in REGIMES]
     if unknown:
@@ -119,66 +123,99 @@ def launcher(nproc):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
-def run_one(folder, flags, resume, launch, env, running):
-    """train.py in a subprocess, its output appended to FOLDER/train.out, held in the set
-    `running` while it runs. Returns (exit code, its last line of output)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [*launch, str(HERE / "train.py"), *flags, "--out", str(folder), *(["--resume"] if resume else [])]
-    with open(folder / "train.out", "a") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        running.add(proc)
-        code = proc.wait()
-        running.discard(proc)
-    lines = (folder / "train.out").read_text(errors="replace").strip().splitlines()
-    return code, lines[-1] if lines else ""
+class Runs:
+    """The train.py processes in flight, and whether the sweep is stopping. A run starts and is
+    registered under one lock, so a stop either reaches it or keeps it from starting."""
+
+    def __init__(self, launch, env):
+        self.launch, self.env = launch, env
+        self.lock = threading.RLock()  # reentrant: a second signal may arrive while the first holds it
+        self.procs = set()
+        self.stopping = False
+
+    def run(self, folder, flags, resume):
+        """train.py in a subprocess, its output appended to FOLDER/train.out. Returns (exit code,
+        its last line of output), or None when the sweep is stopping and it was not started."""
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [*self.launch, str(HERE / "train.py"), *flags, "--out", str(folder), *(["--resume"] if resume else [])]
+        with open(folder / "train.out", "a") as out:
+            with self.lock:
+                if self.stopping:
+                    return None
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+                self.procs.add(proc)
+            code = proc.wait()
+            with self.lock:
+                self.procs.discard(proc)
+        lines = (folder / "train.out").read_text(errors="replace").strip().splitlines()
+        return code, lines[-1] if lines else ""
+
+    def stop(self, signum=None):
+        """Start no more runs; pass `signum` on to those in flight (they checkpoint and stop)."""
+        with self.lock:
+            self.stopping = True
+            for proc in self.procs if signum else ():
+                proc.send_signal(signum)
+
+
+def say(line):
+    """One whole line on stdout: the pool's threads print side by side."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def run_env(jobs):
-    """The runs' environment: with several at once, the CPU's cores split among them (each
+    """The runs' environment: with several at once, this process's cores split among them (each
     PyTorch would otherwise take them all), unless OMP_NUM_THREADS is set."""
     env = dict(os.environ)
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
     return env
 
 
 def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
     """Every (seed, regime) run not yet finished, in that order, `jobs` at once; returns the runs
-    that failed, in that order."""
+    that failed, in that order. Call it from the main thread: it handles SIGINT and SIGTERM."""
     plans = [(regime, seed, *train_flags(regime, seed, extra)) for seed in seeds for regime in regimes]
-    launch, env, running = launcher(nproc), run_env(jobs), set()
+    runs = Runs(launcher(nproc), run_env(jobs))
 
     def attempt(i, regime, seed, flags, max_steps):
         """One run, or why it can't run; returns whether it failed."""
         folder = Path(out) / regime / f"seed{seed}"
         head = f"[{i}/{len(plans)}] {regime} seed {seed}"
         if finished(folder, max_steps):
-            print(f"{head}: finished earlier, skipped", flush=True)
+            say(f"{head}: finished earlier, skipped")
             return False
         resume = (folder / "ckpt.pt").exists()
         if (folder / "log.jsonl").exists() and not resume:
-            print(f"{head}: FAILED: {folder} holds a log but no checkpoint (stopped before its first): "
-                  "delete the folder to run it again", flush=True)
+            say(f"{head}: FAILED: {folder} holds a log but no checkpoint (stopped before its first): "
+                "delete the folder to run it again")
             return True
-        print(f"{head}: {'resuming' if resume else 'starting'} ({max_steps} steps) in {folder}", flush=True)
+        say(f"{head}: {'resuming' if resume else 'starting'} ({max_steps} steps) in {folder}")
         t0 = time.time()
-        code, last = run_one(folder, flags, resume, launch, env, running)
+        result = runs.run(folder, flags, resume)
+        if result is None:
+            say(f"{head}: not started, the sweep is stopping")
+            return False
+        code, last = result
+        if runs.stopping and not finished(folder, max_steps):  # torchrun exits 1 after a stop, too
+            say(f"{head}: stopped (exit {code}), resumable from its last checkpoint")
+            return False
         if code:
-            print(f"{head}: FAILED (exit {code}): {last}", flush=True)
-        elif not finished(folder, max_steps):  # a Ctrl-C or SIGTERM: it saved a checkpoint and stopped
-            print(f"{head}: stopped at its checkpoint", flush=True)
+            say(f"{head}: FAILED (exit {code}): {last}")
         else:
-            print(f"{head}: done in {plot.duration(time.time() - t0)}", flush=True)
+            say(f"{head}: done in {plot.duration(time.time() - t0)}")
         return bool(code)
 
-    def terminate(signum, frame):
-        """SIGTERM reaches the sweep alone (`kill PID`; Ctrl-C reaches the whole process group):
-        pass it on, so the runs save a checkpoint rather than run on orphaned, and stop."""
-        for proc in list(running):
-            proc.send_signal(signal.SIGTERM)
+    def interrupt(signum, frame):
+        """Ctrl-C reaches the runs too (one process group); SIGTERM (`kill PID`) reaches the sweep
+        alone: pass it on, so the runs save a checkpoint rather than run on orphaned."""
+        runs.stop(signum if signum == signal.SIGTERM else None)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    # a sweep started in the background (nohup ... &) ignores SIGINT: leave it so
+    handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous = {sig: signal.signal(sig, interrupt) for sig in handled}
     try:
         with ThreadPoolExecutor(jobs) as pool:
             try:
@@ -188,7 +225,8 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return [f"{regime} seed {seed}" for (regime, seed, _, _), bad in zip(plans, outcomes) if bad]
 
 

@@ -1973,7 +1973,12 @@ def test_plot_study_means_deviations_and_not_reached_counts(study):
     summary = plot.study_summary(runs, labels)
     assert summary["target"] == pytest.approx(4.1)
     assert (summary["baseline_flops"], summary["budget"]) == (40, 20)
-    assert summary["last_fifth"] == (2, pytest.approx(6.1))  # the last evaluations within 0.8 x 4 steps
+    assert summary["last_fifth"] is None  # no evaluation in (2, 3.2], past half and within 80% of 4 steps
+    base = [{"evals": [{"step": s, "val_loss": v, "flops": s} for s, v in points], "steps": [step_rec(10, 10)]}
+            for points in ([(0, 9.0), (4, 5.0), (8, 4.4), (10, 4.0)], [(0, 9.0), (4, 5.0), (8, 4.6), (10, 4.2)])]
+    assert plot.study_summary(base, ["baseline"] * 2)["last_fifth"] == (8, pytest.approx(4.5))
+    base[1]["evals"][2]["step"] = 7  # the seeds' points differ: no one step to report
+    assert plot.study_summary(base, ["baseline"] * 2)["last_fifth"] is None
     sd2 = math.sqrt(0.02)  # two values 0.1 either side of their mean: sum of squares 0.02, over n − 1 = 1
     expected = [  # (regime, n, val loss at budget, FLOPs ratio, not reached, training seconds)
         ("baseline", 2, (6.1, sd2), (1.0, None), 1, (3.0, math.sqrt(2))),  # seed 2 ends at 4.2 > 4.1
@@ -1990,7 +1995,9 @@ def test_plot_study_means_deviations_and_not_reached_counts(study):
     assert lines[3] == "| inc | 3 | 4.7000 ± 0.2000 | 0.900 ± 0.141; not reached, 1 of 3 | 2.0 s ± 1.0 s |"
     assert lines[4] == "| slow | 1 | 8.0000 | not reached, 1 of 1 | 1.0 s |"
     assert "sample standard deviation (n − 1)" in lines[-1] and "4.1000" in lines[-1]
-    assert "went from 6.1000 (step 2) to 4.1000, -32.8%" in lines[-1]
+    assert "last fifth" not in lines[-1]
+    lines = plot.study_table({**summary, "last_fifth": (3, 5.0)}).splitlines()
+    assert lines[-1].endswith("the baseline's mean val loss went from 5.0000 (step 3) to 4.1000, -18.0%.")
 
 
 def test_plot_study_curves_bands_and_equal_cost_marks(study):
@@ -2065,7 +2072,10 @@ def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, 
                               f"[2/4] inc2-freeze seed 1: starting ({max_steps} steps)",
                               "[3/4] baseline seed 2: starting (4 steps)",
                               f"[4/4] inc2-freeze seed 2: resuming ({max_steps} steps)"]
-    assert sweep.run_env(2)["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))
+    assert sweep.run_env(2)["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert "OMP_NUM_THREADS" not in sweep.run_env(1)  # one run: PyTorch's own choice
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert sweep.run_env(2)["OMP_NUM_THREADS"] == "3"  # the user's, kept
     logs = {}
     for regime in ("baseline", "inc2-freeze"):
         for seed in (1, 2):
@@ -2081,7 +2091,7 @@ def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, 
     assert (out / "study.png").stat().st_size > 0
 
     sweep.main(argv)
-    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")] == [
+    assert sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("[")) == [
         f"[{i}/4] {regime} seed {seed}: finished earlier, skipped"
         for i, (seed, regime) in enumerate([(1, "baseline"), (1, "inc2-freeze"), (2, "baseline"), (2, "inc2-freeze")], 1)]
     assert all(folder.joinpath("log.jsonl").read_bytes() == log for folder, log in logs.items())
@@ -2106,28 +2116,33 @@ def test_sweep_every_regime_spends_the_budget_at_a_very_small_size(tmp_path, dat
 
 
 def test_sweep_passes_sigterm_to_its_runs_which_checkpoint_and_resume(tmp_path, data):
-    """`kill SWEEP_PID` (SIGTERM to the sweep alone, as for one started with nohup): the run in
-    flight gets it too, saves a checkpoint and stops, rather than running on orphaned; the same
-    command then resumes it and finishes."""
+    """`kill SWEEP_PID` (SIGTERM to the sweep alone, as for one started with nohup) while two runs
+    train side by side (--jobs 2): both get it too, save a checkpoint and stop, rather than run on
+    orphaned, and no further run starts; the same command then resumes both and finishes."""
     out = tmp_path / "study"
-    cmd = [sys.executable, str(HERE / "sweep.py"), "--regimes", "baseline", "--seeds", "1", "--out", str(out), "--",
-           "--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--max-steps", "200", "--val-tokens", "256",
-           "--eval-every", "100"]
+    cmd = [sys.executable, str(HERE / "sweep.py"), "--regimes", "baseline", "--seeds", "1,2,3", "--out", str(out),
+           "--jobs", "2", "--", "--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--max-steps", "100",
+           "--val-tokens", "256", "--eval-every", "100"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    log = out / "baseline" / "seed1" / "log.jsonl"
+    logs = [out / "baseline" / f"seed{seed}" / "log.jsonl" for seed in (1, 2)]
     deadline = time.time() + 120
-    while not (log.exists() and log.read_text().count('"loss"') >= 3) and time.time() < deadline:
+    while not all(log.exists() and log.read_text().count('"loss"') >= 3 for log in logs) and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "stopped: run the same command again" in stderr, (stdout, stderr)
-    steps, _ = read_log(out / "baseline" / "seed1")
-    assert (out / "baseline" / "seed1" / "ckpt.pt").exists() and len(steps) < 200
+    for seed in (1, 2):
+        assert f"baseline seed {seed}: stopped (exit 0), resumable from its last checkpoint" in stdout, stdout
+        steps, _ = read_log(out / "baseline" / f"seed{seed}")
+        assert (out / "baseline" / f"seed{seed}" / "ckpt.pt").exists() and len(steps) < 100
+    assert "seed 3: starting" not in stdout
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0 and "[1/1] baseline seed 1: resuming (200 steps)" in res.stdout, res.stderr
-    steps, evals = read_log(out / "baseline" / "seed1")
-    assert [r["step"] for r in steps] == list(range(1, 201)) and evals[-1]["step"] == 200
+    assert res.returncode == 0, res.stderr
+    for seed in (1, 2, 3):
+        assert f"baseline seed {seed}: {'resuming' if seed < 3 else 'starting'} (100 steps)" in res.stdout
+        steps, evals = read_log(out / "baseline" / f"seed{seed}")
+        assert [r["step"] for r in steps] == list(range(1, 101)) and evals[-1]["step"] == 100
 
 
 def test_sweep_nproc_launches_each_run_with_torchrun_and_matches_one_process(tmp_path, data, capsys, monkeypatch):
@@ -2167,6 +2182,7 @@ def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data
             (["--regimes", "apollo", "--out", str(tmp_path / "new")], "add baseline to --regimes"),
             (["--regimes", "baseline", "--", "--seed", "3"], "--seed after --"),
             (["--regimes", "baseline", "--jobs", "0"], "--jobs 0 --nproc 1: give whole numbers"),
+            (["--regimes", "baseline", "--jobs", "2", "--nproc", "2"], "--jobs with --nproc"),
             (["--regimes", "baseline", "--", *extra, "--lr", "-1"], "--lr -1.0: must be")]:
         with pytest.raises(SystemExit) as e:
             sweep.main(["--out", str(tmp_path / "bad"), *argv] if "--out" not in argv else argv)
