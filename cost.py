@@ -16,7 +16,6 @@ train.py's cumulative `flops` column comes from model.step_flops, and the tables
 grow.schedule_phases over the same Schedule train.py runs, so the log and this script agree by
 construction.
 """
-import argparse
 import ctypes
 import json
 import math
@@ -27,7 +26,9 @@ import time
 from fractions import Fraction
 
 import grow
-from model import PEAK_BF16, SIZES, GPTConfig, Plan, blocks_share, full_step_flops, pick_device, step_flops
+import devices
+from config import Parser, resolve
+from model import PEAK_BF16, SIZES, GPTConfig, Plan, blocks_share, full_step_flops, mfu, step_flops
 
 H100_BF16 = PEAK_BF16["H100"]  # FLOP/s, dense bf16 peak of the SXM card
 APOLLO_REPORTED = {"code": 57.6, "paper": 47.9}  # % of FLOPs saved on GPT-Base: their code's, their paper's
@@ -94,6 +95,13 @@ def model_config(name, seq_len):
     return GPTConfig(block_size=seq_len, **SIZES[name])
 
 
+def regime_config(regime, L, steps, **options):
+    """train.py's flags for `regime` on L layers over `steps` steps (T_inc = steps too), seed 0 and
+    no warmup: the regime's own options unless given."""
+    return resolve(dict(regime=regime, n_layer=L, max_steps=steps, inc_steps=steps, seed=0,
+                        warmup=0, **options))
+
+
 def gap(step, paper_step):
     return dict(gap_steps=step - paper_step, gap_percent=100 * (step - paper_step) / paper_step)
 
@@ -101,6 +109,7 @@ def gap(step, paper_step):
 def incremental_report(name, S, steps, mode, cost, seq_len, batch_tokens, mfu):
     cfg = model_config(name, seq_len)
     L = cfg.n_layer
+    schedule = regime_config("incremental", L, steps, stages=S, phase1_mode=mode).build_schedule()
     sizes = grow.stage_layers(L, S)
     paper_rows = per_layer_phases(sizes, steps)
     equal_m = per_layer_phases([Fraction(i * L, S) for i in range(1, S + 1)], steps)
@@ -124,8 +133,6 @@ def incremental_report(name, S, steps, mode, cost, seq_len, batch_tokens, mfu):
                      inc_ratio=float(1 - layer_t_cont / steps), equal_cost_step=layer_step,
                      **gap(layer_step, paper_step))
 
-    schedule = grow.build_schedule("incremental", L, steps, steps, 0,
-                                   **grow.regime_options("incremental", 0, stages=S, phase1_mode=mode))
     phases = grow.schedule_phases(cfg, schedule, steps, batch_tokens, seq_len)
     spent = sum(r["steps"] * r["step_flops"] for r in phases)
     full = full_step_flops(cfg, batch_tokens, seq_len)
@@ -172,12 +179,12 @@ def slowest_rank_step_flops(cfg, schedule, sp, ranks, accum, tokens, seq_len):
 def growth_report(name, regime, steps, seq_len, batch_tokens, mfu, ranks=8, accum=1):
     cfg = model_config(name, seq_len)
     L = cfg.n_layer
-    opts = grow.regime_options(regime, 0)
+    opts = regime_config(regime, L, steps)
     try:
-        schedule = grow.build_schedule(regime, L, steps, steps, 0, **opts)
+        schedule = opts.build_schedule()
     except ValueError as e:  # with the regime's own schedule only a short run can fail
         raise ValueError(f"--steps {steps} is too few for {regime}'s stages, which start at "
-                         f"{opts['grow_at']}") from e
+                         f"{opts.grow_at}") from e
     phases = grow.schedule_phases(cfg, schedule, steps, batch_tokens, seq_len)
     stages = schedule.stages
     full = full_step_flops(cfg, batch_tokens, seq_len)
@@ -189,8 +196,8 @@ def growth_report(name, regime, steps, seq_len, batch_tokens, mfu, ranks=8, accu
                                                        micro_tokens, seq_len) for r in phases)
     report = dict(
         regime=regime, model=name, n_layer=L, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
-        grow_layers=[s.layers for s in stages], grow_at=[s.start / steps for s in stages[1:]], depth=opts["depth"],
-        share=opts["share"],
+        grow_layers=[s.layers for s in stages], grow_at=[s.start / steps for s in stages[1:]], depth=opts.depth,
+        share=opts.share,
         stages=[{**r, "step_flops": float(r["step_flops"]), "depth": float(r["depth"]),
                  "vs_full": float(r["step_flops"] / full)} for r in phases],
         flops=float(spent), baseline_flops=steps * full, saved=float(100 * (1 - spent / (steps * full))),
@@ -325,6 +332,67 @@ def growth_text(r):
 
 
 # ----------------------------------------------------------------------------------------------
+# A run's cost as train.py states it before the first step (summary) and times it (--bench)
+
+
+def summary(run):
+    """What is about to happen, printed by rank 0 before the first step."""
+    cfg, B, T, tokens = run.model.config, run.loader.B, run.loader.T, run.flags.total_batch
+    per_block = sum(p.numel() for p in run.model.transformer.h[0].parameters())
+    total = sum(p.numel() for p in run.model.parameters())
+    lines = [f"model: {cfg.n_layer} layers x {per_block / 1e6:.2f}M parameters a block, "
+             f"{total / 1e6:.1f}M in all (width {cfg.n_embd}, {cfg.n_head} heads, vocabulary "
+             f"{cfg.vocab_size:,} {run.tokenizer['tokenizer']}, sequence {T}); the blocks are "
+             f"{blocks_share(cfg, T):.1%} of its training FLOPs, the head the rest",
+             f"device: {run.device} x {run.world}, "
+             f"{run.flags.precision if run.device.type == 'cuda' else 'fp32'}; micro-batch {B} x "
+             f"{T}, gradient accumulation {run.grad_accum}, {tokens:,} tokens a step",
+             f"schedule: {run.flags.max_steps:,} steps"]
+    for row in grow.schedule_phases(cfg, run.schedule, run.flags.max_steps, tokens, T):
+        lines.append(f"  from step {row['start']:>6,}: stage {row['stage']} phase {row['phase']}, "
+                     f"{row['layers']} active / {row['trained']} trained layers, E[depth] "
+                     f"{float(row['depth']):.2f}, {float(row['step_flops']):.3e} FLOPs a step")
+    from data import read_shard
+
+    shards = sum(len(read_shard(f)) for f in run.loader.files)
+    lines += [f"data: {len(run.loader.files)} train shard(s), {shards:,} tokens; validation "
+              f"{len(run.val) * B * T:,} tokens in {len(run.val)} batches",
+              f"output: {run.out}/log.jsonl and ckpt.pt; " + (
+                  "resuming from the checkpoint" if run.flags.resume
+                  else "a stopped run continues with --resume")]
+    return "\n".join(lines)
+
+
+def bench(run, steps, warmup=3):
+    """Time `steps` training steps after `warmup` (compilation, allocator warm-up) from the start
+    of the schedule at the peak LR: the loop's step without evaluation, log or checkpoints.
+    Prints time, tokens/s, MFU (where the peak is known) and, on CUDA, peak memory."""
+    import torch
+
+    from runfolder import RunState
+    from train import enter_stage, train_step
+
+    opt, state, wrapped, trains, flops = run.new_optimizer(), RunState(), None, None, 0
+    for step in range(warmup + steps):
+        if step == warmup:
+            t0 = time.time()
+        sp = run.schedule.step_plan(step)
+        opt, wrapped, trains = enter_stage(run, opt, state, sp, trains) or (opt, wrapped, trains)
+        spent = train_step(run, wrapped, opt, sp, step, run.flags.lr)[3]
+        flops += spent if step >= warmup else 0
+    seconds = time.time() - t0
+    if run.rank == 0:
+        util = (f", MFU {mfu(flops, seconds, run.world, run.peak_flops):.1%}"
+                if run.peak_flops else "")
+        memory = (f", peak memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.1f} GiB"
+                  if run.device.type == "cuda" else "")
+        print(f"bench: {seconds / steps * 1000:.1f} ms/step, "
+              f"{run.flags.total_batch * steps / seconds:.0f} tok/s{util}{memory} over {steps} "
+              f"steps on {run.device} x{run.world}")
+
+
+
+# ----------------------------------------------------------------------------------------------
 # Measurement: real training steps on this machine, as train.py runs them
 
 
@@ -332,8 +400,7 @@ def measure_cases(L, S):
     """The distinct steps of S-stage incremental training, {(unique, trainable, isolate): (labels, StepPlan)},
     in step order. Phase 1 of stage 1 equals its phase 2, and the last phase 2 is the baseline."""
     cases = {}
-    schedules = {mode: grow.build_schedule("incremental", L, 2 * S, 2 * S, 0,
-                                           **grow.regime_options("incremental", 0, stages=S, phase1_mode=mode))
+    schedules = {mode: regime_config("incremental", L, 2 * S, stages=S, phase1_mode=mode).build_schedule()
                  for mode in ("freeze", "isolate")}
     for step in range(2 * S):  # one step per phase
         for mode, schedule in schedules.items():
@@ -347,20 +414,24 @@ def measure_cases(L, S):
 
 def measure(device, batch=4, warmup=1, repeats=9, threads=1, seed=0):
     """Median seconds of forward + backward and of the optimizer update for each case, with its
-    FLOPs: the two halves of train.py's step (model.forward_backward and model.optimizer_step).
+    FLOPs: the two halves of train.py's step (train.forward_backward and train.optimizer_step).
     The config is GPT-2's 12 layers, narrowed so a step takes a fraction of a second on a CPU core;
     its vocab is cut to 16,384 so the head's share of the forward (~28%) is about GPT-2 124M's (27%).
     One CPU thread: the ratios are the point, and where other jobs share the cores a second thread
     stalls the first at every parallel region (we saw steps 8x slower with two)."""
     import torch
 
-    from model import GPT, forward_backward, optimizer_step
+    from fused_loss import FusedLoss
+    from model import GPT
+    from train import forward_backward, optimizer_step
 
     cfg = GPTConfig(block_size=256, vocab_size=16384, n_layer=12, n_head=4, n_embd=256)
     T = cfg.block_size
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     model = GPT(cfg).to(device)
+    # the loss train.py differentiates on this device: fused on CUDA, GPT's own on a CPU
+    loss_model = FusedLoss(model) if device.type == "cuda" else model
     opt = model.configure_optimizer(6e-4, 0.1, fused=device.type == "cuda")
     x, y = torch.randint(cfg.vocab_size, (2, batch, T), device=device)
 
@@ -375,7 +446,7 @@ def measure(device, batch=4, warmup=1, repeats=9, threads=1, seed=0):
         for (_, sp, plan), t in zip(cases, times):
             grow.set_trainable(model, sp)
             t0 = time.perf_counter()
-            forward_backward(model, [(x, y, plan)], device)
+            forward_backward(loss_model, [(x, y, plan)], device)
             sync()
             t1 = time.perf_counter()
             optimizer_step(model, opt, 6e-4, 1.0)
@@ -425,7 +496,7 @@ def measure_text(r):
 
 # ----------------------------------------------------------------------------------------------
 # The loss region (ln_f's output to the loss's gradients): the eager head and F.cross_entropy, as
-# the CPU trains, against model.linear_cross_entropy, as CUDA and compile_blocks do
+# the CPU trains, against fused_loss.linear_cross_entropy, as CUDA and --compile do
 
 
 LOSS_VARIANTS = ("eager", "fused", "fused, compiled")
@@ -460,7 +531,8 @@ def loss_worker(conn, variant, device, tokens, d, vocab, chunk, warmup, threads,
     import torch
     from torch.nn import functional as F
 
-    from model import autocast, chunk_cross_entropy, linear_cross_entropy
+    from devices import autocast
+    from fused_loss import chunk_cross_entropy, linear_cross_entropy
 
     if device.type != "cuda":
         # glibc keeps a freed block under its mmap threshold (which it raises itself, up to 32 MB)
@@ -547,10 +619,10 @@ def bench_loss_text(r):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     a = p.add_argument
     a("--regime", choices=grow.REGIMES, default="incremental",
-      help="growth regimes use their defaults from grow.REGIMES for their schedule")
+      help="the regime whose schedule to cost; a growth regime runs its own stages (grow.REGIMES)")
     a("--stages", type=int, default=4, help="S, incremental stages")
     a("--steps", type=int, default=10000, help="T: the incremental steps T_inc = T, or a growth run's length")
     a("--cost", choices=["paper", "exact"], default="paper", help="which model the headline and JSON follow")
@@ -571,7 +643,6 @@ def parse_args(argv=None):
     a("--n-layer", type=int, help="--split: instead of --model's")
     a("--n-embd", type=int, help="--split: instead of --model's")
     a("--vocab", type=int, help="--split: instead of GPT-2's padded 50,304 (train.py's from the data's meta.json)")
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
     args = p.parse_args(argv)
     # flags the chosen report would silently ignore
     given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
@@ -591,9 +662,6 @@ def parse_args(argv=None):
 
 def check(args):
     """A ValueError with a one-line reason for flags that can't work."""
-    L = SIZES[args.model]["n_layer"]
-    if args.regime == "incremental" and not 1 <= args.stages <= L:
-        raise ValueError(f"--stages {args.stages} must be between 1 and the {L} layers of {args.model}")
     sizes = {"--steps": args.steps, "--seq-len": args.seq_len, "--batch-tokens": args.batch_tokens}
     for flag, value in sizes.items():
         if value <= 0:
@@ -621,7 +689,7 @@ def main(argv=None):
         if args.measure or args.bench_loss:
             import torch
 
-            device = torch.device(pick_device(args.device))
+            device = torch.device(devices.pick_device(args.device))
             report, text = (measure(device), measure_text) if args.measure else (bench_loss(device), bench_loss_text)
         elif args.split:
             shape = {k: v for k, v in dict(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab).items()

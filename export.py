@@ -14,7 +14,6 @@ GPT-2's own, not written here (tokenizer=gpt2 above). A byte- or char-level chec
 at its own vocabulary and without GPT-2's end-of-text token; its tokenizer (meta.json's record,
 copied into the folder as nanogrow_tokenizer.json) has no Hugging Face form here: build one to use it there.
 """
-import argparse
 import json
 import os
 import shutil
@@ -23,8 +22,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from model import CONV1D_WEIGHTS, checkpoint_model, read_checkpoint
-from prepare_fineweb import EOT, GPT2_META, checkpoint_meta
+import runfolder
+from config import Parser
+from data import EOT, GPT2_META
+from model import CONV1D_WEIGHTS
 
 VOCAB = GPT2_META["vocab_size"]  # GPT-2's tokenizer; the rows above it pad the matmuls, no token uses them
 
@@ -60,9 +61,9 @@ def export(checkpoint, out):
     """Write the checkpoint's model to the folder `out` (absent or empty), atomically: into a
     folder beside it, renamed into place when complete. Returns (depth, unique blocks, tokenizer
     meta)."""
-    ckpt = read_checkpoint(checkpoint)
-    model, plan = checkpoint_model(ckpt)
-    meta = checkpoint_meta(ckpt)
+    ckpt = runfolder.read(checkpoint)
+    model, plan = runfolder.load_model(ckpt)
+    meta = ckpt["tokenizer"]
     if plan.gates is not None:
         raise ValueError(f"{checkpoint} was saved while MSG's gates were opening (μ = {plan.gates}), which GPT-2 "
                          "cannot express: export a checkpoint saved after --msg-ramp steps of the last stage")
@@ -84,7 +85,7 @@ def export(checkpoint, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--checkpoint", default="out/ckpt.pt", help="a train.py checkpoint")
     p.add_argument("--out", required=True, help="the folder to write; must not exist, or be empty")
     args = p.parse_args(argv)

@@ -25,14 +25,14 @@ import torch
 from model import Plan, full_step_flops, step_flops
 
 # ----------------------------------------------------------------------------------------------
-# Regimes: each method once, as the defaults of its options. A run's options are what the user
-# gave, else its regime's entry, else DEFAULTS. Layer lists are written for 12 layers and scale to
-# other depths (scale_layers); stage starts are fractions of the run's steps.
+# Regimes: each method once, as the values it sets of a run's flags (config.Config holds every
+# flag and its default; a flag the user gives wins over the regime's). Layer lists are written for
+# 12 layers and scale to other depths (scale_layers); stage starts are fractions of the run's steps.
 
 REGIMES = {
     # Li, Fung & Huang 2024: --stages S equal stages over --inc-steps, new blocks randomly
     # initialised, phase 1 trains only them, then continual training of every block
-    "incremental": dict(grow_op="random", depth="unique"),
+    "incremental": {},
     # Pan et al. 2024: 1 → 3 → 6 → 12 unique blocks, each micro-batch runs a depth drawn by LVPS
     # over shared blocks, growth by interpolation, AdamW moments kept with their slot
     "apollo": dict(grow_op="interp", depth="lvps", grow_layers="1,3,6,12", grow_at="0.05,0.1,0.25"),
@@ -48,50 +48,8 @@ REGIMES = {
     # late expansion (Bu 2025): 0 blocks (embeddings, final norm and head) for most of the run, one
     # expansion to full depth at 80% of the steps, under a warmup-stable-decay LR; --grow-layers 1,12
     # starts from one block, and --grow-op copy-top then copies it into every new slot
-    "late": dict(grow_op="random", grow_layers="0,12", grow_at="0.8", schedule="wsd"),
+    "late": dict(grow_layers="0,12", grow_at="0.8", schedule="wsd"),
 }
-
-DEFAULTS = dict(
-    stages=1,  # incremental: S; 1 is the full-depth baseline
-    phase1_frac=0.5,  # incremental: share of each stage spent in phase 1
-    phase1_mode="freeze",  # incremental: freeze old blocks (gradients pass), isolate them, or none
-    continual_optimizer="keep",  # incremental: AdamW on entering continual training
-    grow_layers=None, grow_at=None,  # growth regimes: unique blocks per stage, stage starts
-    grow_op="random",  # how added blocks start (growth_map)
-    depth="unique",  # depth per micro-batch (depth_probs)
-    share="interp",  # which block at each position of a shared depth (layer_plan)
-    growth_optimizer="keep",  # AdamW on entering a stage (other than continual training)
-    msg_ramp=None,  # MSG: steps for a gate to open; None: as long as the LR warmup
-    rewarm=0,  # LR rewarm steps after each stage start; -1: as long as the LR warmup
-)
-INCREMENTAL_ONLY = ("stages", "phase1_frac", "phase1_mode", "continual_optimizer")
-GROWTH_ONLY = ("grow_layers", "grow_at")
-
-
-def regime_options(regime, warmup, **given):
-    """Every option of a `regime` run: the values given (None = not given), else the regime's, else
-    DEFAULTS; "as long as the warmup" resolved to `warmup` steps."""
-    if regime not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
-    own = {k: v for k, v in REGIMES[regime].items() if k in DEFAULTS}
-    opts = {**DEFAULTS, **own, **{k: v for k, v in given.items() if v is not None}}
-    if opts["msg_ramp"] is None:
-        opts["msg_ramp"] = warmup
-    if opts["rewarm"] == -1:
-        opts["rewarm"] = warmup
-    return opts
-
-
-def training_defaults(regime):
-    """The training flags (not growth options) a regime sets its own default for, e.g. its LR schedule."""
-    return {k: v for k, v in REGIMES[regime].items() if k not in DEFAULTS}
-
-
-def misplaced(regime, given):
-    """The options in `given` that `regime` would silently ignore."""
-    foreign = GROWTH_ONLY if regime == "incremental" else INCREMENTAL_ONLY
-    return sorted(k for k in foreign if k in given)
-
 
 # ----------------------------------------------------------------------------------------------
 # Stages
@@ -119,8 +77,6 @@ def incremental_stages(L, S, inc_steps, phase1_frac=0.5, freeze="freeze"):
     """Li et al.: S stages over inc_steps steps (boundaries at floor(i·inc_steps/S), so the stages
     add up to exactly inc_steps), each split into phase 1 and phase 2, then continual training
     with all L blocks. freeze="none" drops phase 1 (the authors' no-freezing variant)."""
-    if not 1 <= S <= L:
-        raise ValueError(f"--stages {S} must be between 1 and the layer count {L}")
     starts = [i * inc_steps // S for i in range(S + 1)]
     stages = []
     for i, u in enumerate(stage_layers(L, S)):
@@ -226,12 +182,13 @@ class Schedule:
 def build_schedule(regime, n_layer, max_steps, inc_steps, seed, *, stages, phase1_frac, phase1_mode,
                    continual_optimizer, grow_layers, grow_at, grow_op, depth, share, growth_optimizer,
                    msg_ramp, rewarm):
-    """The Schedule of a run from its regime and options (regime_options), or a ValueError with a
-    one-line reason for a combination that cannot work."""
+    """The Schedule of a run from its regime and options (config.Config.schedule), or a ValueError
+    with a one-line reason for a combination that cannot work."""
     L = n_layer
     if regime == "incremental":
-        if stages > L:
-            raise ValueError(f"--stages {stages} exceeds the {L} layers: use at most {L}")
+        if not 1 <= stages <= L:
+            raise ValueError(f"--stages {stages}: use 1 to {L}, at most one stage a layer (the "
+                             f"model has {L}; 1 is the baseline)")
         if stages == 1:  # the baseline: every layer trains from step 0
             layout = [Stage(0, L)]
         else:

@@ -10,7 +10,6 @@ acc 0.2859 / acc_norm 0.2955 here on the 10,042 val examples, acc_norm 0.3114 in
     python hellaswag.py --model gpt2 --json
     torchrun --nproc_per_node=8 hellaswag.py --checkpoint out/ckpt.pt
 """
-import argparse
 import json
 import os
 import sys
@@ -22,8 +21,12 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import SIZES, GPT, checkpoint_model, pick_device, read_checkpoint
-from prepare_fineweb import DataError, DownloadError, checkpoint_meta, download, gpt2_encoding
+import devices
+import runfolder
+from config import Parser
+from data import DataError, gpt2_encoding
+from model import SIZES, GPT
+from prepare_fineweb import DownloadError, download
 
 SCORING = "completion scoring, build-nanogpt style; not comparable with lm-eval-harness"
 SCORING_TAG = "completion (build-nanogpt)"  # the short form, for JSON
@@ -85,6 +88,17 @@ def load_examples(split="val", data_file=None, limit=None, cache_dir=CACHE_DIR):
                 raise DataError(f"{data_file}:{lineno}: {e}") from None
     if not examples:
         raise DataError(f"{data_file}: no examples to score")
+    return examples
+
+
+def load_on_ranks(rank, world, split="val", data_file=None, limit=None):
+    """load_examples on every rank of a process group: rank 0 first, which downloads alone, then
+    the others, which find the verified file in the cache."""
+    if rank != 0:
+        devices.barrier(world)
+    examples = load_examples(split, data_file, limit)
+    if rank == 0:
+        devices.barrier(world)
     return examples
 
 
@@ -183,9 +197,7 @@ def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=N
         sum(p == y for p, y in zip(pred_norm, labels)),
         len(share),
     ], dtype=torch.long, device=device)
-    if ddp:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # SUM, not AVG: gloo has no AVG
-    correct, correct_norm, n = counts.tolist()
+    correct, correct_norm, n = devices.all_sum(counts, world).tolist()
     return dict(acc=correct / max(n, 1), acc_norm=correct_norm / max(n, 1), n=n)
 
 
@@ -193,18 +205,21 @@ def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=N
 # command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage dump
+    parser = Parser(__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="a train.py checkpoint (ckpt.pt)")
-    parser.add_argument("--model", choices=list(SIZES), help="OpenAI's weights (needs transformers and internet)")
-    parser.add_argument("--split", choices=SPLITS, default="val")
+    parser.add_argument("--model", choices=list(SIZES),
+                        help="OpenAI's weights (needs transformers and internet)")
+    parser.add_argument("--split", choices=SPLITS, default="val", help="the HellaSwag split")
     parser.add_argument("--data-file", help="a local hellaswag_{split}.jsonl instead of the download")
-    parser.add_argument("--limit", type=int, help="only the first N examples")
+    parser.add_argument("--limit", type=int, help="only the first N examples; unset: all")
     parser.add_argument("--batch-size", type=int, default=16,
-                        help="examples per forward pass (4 rows each; logits only at the ending tokens)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+                        help="examples per forward pass (4 rows each; logits only at the ending "
+                             "tokens)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                        help="where to score; under torchrun each rank takes its own GPU")
     parser.add_argument("--fp32", action="store_true",
-                        help="on CUDA, score in fp32 without TF32 (default: bf16 autocast and TF32, as in training)")
+                        help="on CUDA, score in fp32 without TF32 (default: bf16 autocast and "
+                             "TF32, as in training)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -217,52 +232,40 @@ def main(argv=None):
         parser.error(f"checkpoint not found: {args.checkpoint}")
 
     try:
-        device = pick_device(args.device)
+        # the precision training evaluates in: bf16 autocast and TF32 on CUDA, unless --fp32
+        rank, world, device = devices.setup(args.device, "fp32" if args.fp32 else "bf16")
     except ValueError as e:
         parser.error(str(e))
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
-    rank = int(os.environ["RANK"]) if ddp else 0
-    if ddp:
-        if device == "cuda":
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     try:
-        ckpt = read_checkpoint(args.checkpoint, device) if args.checkpoint is not None else None
-        if ckpt is not None and checkpoint_meta(ckpt)["tokenizer"] != "gpt2":  # before any download
-            raise ValueError(f"{args.checkpoint} was trained with the {checkpoint_meta(ckpt)['tokenizer']} tokenizer; "
-                             "HellaSwag scores endings as GPT-2 tokens: it needs a GPT-2 checkpoint")
-        # rank 0 downloads alone; the others wait, then find the verified file in the cache
-        if ddp and rank != 0:
-            dist.barrier()
-        examples = load_examples(args.split, args.data_file, args.limit)
-        if ddp and rank == 0:
-            dist.barrier()
-        if args.checkpoint is not None:
-            model, plan = checkpoint_model(ckpt, device)
+        ckpt = runfolder.read(args.checkpoint, device) if args.checkpoint is not None else None
+        if ckpt is not None and ckpt["tokenizer"]["tokenizer"] != "gpt2":  # before any download
+            raise ValueError(f"{args.checkpoint} was trained with the "
+                             f"{ckpt['tokenizer']['tokenizer']} tokenizer; HellaSwag scores "
+                             "endings as GPT-2 tokens: it needs a GPT-2 checkpoint")
+        examples = load_on_ranks(rank, world, args.split, args.data_file, args.limit)
+        if ckpt is not None:
+            model, plan = runfolder.load_model(ckpt, device)
         else:
             model, plan = GPT.from_pretrained(args.model).to(device), None
         t0 = time.time()
-        low_precision = device.startswith("cuda") and not args.fp32  # the precision training evaluates in
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = low_precision
+        bf16 = device.type == "cuda" and not args.fp32
         result = evaluate(model, examples, device, plan, args.batch_size,
-                          autocast_dtype=torch.bfloat16 if low_precision else None, progress=True)
+                          autocast_dtype=torch.bfloat16 if bf16 else None, progress=True)
         result["examples_per_s"] = result["n"] / (time.time() - t0)
         # the split the data says it is (a --data-file may hold any), else the flag's
         result["split"] = "+".join(sorted({ex["split"] or args.split for ex in examples}))
-    except (DataError, ValueError) as e:  # a missing or malformed file, a failed download, a bad checkpoint
+    except (DataError, ValueError) as e:  # a missing or bad file, a failed download, a checkpoint
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if ddp:
-            dist.destroy_process_group()
+        devices.teardown()
     if rank != 0:
         return
     if args.json:
         print(json.dumps(dict(result, scoring=SCORING_TAG)))
     else:
-        print(f"hellaswag {result['split']}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
-              f"n {result['n']}  {result['examples_per_s']:.1f} examples/s")
+        print(f"hellaswag {result['split']}: acc {result['acc']:.4f}  acc_norm "
+              f"{result['acc_norm']:.4f}  n {result['n']}  {result['examples_per_s']:.1f} examples/s")
         print(f"({SCORING})")
 
 

@@ -11,7 +11,6 @@ A run is labelled by its folder name (--labels a,b,... overrides); the run label
 the reference for the table's budget columns. A study's runs are labelled by their regime folder,
 and its table gives each regime's mean ± sd over seeds. matplotlib is needed only for the figures.
 """
-import argparse
 import json
 import math
 import os
@@ -19,6 +18,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from config import Parser
 
 EMA = 0.9  # per-step loss is noisy; this smooths over ~10 steps, light next to a run's thousands
 STEP_FIELDS = ("step", "loss", "flops", "dt")  # what the figure and table read from a step record
@@ -392,7 +393,7 @@ def write_study(folder):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("logs", nargs="*", metavar="LOG", help="a run folder or its log.jsonl")
     p.add_argument("--study", metavar="DIR", help="a study folder (REGIME/seedN runs, sweep.py's): one line and "
                    "band per regime in the figure, mean ± sd per regime in the table")
@@ -400,7 +401,6 @@ def parse_args(argv=None):
     p.add_argument("--x", choices=["flops", "step"], default="flops", help="the x axis of every panel")
     p.add_argument("--labels", help="comma-separated run labels (default: the folder names)")
     p.add_argument("--table", action="store_true", help="print a markdown table of the results")
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
     args = p.parse_args(argv)
     if bool(args.logs) == bool(args.study):
         p.error("give run logs or --study DIR, one of them")

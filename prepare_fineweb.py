@@ -7,16 +7,10 @@ Prepare GPT-2 token shards for nanogrow training.
     python prepare_fineweb.py --text my.txt        # any local UTF-8 text file
     python prepare_fineweb.py --text my.txt --tokenizer char   # ... one token a character
 
-Shards use llm.c's format: a header of 256 int32 (magic, version, token count, zeros), then the
-tokens as uint16. The first shard of a dataset is the val split: {name}_val_000000.bin, the rest
-are {name}_train_000001.bin, {name}_train_000002.bin, ...
-A folder made from --text also holds meta.json, the tokenizer its shards were made with (gpt2, byte
-or char, its vocab_size, and for char its characters): train.py sizes the model's vocabulary from
-it, and a checkpoint keeps it for sample.py. A folder without meta.json is GPT-2's (llm.c's shards).
+The shards and meta.json are data.py's format: a folder made from --text records its tokenizer.
 The hub address comes from $HF_ENDPOINT when set, else https://huggingface.co.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,14 +24,11 @@ from urllib.parse import quote, urljoin
 
 import numpy as np
 import requests
-import tiktoken
 from tqdm import tqdm
 
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-EOT = 50256  # GPT-2's <|endoftext|>, placed before every document
+from config import Parser
+from data import (EOT, TOKENIZERS, DataError, read_meta, read_shard, shard_name, shards_ok, text_meta,
+                  tokenizer, gpt2_encoding, write_meta, write_shard)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TOKENS_REPO = "kjj0/finewebedu10B-gpt2"
@@ -51,10 +42,6 @@ SHARD_BYTES_PER_PARQUET_BYTE = 0.7
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
-class DataError(RuntimeError):
-    """A problem the user can fix (disk too small, pyarrow missing, a failed download): one line, no traceback."""
-
-
 class DownloadError(DataError):
     """A download failed for good: a 4xx answer, retries spent, or a file that does not verify."""
 
@@ -64,88 +51,6 @@ class _Transient(Exception):
 
 
 _RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Transient)
-
-# -----------------------------------------------------------------------------
-# the shard format
-
-
-def shard_name(name, index):
-    split = "val" if index == 0 else "train"
-    return f"{name}_{split}_{index:06d}.bin"
-
-
-def write_shard(path, tokens):
-    path = Path(path)
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ValueError(f"{path}: tokens must lie in [0, 65536) to fit in uint16")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
-    # write beside the target, then rename: a crash never leaves a half-written shard under the real name
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
-        header.tofile(f)
-        tokens.astype("<u2", copy=False).tofile(f)
-    os.replace(tmp, path)
-
-
-def read_shard(path):
-    path = Path(path)
-    fix = "delete it and re-run prepare_fineweb.py"
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
-        raise ValueError(f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header; {fix}")
-    with open(path, "rb") as f:
-        magic, version, count = np.frombuffer(f.read(12), dtype="<i4").tolist()
-    if magic != MAGIC:
-        raise ValueError(f"{path}: bad magic {magic}, expected {MAGIC} (not a token shard?); {fix}")
-    if version != VERSION:
-        raise ValueError(f"{path}: unsupported version {version}, expected {VERSION}; {fix}")
-    if size != HEADER_BYTES + 2 * count:
-        raise ValueError(f"{path}: header says {count} tokens ({HEADER_BYTES + 2 * count} bytes) "
-                         f"but the file is {size} bytes; {fix}")
-    if count == 0:
-        return np.zeros(0, dtype=np.uint16)  # mmap cannot map zero bytes
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
-
-
-def write_meta(out_dir, meta):
-    """Write meta.json beside the shards, atomically as the shards are."""
-    path = Path(out_dir) / "meta.json"
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def read_meta(data_dir):
-    """The tokenizer meta of a shard folder: its meta.json, or GPT-2's where there is none."""
-    path = Path(data_dir) / "meta.json"
-    if not path.exists():
-        return dict(GPT2_META)
-    try:
-        meta = json.loads(path.read_text())
-        tokenizer(meta)  # checks the fields
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path} is not a tokenizer record ({type(e).__name__}: {e}): "
-                        "delete the folder and re-run prepare_fineweb.py") from None
-    return meta
-
-
-def checkpoint_meta(ckpt):
-    """The tokenizer meta a train.py checkpoint was trained with; checkpoints from before it was
-    saved there are GPT-2's."""
-    return ckpt.get("tokenizer") or dict(GPT2_META)
-
-
-def _shards_ok(paths):
-    try:
-        for p in paths:
-            read_shard(p)
-    except (OSError, ValueError):
-        return False
-    return True
 
 # -----------------------------------------------------------------------------
 # downloading
@@ -276,90 +181,6 @@ def fetch_files(endpoint, repo, revision, entries, dest_dir, *, extra_bytes=0):
 # tokenizing
 
 
-def gpt2_encoding():
-    """tiktoken's GPT-2 encoding. tiktoken downloads its two BPE files on first use and caches them
-    in $TIKTOKEN_CACHE_DIR (or a temp folder); offline, say which files and where they go."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except (requests.RequestException, OSError, ValueError) as e:
-        raise DataError(f"tiktoken could not load GPT-2's BPE files (vocab.bpe, encoder.json: "
-                        f"{type(e).__name__}); offline, copy tiktoken's cache of them from a machine with internet "
-                        "and point TIKTOKEN_CACHE_DIR at it") from None
-
-
-GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257}
-TOKENIZERS = ("gpt2", "byte", "char")
-
-
-class GPT2Tokenizer:
-    """tiktoken's GPT-2 BPE; documents are separated by <|endoftext|>."""
-    name, vocab_size, eot = "gpt2", 50257, EOT
-
-    def __init__(self):
-        self.enc = gpt2_encoding()
-
-    def encode(self, text):
-        return self.enc.encode_ordinary(text)
-
-    def decode(self, ids):
-        return self.enc.decode(ids)
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte: any text, vocabulary 256. No end-of-text token: a single text file
-    is one document. decode replaces bytes cut mid-character (a sample may stop inside one)."""
-    name, vocab_size, eot = "byte", 256, None
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-class CharTokenizer:
-    """One token per character of a fixed list (nanoGPT's shakespeare_char): id i is chars[i]."""
-    name, eot = "char", None
-
-    def __init__(self, chars):
-        self.chars, self.vocab_size = chars, len(chars)
-        self.ids = {c: i for i, c in enumerate(chars)}
-
-    def encode(self, text):
-        try:
-            return [self.ids[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in this char tokenizer's {self.vocab_size} "
-                             "characters (those of the text it was made from)") from None
-
-    def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
-
-
-def tokenizer(meta):
-    """The tokenizer a meta record (read_meta, or a checkpoint's "tokenizer") names."""
-    name = meta["tokenizer"]
-    if name == "gpt2":
-        return GPT2Tokenizer()
-    if name == "byte":
-        return ByteTokenizer()
-    if name == "char":
-        chars = meta["chars"]
-        if not isinstance(chars, str) or len(set(chars)) != len(chars) or meta["vocab_size"] != len(chars):
-            raise ValueError("char needs 'chars', a string of distinct characters, as many as vocab_size")
-        return CharTokenizer(chars)
-    raise ValueError(f"unknown tokenizer {name!r}: use one of {', '.join(TOKENIZERS)}")
-
-
-def text_meta(name, text):
-    """The meta record of tokenizer `name` for this text: char's characters are the text's own,
-    sorted, so the same file always gives the same ids."""
-    if name == "char":
-        chars = "".join(sorted(set(text)))
-        return {"tokenizer": "char", "vocab_size": len(chars), "chars": chars}
-    return GPT2_META if name == "gpt2" else {"tokenizer": "byte", "vocab_size": 256}
-
-
 # A newline between two non-space characters: GPT-2's pre-tokenizer always splits around it (a
 # token never spans it, nor does a run of whitespace), so the text may be cut after it.
 SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
@@ -413,7 +234,7 @@ def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE
     """Make sure data_dir holds Tiny Shakespeare's shards made with tokenizer_name, downloading
     input.txt if it is not there."""
     data_dir = Path(data_dir)
-    if (_shards_ok([data_dir / shard_name("tinyshakespeare", i) for i in (0, 1)])
+    if (shards_ok([data_dir / shard_name("tinyshakespeare", i) for i in (0, 1)])
             and read_meta(data_dir)["tokenizer"] == tokenizer_name):
         return data_dir
     text = data_dir / "input.txt"
@@ -522,7 +343,7 @@ def prepare_parquet(out_dir, endpoint, shard_size=100_000_000, workers=None):
     if record.exists():
         done = json.loads(record.read_text())
         paths = [out_dir / n for n in done["shards"]]
-        if done["shard_size"] == shard_size and _shards_ok(paths):
+        if done["shard_size"] == shard_size and shards_ok(paths):
             print(f"{out_dir} already holds the tokenized shards")
             return paths
     _require_pyarrow()
@@ -544,8 +365,7 @@ def prepare_parquet(out_dir, endpoint, shard_size=100_000_000, workers=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage dump
+    parser = Parser(__doc__)
     parser.add_argument("--source", choices=["tokens", "parquet"], default=None,
                         help="tokens: download pre-tokenized shards; parquet: download text and tokenize it here")
     parser.add_argument("--shards", type=int, default=TOKENS_TRAIN_SHARDS,

@@ -8,14 +8,15 @@ The model runs along the checkpoint's own eval plan (shared depths, MSG's gates)
 or mid-growth checkpoint writes as it was evaluated. A generator seeded with --seed draws the tokens:
 the same seed gives the same text (on the same device). train.py --sample-every calls sample() too.
 """
-import argparse
 import sys
 
 import torch
 from torch.nn import functional as F
 
-from model import autocast, checkpoint_model, pick_device, read_checkpoint
-from prepare_fineweb import DataError, checkpoint_meta, tokenizer
+import runfolder
+from config import Parser
+from data import DataError, tokenizer
+from devices import autocast, pick_device
 
 # build-nanogpt's: four continuations of this prompt (32 tokens in all there), top-50 at temperature 1
 DEFAULTS = dict(prompt="Hello, I'm a language model,", num_samples=4, max_new_tokens=32, top_k=50,
@@ -40,7 +41,7 @@ def generate(model, idx, max_new_tokens, top_k, temperature, gen, plan=None, voc
 def sample(model, enc, prompt, num_samples, max_new_tokens, top_k, temperature, seed, device, plan=None):
     """num_samples texts, each the prompt and max_new_tokens tokens after it (generate), drawn by a
     generator of their own seeded with `seed`: the global RNG is left alone, and the model's
-    train/eval mode is kept. enc: a prepare_fineweb tokenizer."""
+    train/eval mode is kept. enc: a data.py tokenizer."""
     start = enc.encode(prompt) or ([] if enc.eot is None else [enc.eot])  # no prompt: a new document
     if not start:
         raise ValueError(f"--prompt '': the {enc.name} tokenizer has no end-of-text token to start a new "
@@ -66,22 +67,26 @@ def check(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--checkpoint", default="out/ckpt.pt", help="a train.py checkpoint")
     p.add_argument("--prompt", default=DEFAULTS["prompt"], help="'' starts a new document")
-    p.add_argument("--num-samples", type=int, default=DEFAULTS["num_samples"])
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
-    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"])
-    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"])
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--num-samples", type=int, default=DEFAULTS["num_samples"],
+                   help="texts to write")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"],
+                   help="tokens after the prompt")
+    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"],
+                   help="draw from the k most likely next tokens")
+    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"],
+                   help="divides the logits: below 1 sharper, above 1 flatter")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seeds the draws")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     args = p.parse_args(argv)
     try:
         check(args)
         device = pick_device(args.device)
-        ckpt = read_checkpoint(args.checkpoint, device)
-        model, plan = checkpoint_model(ckpt, device)
-        enc = tokenizer(checkpoint_meta(ckpt))  # the tokenizer the model was trained with
+        ckpt = runfolder.read(args.checkpoint, device)
+        model, plan = runfolder.load_model(ckpt, device)
+        enc = tokenizer(ckpt["tokenizer"])  # the tokenizer the model was trained with
         texts = sample(model, enc, args.prompt, args.num_samples, args.max_new_tokens,
                        args.top_k, args.temperature, args.seed, device, plan)
     except (ValueError, FileNotFoundError, DataError) as e:

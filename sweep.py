@@ -20,7 +20,6 @@ passes it on: the runs in flight save a checkpoint and stop): finished runs are 
 a checkpoint resumed, the rest started; nothing is deleted. A failed run is reported and the
 sweep goes on; it exits 1 at the end if any failed.
 """
-import argparse
 import os
 import signal
 import subprocess
@@ -30,8 +29,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import config
 import plot
-import train
+from config import Parser
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,8 +62,7 @@ def parse_args(argv=None):
     """(sweep's arguments, the train.py flags after `--`)."""
     argv = sys.argv[1:] if argv is None else argv
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage dump
+    p = Parser(__doc__)
     p.add_argument("--regimes", required=True, help=f"comma-separated, of: {', '.join(REGIMES)}")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated whole numbers")
     p.add_argument("--out", required=True, help="the study's folder: OUT/REGIME/seedN per run")
@@ -100,7 +99,7 @@ def train_flags(regime, seed, extra):
     sweep's evaluation defaults where the user set none. Parsing them with train.py's parser
     checks them (a ValueError or SystemExit(2) before any run starts) and gives the run's length."""
     flags = [*REGIMES[regime], *extra, "--seed", str(seed)]
-    max_steps = train.parse_args(flags).max_steps
+    max_steps = config.parse_args(flags).max_steps
     if not given(extra, "--val-tokens"):
         flags += ["--val-tokens", "0"]  # the whole validation split
     if not given(extra, "--eval-every"):

@@ -20,6 +20,7 @@ import time
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,13 +47,18 @@ import grow  # noqa: E402
 import plot  # noqa: E402
 from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate, load_examples,  # noqa: E402
                        main as hs_main, predict, render, score_batch)
+import data as data_mod  # noqa: E402
 import prepare_fineweb as pf  # noqa: E402
 import sweep  # noqa: E402
 import train  # noqa: E402
 from cost import incremental_report, main as cost_main, paper_closed_form, per_layer_phases  # noqa: E402
 from model import (GPT, GPTConfig, Plan, blocks_share, convert_hf_state_dict, full_step_flops,  # noqa: E402
-                   linear_cross_entropy, load_model, peak_flops as model_peak, step_flops)
-from prepare_fineweb import DataError, DownloadError  # noqa: E402
+                   peak_flops as model_peak, step_flops)
+from fused_loss import FusedLoss, linear_cross_entropy  # noqa: E402
+import config  # noqa: E402
+import runfolder  # noqa: E402
+from data import DataError  # noqa: E402
+from prepare_fineweb import DownloadError  # noqa: E402
 from export import main as export_main  # noqa: E402
 from sample import DEFAULTS as SAMPLE_DEFAULTS, generate, main as sample_main, sample  # noqa: E402
 
@@ -70,21 +76,26 @@ def tokens(seed, n, vocab=512):
 
 def incremental_schedule(L, S, steps, mode="freeze", **options):
     """The Schedule train.py runs for --stages S over `steps` incremental steps (then continual)."""
-    opts = grow.regime_options("incremental", 0, stages=S, phase1_mode=mode, **options)
-    return grow.build_schedule("incremental", L, 2 * steps, steps, 0, **opts)
+    return config.resolve(dict(n_layer=L, max_steps=2 * steps, inc_steps=steps, seed=0, warmup=0,
+                               stages=S, phase1_mode=mode, **options)).build_schedule()
 
 
 def growth_schedule(regime, L=12, steps=100, warmup=10, **given):
-    opts = grow.regime_options(regime, warmup, **given)
-    return grow.build_schedule(regime, L, steps, steps, 0, **opts)
+    return config.resolve(dict(regime=regime, n_layer=L, max_steps=steps, inc_steps=steps, seed=0,
+                               warmup=warmup, **given)).build_schedule()
+
+
+def load_model(path):
+    """The GPT and eval Plan of the checkpoint at path, as sample.py and export.py load them."""
+    return runfolder.load_model(runfolder.read(path))
 
 
 def make_shards(folder, n_train=2, train_len=4097, val_len=2049, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    pf.write_shard(folder / "toy_val_000000.bin", rng.integers(0, 512, val_len))
+    data_mod.write_shard(folder / "toy_val_000000.bin", rng.integers(0, 512, val_len))
     for i in range(n_train):
-        pf.write_shard(folder / f"toy_train_{i + 1:06d}.bin", rng.integers(0, 512, train_len))
+        data_mod.write_shard(folder / f"toy_train_{i + 1:06d}.bin", rng.integers(0, 512, train_len))
     return folder
 
 
@@ -303,8 +314,8 @@ def loss_and_grads(model, loss_fn):
 
 
 def fused_loss(model, x, y, chunk):
-    """The loss as forward computes it where fuses_loss says so, at any chunk size."""
-    return linear_cross_entropy(model.hidden(x).flatten(0, 1), model.lm_head.weight, y.flatten(), chunk)
+    """The loss as FusedLoss computes it (on CUDA and under --compile), at any chunk size."""
+    return FusedLoss(model, chunk=chunk)(x, y)[1]
 
 
 def test_model_fused_loss_and_gradients_equal_eager_at_any_chunk():
@@ -350,25 +361,31 @@ def test_model_fused_loss_keeps_the_heads_three_matmuls():
     assert counts == [3 * 2 * N * C * V] * 2
 
 
-def test_model_compile_blocks_fuses_the_loss():
-    """The switch: eager on the CPU, bit for bit as F.cross_entropy over the whole head; fused on
-    CUDA and under compile_blocks, there with the per-chunk step compiled too."""
-    cfg = GPTConfig(block_size=32, vocab_size=512, n_layer=1, n_head=2, n_embd=32)  # one block: compiles fast
+def test_model_returns_logits_in_every_mode_and_training_fuses_the_loss_where_it_should(data):
+    """model(x, y) is (logits, loss) eagerly and after compile_blocks, bit for bit as
+    F.cross_entropy over the whole head; train.build_model trains through GPT's own loss on a CPU
+    and through FusedLoss (no logits, the per-chunk step compiled) under --compile."""
+    cfg = GPTConfig(block_size=32, vocab_size=512, n_layer=1, n_head=2, n_embd=32)  # compiles fast
     eager, compiled = small_model(cfg=cfg), small_model(cfg=cfg)
     compiled.compile_blocks()
-    assert not eager.fuses_loss(torch.device("cpu")) and eager.fuses_loss(torch.device("cuda"))
-    assert compiled.fuses_loss(torch.device("cpu"))
     x, y = tokens(0, 29), tokens(1, 29)
-    logits, loss = eager(x, y)
-    assert torch.equal(loss, F.cross_entropy(eager.lm_head(eager.hidden(x)).flatten(0, 1), y.flatten()))
-    assert compiled(x, y)[0] is None  # the fused loss never holds the whole logits
-    want_loss, want = loss_and_grads(eager, lambda: eager(x, y)[1])
-    loss, got = loss_and_grads(compiled, lambda: compiled(x, y)[1])
+    for model in (eager, compiled):
+        logits, loss = model(x, y)
+        assert logits.shape == (2, 29, 512)
+        assert torch.equal(loss, F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+    torch.testing.assert_close(compiled(x, y)[0], eager(x, y)[0], rtol=1e-5, atol=1e-6)
+    flags = dict(n_layer=1, n_head=2, n_embd=32, seq_len=32, data_dir=str(data))
+    model, loss_model = train.build_model(config.resolve(flags), torch.device("cpu"))
+    assert loss_model is model
+    model, loss_model = train.build_model(config.resolve({**flags, "compile": True}),
+                                          torch.device("cpu"))
+    assert isinstance(loss_model, FusedLoss) and loss_model.compiled_step is not None
+    assert loss_model(x, y)[0] is None  # the fused loss never holds the whole logits
+    want_loss, want = loss_and_grads(model, lambda: F.cross_entropy(
+        model.lm_head(model.hidden(x)).flatten(0, 1), y.flatten()))
+    loss, got = loss_and_grads(model, lambda: loss_model(x, y)[1])
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
-    compiled.eval()  # evaluation (val_loss): uncompiled blocks and step, the loss alone
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x, y)[1], want_loss, rtol=1e-6, atol=0)
 
 
 def test_model_import_graph_runs_one_way():
@@ -404,12 +421,12 @@ def test_baseline_loader_two_ranks_read_every_token_once(tmp_path):
     folder = tmp_path / "d"
     folder.mkdir()
     # token values are their own positions, so we can see which were read
-    pf.write_shard(folder / "a_train_000001.bin", np.arange(0, 1025))
-    pf.write_shard(folder / "a_train_000002.bin", np.arange(2000, 3025))
+    data_mod.write_shard(folder / "a_train_000001.bin", np.arange(0, 1025))
+    data_mod.write_shard(folder / "a_train_000002.bin", np.arange(2000, 3025))
     files, _ = sorted(folder.glob("*train*")), None
     B, T = 2, 64
     seen = []
-    loaders = [train.ShardLoader(files, B, T, rank, 2, seed=3) for rank in range(2)]
+    loaders = [data_mod.ShardLoader(files, B, T, rank, 2, seed=3) for rank in range(2)]
     for _ in range(8):  # 1024 inputs per shard / (2·64·2) = 4 windows per shard
         for ld in loaders:
             x, y = ld.next_batch()
@@ -427,16 +444,16 @@ def test_baseline_loader_two_ranks_read_every_token_once(tmp_path):
 
 def test_baseline_loader_refuses_bad_shards(tmp_path):
     bad = tmp_path / "x_train_000001.bin"
-    pf.write_shard(bad, np.arange(100))
+    data_mod.write_shard(bad, np.arange(100))
     raw = bytearray(bad.read_bytes())
     raw[0] = 7  # break the magic number
     bad.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="x_train_000001.bin"):
-        train.ShardLoader([bad], 2, 8, 0, 1, 0).next_batch()
+        data_mod.ShardLoader([bad], 2, 8, 0, 1, 0).next_batch()
     small = tmp_path / "y_train_000001.bin"
-    pf.write_shard(small, np.arange(10))
+    data_mod.write_shard(small, np.arange(10))
     with pytest.raises(ValueError, match="fewer than one window"):
-        train.ShardLoader([small], 2, 8, 0, 1, 0).next_batch()
+        data_mod.ShardLoader([small], 2, 8, 0, 1, 0).next_batch()
 
 
 def test_baseline_run_learns_and_logs(tmp_path, data):
@@ -497,7 +514,7 @@ def test_baseline_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
     assert "no train and val shards" in error_of(data_dir=tmp_path / "empty")
     assert "--total-batch 250 must be a multiple" in error_of("--total-batch", "250")
     assert "no checkpoint" in error_of("--resume")
-    assert "exceeds the 4 layers" in error_of("--stages", "5")
+    assert "--stages 5: use 1 to 4" in error_of("--stages", "5")
     assert "exceeds --max-steps" in error_of("--stages", "2", "--inc-steps", "20", "--max-steps", "10")
     assert "phase would be empty" in error_of("--stages", "4", "--inc-steps", "4", "--max-steps", "10")
     assert "must end at the model's 4 layers" in error_of("--regime", "apollo", "--grow-layers", "1,2", "--grow-at", "0.5")
@@ -523,10 +540,10 @@ def test_baseline_val_tokens_zero_is_the_whole_split(data):
     """The val shard holds 2049 tokens: 2048 (+1 for the targets) fill 16 batches of 4 x 32; 2 x 32
     batches of 64 tokens fit 32 times; a batch longer than the split is refused in one line."""
     val = [data / "toy_val_000000.bin"]
-    assert len(train.ValSet(val, 0, 4, 32)) == 16 and len(train.ValSet(val, 0, 2, 32)) == 32
-    assert len(train.ValSet(val, 256, 4, 32)) == 2
+    assert len(data_mod.ValSet(val, 0, 4, 32)) == 16 and len(data_mod.ValSet(val, 0, 2, 32)) == 32
+    assert len(data_mod.ValSet(val, 256, 4, 32)) == 2
     with pytest.raises(ValueError, match=r"the validation split \(2048 tokens\) is less than one batch"):
-        train.ValSet(val, 0, 4, 1024)
+        data_mod.ValSet(val, 0, 4, 1024)
 
 
 INT_FLAGS = ["--n-layer", "--n-head", "--n-embd", "--batch-size", "--seq-len", "--total-batch", "--max-steps",
@@ -679,7 +696,7 @@ def test_baseline_checkpoint_write_failure_keeps_the_last_good_one(tmp_path, dat
         raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
                            "data/3: file write failed")
 
-    monkeypatch.setattr(train.torch, "save", full_disk)
+    monkeypatch.setattr(runfolder.torch, "save", full_disk)
     err = train_error(tmp_path, data, capsys, "--max-steps", "4", "--resume", out=".")
     assert "could not write" in err and "the previous checkpoint is intact" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == before
@@ -752,11 +769,11 @@ def test_baseline_char_preset_makes_its_data_and_its_blocks_are_the_flops(tmp_pa
     train.main(["--preset", "char", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
                 "--batch-size", "4", "--total-batch", "128", "--val-tokens", "256", "--max-steps", "1",
                 "--device", "cpu", "--out", "out"])
-    assert pf.read_meta("data/shakespeare_char")["vocab_size"] == 65  # nanoGPT's 65 characters
+    assert data_mod.read_meta("data/shakespeare_char")["vocab_size"] == 65  # nanoGPT's 65 characters
     assert torch.load("out/ckpt.pt", weights_only=True)["model_config"]["vocab_size"] == 65
     assert "vocabulary 65 char" in capsys.readouterr().out
-    args = train.parse_args(["--preset", "char"])
-    cfg = train.model_config(args)
+    args = config.parse_args(["--preset", "char"])
+    cfg = args.model_config()
     assert (cfg.n_layer, cfg.vocab_size, args.seq_len, args.hellaswag_every) == (12, 65, 64, 0)
     assert blocks_share(cfg, args.seq_len) >= 0.95
     cost_main(["--split", "--n-embd", str(cfg.n_embd), "--vocab", "65", "--seq-len", str(args.seq_len)])
@@ -840,31 +857,39 @@ def test_incremental_enter_stage_grows_resets_and_sets_what_trains():
     schedule = incremental_schedule(4, 2, 8, grow_op="copy-top", continual_optimizer="fresh")
     model = small_model()
     opt = model.configure_optimizer(1e-3, 0.1)
-    fresh, wrapped = [], []
-    new_optimizer = lambda: fresh.append(model.configure_optimizer(1e-3, 0.1)) or fresh[-1]  # noqa: E731
-    wrap = lambda m: wrapped.append(m) or m  # noqa: E731
+    fresh = []
+    run = SimpleNamespace(schedule=schedule, model=model, loss_model=model, world=1,
+                          device=torch.device("cpu"),
+                          new_optimizer=lambda: fresh.append(model.configure_optimizer(1e-3, 0.1))
+                          or fresh[-1])
+    state = runfolder.RunState()
+    sp = schedule.step_plan(0)
+    opt, wrapped, trains = enter_stage_and_check(run, opt, state, sp, None)
+    assert wrapped is model and trains == (sp.trainable, 0) and not fresh
+    assert train.enter_stage(run, opt, state, schedule.step_plan(1), trains) is None  # no change
     sp = schedule.step_plan(4)  # stage 2, phase 1: only the new blocks train
     assert (sp.stage, sp.phase, sp.trainable) == (2, 1, (2, 3))
     block1 = {k: v.clone() for k, v in model.transformer.h[1].state_dict().items()}
-    opt2, out = enter_stage_and_check(model, opt, schedule, 1, sp, new_optimizer, wrap)
-    assert opt2 is opt and not fresh and out is model and wrapped == [model]  # growth keeps AdamW
+    opt2, out, trains = enter_stage_and_check(run, opt, state, sp, trains)
+    assert opt2 is opt and not fresh and out is model and state.entered == 2  # growth keeps AdamW
     for k, v in model.transformer.h[3].state_dict().items():  # copy-top: block 3 copies block 1
         assert torch.equal(v, block1[k])
     assert [b.c_attn.weight.requires_grad for b in (h.attn for h in model.transformer.h)] == [False, False, True, True]
     sp = schedule.step_plan(8)  # continual training: every block, a fresh AdamW as asked
     assert (sp.stage, sp.trainable) == (3, (0, 1, 2, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt3, _ = enter_stage_and_check(model, opt2, schedule, 2, sp, new_optimizer, wrap)
-    assert opt3 is fresh[0] and len(wrapped) == 2
+    opt3, _, _ = enter_stage_and_check(run, opt2, state, sp, trains)
+    assert opt3 is fresh[0] and state.entered == 3
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # 4 -> 4 blocks: no growth
     assert all(p.requires_grad for p in model.parameters())
 
 
-def enter_stage_and_check(model, opt, schedule, entered, sp, new_optimizer, wrap):
-    opt, wrapped = train.enter_stage(model, opt, schedule, entered, sp, new_optimizer, wrap)
+def enter_stage_and_check(run, opt, state, sp, trains):
+    entered = train.enter_stage(run, opt, state, sp, trains)
+    model = run.model
     trainable = {i for i, b in enumerate(model.transformer.h) if all(p.requires_grad for p in b.parameters())}
     assert trainable == set(sp.trainable)
-    return opt, wrapped
+    return entered
 
 
 def test_incremental_startup_summary_matches_the_run(tmp_path, data, capsys):
@@ -1083,7 +1108,7 @@ def test_late_expansion_zero_blocks_forward_and_flops():
 def test_late_expansion_boundary_and_flops_column_match_the_cost_model(tmp_path, data):
     late = growth_schedule("late", L=4, steps=10)
     assert [(s.start, s.layers, s.grow_op) for s in late.stages] == [(0, 0, "random"), (8, 4, "random")]
-    assert grow.training_defaults("late") == {"schedule": "wsd"}
+    assert config.resolve({"regime": "late"}).schedule == "wsd"  # the regime's own LR schedule
     steps, _ = run_train(tmp_path, data, "--regime", "late", "--max-steps", "10", "--warmup", "2")
     assert [r["unique_layers"] for r in steps] == [0] * 8 + [4] * 2
     assert all(r["depth"] == [r["unique_layers"]] * 2 for r in steps)
@@ -1111,8 +1136,6 @@ def test_growth_regimes_are_data_and_stages_carry_their_boundary_actions():
     assert [s.layers for s in growth_schedule("apollo", L=4).stages] == [1, 2, 4]  # 1,1,2,4 merged
     inc = incremental_schedule(12, 4, 100, growth_optimizer="fresh")
     assert [s.optimizer for s in inc.stages] == ["keep", "fresh", "fresh", "fresh", "keep"]  # continual: keep
-    assert grow.misplaced("apollo", {"stages", "lr"}) == ["stages"]
-    assert grow.misplaced("incremental", {"grow_at"}) == ["grow_at"]
 
 
 def test_msg_gates_ramp_and_reach_every_evaluation(tmp_path, data):
@@ -1126,7 +1149,7 @@ def test_msg_gates_ramp_and_reach_every_evaluation(tmp_path, data):
                              "--grow-at", "0.25,0.5", "--msg-ramp", "8", "--ckpt-every", "6")
     model, plan = load_model(tmp_path / "ckpt.pt")  # saved at step 12, mid-ramp: the gates come along
     assert plan == Plan((0, 1, 2, 3), 0, (1.0, 1.0, 0.75, 0.75))
-    val = train.ValSet(sorted(data.glob("*val*")), 256, 4, 32)
+    val = data_mod.ValSet(sorted(data.glob("*val*")), 256, 4, 32)
     assert train.val_loss(model, val, plan, 0, 1, torch.device("cpu")) == evals[-1]["val_loss"]
 
 
@@ -1230,7 +1253,7 @@ def serve_repo(hub, repo, revision, folder, files, page_size=2):
 
 
 def shard_bytes(tmp_path, tokens):
-    pf.write_shard(tmp_path / "x.bin", tokens)
+    data_mod.write_shard(tmp_path / "x.bin", tokens)
     return (tmp_path / "x.bin").read_bytes()
 
 
@@ -1240,14 +1263,14 @@ def leftovers(folder):
 
 def test_data_shard_roundtrip(tmp_path):
     tokens = np.array([0, 1, 50256, 65535], dtype=np.int64)
-    pf.write_shard(tmp_path / "a.bin", tokens)
+    data_mod.write_shard(tmp_path / "a.bin", tokens)
     assert (tmp_path / "a.bin").stat().st_size == 1024 + 2 * 4
-    assert np.array_equal(pf.read_shard(tmp_path / "a.bin"), tokens)
-    pf.write_shard(tmp_path / "empty.bin", [])
-    assert len(pf.read_shard(tmp_path / "empty.bin")) == 0
+    assert np.array_equal(data_mod.read_shard(tmp_path / "a.bin"), tokens)
+    data_mod.write_shard(tmp_path / "empty.bin", [])
+    assert len(data_mod.read_shard(tmp_path / "empty.bin")) == 0
     assert leftovers(tmp_path) == []
     with pytest.raises(ValueError):
-        pf.write_shard(tmp_path / "b.bin", [65536])
+        data_mod.write_shard(tmp_path / "b.bin", [65536])
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -1261,7 +1284,7 @@ def test_data_read_shard_errors(tmp_path, damage, message):
     bad = tmp_path / "bad.bin"
     bad.write_bytes(damage(good))
     with pytest.raises(ValueError) as e:
-        pf.read_shard(bad)
+        data_mod.read_shard(bad)
     msg = str(e.value)
     assert message in msg and str(bad) in msg and "re-run prepare_fineweb.py" in msg and "\n" not in msg
 
@@ -1311,7 +1334,7 @@ def test_data_download_404_and_dead_server(hub, tmp_path):
 
 
 def test_data_tokens_source(hub, tmp_path, monkeypatch, capsys):
-    files = {pf.shard_name("finewebedu", i): shard_bytes(tmp_path, np.arange(100 * i, 100 * i + 50 + i))
+    files = {data_mod.shard_name("finewebedu", i): shard_bytes(tmp_path, np.arange(100 * i, 100 * i + 50 + i))
              for i in range(4)}
     files[".gitattributes"] = b"*.bin filter=lfs\n"
     serve_repo(hub, pf.TOKENS_REPO, "main", "", files)
@@ -1319,9 +1342,9 @@ def test_data_tokens_source(hub, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert pf.main(["--source", "tokens", "--shards", "2", "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(pf.shard_name("finewebedu", i) for i in range(3))
+    assert names == sorted(data_mod.shard_name("finewebedu", i) for i in range(3))
     for i in range(3):
-        assert np.array_equal(pf.read_shard(out / pf.shard_name("finewebedu", i)), np.arange(100 * i, 100 * i + 50 + i))
+        assert np.array_equal(data_mod.read_shard(out / data_mod.shard_name("finewebedu", i)), np.arange(100 * i, 100 * i + 50 + i))
     # a re-run only reads the listing
     n = len(hub.log)
     assert pf.main(["--source", "tokens", "--shards", "2", "--out", str(out)]) == 0
@@ -1333,7 +1356,7 @@ def test_data_tokens_source(hub, tmp_path, monkeypatch, capsys):
 
 
 def test_data_disk_too_small(hub, tmp_path, monkeypatch, capsys):
-    serve_repo(hub, pf.TOKENS_REPO, "main", "", {pf.shard_name("finewebedu", 0): shard_bytes(tmp_path, range(5000))})
+    serve_repo(hub, pf.TOKENS_REPO, "main", "", {data_mod.shard_name("finewebedu", 0): shard_bytes(tmp_path, range(5000))})
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
     assert pf.main(["--shards", "0", "--out", str(tmp_path / "out")]) == 1
@@ -1364,14 +1387,14 @@ def test_data_parquet_source(hub, tmp_path, monkeypatch):
     assert pf.main(argv) == 0
 
     enc = tiktoken.get_encoding("gpt2")
-    expected = np.concatenate([[pf.EOT] + enc.encode_ordinary(d) for d in docs])
+    expected = np.concatenate([[data_mod.EOT] + enc.encode_ordinary(d) for d in docs])
     shards = sorted(out.glob("*.bin"), key=lambda p: p.name.split("_")[-1])
     assert shards[0].name == "finewebedu_val_000000.bin"
-    assert [p.name for p in shards[1:]] == [pf.shard_name("finewebedu", i) for i in range(1, len(shards))]
-    lengths = [len(pf.read_shard(p)) for p in shards]
+    assert [p.name for p in shards[1:]] == [data_mod.shard_name("finewebedu", i) for i in range(1, len(shards))]
+    lengths = [len(data_mod.read_shard(p)) for p in shards]
     assert sum(lengths) == len(expected) == sum(1 + len(enc.encode_ordinary(d)) for d in docs)
     assert set(lengths[:-1]) == {256} and 0 < lengths[-1] <= 256
-    assert np.array_equal(np.concatenate([pf.read_shard(p) for p in shards]), expected)
+    assert np.array_equal(np.concatenate([data_mod.read_shard(p) for p in shards]), expected)
     assert sorted(p.name for p in (out / "parquet").iterdir()) == ["000_00000.parquet", "001_00000.parquet", "002_00000.parquet"]
 
     # a re-run with the same settings makes no request and rewrites nothing
@@ -1394,9 +1417,9 @@ def test_data_parquet_needs_pyarrow(tmp_path, monkeypatch, capsys):
 
 def test_data_text_source(tmp_path):
     assert pf.main(["--text", str(SHAKESPEARE), "--name", "shakes", "--out", str(tmp_path)]) == 0
-    val = pf.read_shard(tmp_path / "shakes_val_000000.bin")
-    train = pf.read_shard(tmp_path / "shakes_train_000001.bin")
-    assert len(train) + len(val) == 338_026 and train[0] == pf.EOT
+    val = data_mod.read_shard(tmp_path / "shakes_val_000000.bin")
+    train = data_mod.read_shard(tmp_path / "shakes_train_000001.bin")
+    assert len(train) + len(val) == 338_026 and train[0] == data_mod.EOT
     assert abs(len(val) - 33_803) <= 1
     enc = tiktoken.get_encoding("gpt2")
     assert enc.decode(val[-20:].tolist()) in SHAKESPEARE.read_text(encoding="utf-8")[-200:]
@@ -1420,8 +1443,8 @@ def test_data_text_tokenized_in_pieces_as_a_whole_with_a_progress_bar(tmp_path, 
     err = FakeTTY()  # tqdm draws its bar only on a terminal
     monkeypatch.setattr(sys, "stderr", err)
     pf.tokenize_text(SHAKESPEARE, tmp_path, "shakes", piece=10_000)
-    shards = [pf.read_shard(tmp_path / pf.shard_name("shakes", i)) for i in (1, 0)]
-    whole = [pf.EOT] + enc.encode_ordinary(SHAKESPEARE.read_text(encoding="utf-8"))
+    shards = [data_mod.read_shard(tmp_path / data_mod.shard_name("shakes", i)) for i in (1, 0)]
+    whole = [data_mod.EOT] + enc.encode_ordinary(SHAKESPEARE.read_text(encoding="utf-8"))
     assert np.concatenate(shards).tolist() == whole
     bar = err.getvalue().split("\r")[-1]
     assert "tokenizing input.txt: 100%" in bar and "char/s" in bar and "338,026 tokens" in bar
@@ -1430,7 +1453,7 @@ def test_data_text_tokenized_in_pieces_as_a_whole_with_a_progress_bar(tmp_path, 
 def test_data_tinyshakespeare_local_file(tmp_path):
     shutil.copy(SHAKESPEARE, tmp_path / "input.txt")
     assert pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0) == tmp_path
-    total = sum(len(pf.read_shard(tmp_path / f)) for f in ["tinyshakespeare_val_000000.bin", "tinyshakespeare_train_000001.bin"])
+    total = sum(len(data_mod.read_shard(tmp_path / f)) for f in ["tinyshakespeare_val_000000.bin", "tinyshakespeare_train_000001.bin"])
     assert total == 338_026
     (tmp_path / "input.txt").unlink()
     assert pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0) == tmp_path  # shards are enough
@@ -1441,7 +1464,7 @@ def test_data_tinyshakespeare_download(hub, tmp_path):
     data_dir = tmp_path / "ts"
     assert pf.prepare_tinyshakespeare(data_dir, url=f"{hub.url}/input.txt") == data_dir
     assert (data_dir / "input.txt").read_bytes() == SHAKESPEARE.read_bytes()
-    assert len(pf.read_shard(data_dir / "tinyshakespeare_train_000001.bin")) > 300_000
+    assert len(data_mod.read_shard(data_dir / "tinyshakespeare_train_000001.bin")) > 300_000
 
 
 def test_data_tinyshakespeare_offline(tmp_path):
@@ -1452,10 +1475,10 @@ def test_data_tinyshakespeare_offline(tmp_path):
 
 def test_data_byte_and_char_tokenizers_round_trip_text(tmp_path, capsys):
     text = "ROMEO: héllo, wörld 😀\nJULIET: 'tis\n"
-    byte = pf.tokenizer(pf.text_meta("byte", text))
+    byte = data_mod.tokenizer(data_mod.text_meta("byte", text))
     assert byte.vocab_size == 256 and byte.eot is None and max(byte.encode(text)) < 256
     assert byte.decode(byte.encode(text)) == text and len(byte.encode("😀")) == 4
-    char = pf.tokenizer(pf.text_meta("char", text))
+    char = data_mod.tokenizer(data_mod.text_meta("char", text))
     assert char.chars == "".join(sorted(set(text))) and char.vocab_size == len(set(text)) and char.eot is None
     assert char.decode(char.encode(text)) == text and char.encode(char.chars) == list(range(char.vocab_size))
     with pytest.raises(ValueError, match="character 'z' is not in"):
@@ -1466,25 +1489,25 @@ def test_data_byte_and_char_tokenizers_round_trip_text(tmp_path, capsys):
     for name in ("byte", "char"):
         out = tmp_path / name
         assert pf.main(["--text", str(src), "--tokenizer", name, "--out", str(out)]) == 0
-        meta = pf.read_meta(out)
-        assert meta == pf.text_meta(name, text)
+        meta = data_mod.read_meta(out)
+        assert meta == data_mod.text_meta(name, text)
         assert sorted(p.name for p in out.iterdir() if p.suffix != ".bin") == ["meta.json"]  # no .tmp left
-        shards = [pf.read_shard(out / pf.shard_name("in", i)).tolist() for i in (1, 0)]
-        assert pf.tokenizer(meta).decode(shards[0] + shards[1]) == text * 50
+        shards = [data_mod.read_shard(out / data_mod.shard_name("in", i)).tolist() for i in (1, 0)]
+        assert data_mod.tokenizer(meta).decode(shards[0] + shards[1]) == text * 50
     with pytest.raises(SystemExit) as e:
         pf.main(["--source", "tokens", "--tokenizer", "char"])
     assert e.value.code == 2 and "--tokenizer cannot go with --source tokens" in capsys.readouterr().err
 
 
 def test_data_folder_without_meta_is_gpt2(tmp_path, data, capsys):
-    assert pf.read_meta(data) == pf.GPT2_META == {"tokenizer": "gpt2", "vocab_size": 50257}
+    assert data_mod.read_meta(data) == data_mod.GPT2_META == {"tokenizer": "gpt2", "vocab_size": 50257}
     run_train(tmp_path / "run", data, "--max-steps", "1")  # llm.c-style shards: GPT-2 as before
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert ckpt["tokenizer"] == pf.GPT2_META and ckpt["model_config"]["vocab_size"] == 50304
+    assert ckpt["tokenizer"] == data_mod.GPT2_META and ckpt["model_config"]["vocab_size"] == 50304
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "meta.json").write_text('{"tokenizer": "char", "vocab_size": 3}')
     with pytest.raises(DataError) as e:
-        pf.read_meta(tmp_path / "bad")
+        data_mod.read_meta(tmp_path / "bad")
     assert "meta.json is not a tokenizer record" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -1499,7 +1522,7 @@ def char_run(tmp_path_factory):
 
 
 def test_data_char_vocabulary_reaches_the_model_checkpoint_and_samples(char_run, capsys):
-    meta = pf.read_meta(char_run / "data")
+    meta = data_mod.read_meta(char_run / "data")
     ckpt = torch.load(char_run / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["tokenizer"] == meta and ckpt["model_config"]["vocab_size"] == meta["vocab_size"] == 58
     assert ckpt["model"]["lm_head.weight"].shape[0] == 58
@@ -1530,12 +1553,12 @@ def test_data_export_of_a_char_checkpoint_records_its_tokenizer(char_run, tmp_pa
     assert "build a Hugging Face tokenizer for it separately" in capsys.readouterr().out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["vocab_size"] == 58 and config["bos_token_id"] is None and config["eos_token_id"] is None
-    assert json.loads((tmp_path / "hf" / "nanogrow_tokenizer.json").read_text()) == pf.read_meta(char_run / "data")
+    assert json.loads((tmp_path / "hf" / "nanogrow_tokenizer.json").read_text()) == data_mod.read_meta(char_run / "data")
 
 
 def test_data_token_ids_outside_the_vocabulary_name_the_shard(tmp_path, data, capsys):
     bad = make_shards(tmp_path / "bad")
-    pf.write_shard(bad / "toy_train_000002.bin", np.r_[np.arange(4000), 60_000, np.arange(96)])
+    data_mod.write_shard(bad / "toy_train_000002.bin", np.r_[np.arange(4000), 60_000, np.arange(96)])
     err = train_error(tmp_path, data, capsys, "--max-steps", "40", data_dir=bad)
     assert "toy_train_000002.bin holds token id 60000 (first at position 4000)" in err
     assert "vocabulary of 50304" in err
@@ -1574,7 +1597,7 @@ def test_data_offline_tokenizer_says_which_files_and_where(tmp_path, capsys, mon
     def offline(name):
         raise requests.ConnectionError("no network")
 
-    monkeypatch.setattr(pf.tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(data_mod.tiktoken, "get_encoding", offline)
     err = prepare_error(capsys, "--text", str(SHAKESPEARE), "--out", str(tmp_path))
     assert "vocab.bpe, encoder.json" in err and "TIKTOKEN_CACHE_DIR" in err
 
@@ -1592,8 +1615,7 @@ def tiny_gpt(seed=0):
 
 
 def save_plain_checkpoint(model, path):
-    plan = Plan(tuple(range(model.config.n_layer)))
-    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "eval_plan": plan.to_dict()}, path)
+    return save_checkpoint_with_plan(model, Plan(tuple(range(model.config.n_layer))), path)
 
 
 def test_hellaswag_render_format():
@@ -2195,14 +2217,35 @@ def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data
 # Samples and export (sample.py, export.py): text from a checkpoint, a Hugging Face GPT-2 folder
 
 
-def save_checkpoint_with_plan(model, plan, path):
-    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(), "eval_plan": plan.to_dict()},
-               path)
+def save_checkpoint_with_plan(model, plan, path, tokenizer=data_mod.GPT2_META):
+    """A checkpoint with what sample.py, export.py and hellaswag.py read of train.py's."""
+    torch.save({"format": runfolder.FORMAT, "model": model.state_dict(),
+                "model_config": model.config.to_dict(), "eval_plan": plan.to_dict(),
+                "tokenizer": tokenizer}, path)
     return path
 
 
+def test_export_sample_hellaswag_and_resume_refuse_an_earlier_format_in_one_line(tmp_path, data,
+                                                                                capsys):
+    """A checkpoint from before FORMAT (no "format" key) is refused with what to do, everywhere."""
+    run_train(tmp_path, data, "--max-steps", "2")
+    path = tmp_path / "ckpt.pt"
+    old = torch.load(path, weights_only=True)
+    del old["format"]
+    torch.save(old, path)
+    mains = {train.main: ["--preset", "tiny", "--data-dir", str(data), "--out", str(tmp_path), *TOY,
+                          "--max-steps", "4", "--resume"],
+             sample_main: ["--checkpoint", str(path), "--device", "cpu"],
+             export_main: ["--checkpoint", str(path), "--out", str(tmp_path / "hf")],
+             hs_main: ["--checkpoint", str(path), "--data-file", str(VAL), "--device", "cpu"]}
+    for main, argv in mains.items():
+        err = one_line_error(main, argv, capsys)
+        assert f"{path} is in checkpoint format 1, written by an earlier nanogrow" in err, err
+        assert "use the version that wrote it, or train again" in err
+
+
 def test_sample_same_seed_same_text_and_exactly_max_new_tokens():
-    model, enc = tiny_gpt(), pf.tokenizer(pf.GPT2_META)
+    model, enc = tiny_gpt(), data_mod.tokenizer(data_mod.GPT2_META)
     args = dict(SAMPLE_DEFAULTS, num_samples=3, max_new_tokens=8, device="cpu")
     first = sample(model, enc, **args)
     assert sample(model, enc, **args) == first and sample(model, enc, **{**args, "seed": 7}) != first
@@ -2226,7 +2269,7 @@ def test_sample_cli_follows_the_checkpoints_eval_plan(tmp_path, capsys):
     printed = capsys.readouterr().out
     sample_main(argv)
     assert capsys.readouterr().out == printed  # same seed, same text
-    enc = pf.tokenizer(pf.GPT2_META)
+    enc = data_mod.tokenizer(data_mod.GPT2_META)
     args = dict(prompt="ROMEO:", num_samples=2, max_new_tokens=6, top_k=50, temperature=1.0, seed=3, device="cpu")
     texts = sample(model, enc, plan=shared, **args)
     assert printed == "".join(f"sample {i}: {t}\n" for i, t in enumerate(texts))
