@@ -10,10 +10,14 @@ paper's GPT-2 124M on FineWeb-Edu 10B. resolve() applies them in one line.
 """
 import argparse
 import math
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
+import torch
+
 import grow
-from data import read_meta
+from data import DataError, read_meta
 from model import GPTConfig
 
 
@@ -30,6 +34,24 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+@contextmanager
+def one_line_errors(interrupted="stopped", out_of_memory="out of memory"):
+    """Around a script's work: what a user can fix (bad input, a missing or unreadable file, a
+    full disk, a NaN) becomes `error: ...` on one line and exit 2, never a traceback; so does
+    running out of memory, with the script's advice; Ctrl-C is one line and exit 130."""
+    try:
+        yield
+    except (ValueError, OSError, FloatingPointError, DataError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        print(f"error: {out_of_memory}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"error: {interrupted}", file=sys.stderr)
+        sys.exit(130)
 
 
 def flag(name):

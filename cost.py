@@ -27,7 +27,7 @@ from fractions import Fraction
 
 import grow
 import devices
-from config import Parser, resolve
+from config import Parser, one_line_errors, resolve
 from model import PEAK_BF16, SIZES, GPTConfig, Plan, blocks_share, full_step_flops, mfu, step_flops
 
 H100_BF16 = PEAK_BF16["H100"]  # FLOP/s, dense bf16 peak of the SXM card
@@ -684,7 +684,7 @@ def check(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with one_line_errors():  # grow.py's schedule checks too, e.g. a phase shorter than one step
         check(args)
         if args.measure or args.bench_loss:
             import torch
@@ -704,9 +704,6 @@ def main(argv=None):
             report = growth_report(args.model, args.regime, args.steps, args.seq_len, args.batch_tokens, args.mfu,
                                    args.ranks, args.accum)
             text = growth_text
-    except ValueError as e:  # grow.py's schedule checks too, e.g. a phase shorter than one step
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(report) if args.json else text(report))
 
 

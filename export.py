@@ -17,13 +17,12 @@ copied into the folder as nanogrow_tokenizer.json) has no Hugging Face form here
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 import runfolder
-from config import Parser
+from config import Parser, one_line_errors
 from data import EOT, GPT2_META
 from model import CONV1D_WEIGHTS
 
@@ -89,11 +88,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", default="out/ckpt.pt", help="a train.py checkpoint")
     p.add_argument("--out", required=True, help="the folder to write; must not exist, or be empty")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors():
         depth, unique, meta = export(args.checkpoint, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     shared = f" ({unique} unique blocks unrolled)" if unique < depth else ""
     print(f"{args.out}: GPT-2 with {depth} layers{shared}; GPT2LMHeadModel.from_pretrained({str(args.out)!r}) loads it")
     if meta["tokenizer"] != "gpt2":

@@ -12,7 +12,6 @@ acc 0.2859 / acc_norm 0.2955 here on the 10,042 val examples, acc_norm 0.3114 in
 """
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 import devices
 import runfolder
-from config import Parser
+from config import Parser, one_line_errors
 from data import DataError, gpt2_encoding
 from model import SIZES, GPT
 from prepare_fineweb import DownloadError, download
@@ -100,6 +99,17 @@ def load_on_ranks(rank, world, split="val", data_file=None, limit=None):
     if rank == 0:
         devices.barrier(world)
     return examples
+
+
+def for_training(every, limit, meta, data_dir, rank, world):
+    """The examples train.py --hellaswag-every evaluates on, or None when it is 0. HellaSwag scores
+    endings as GPT-2 tokens: data of another tokenizer is refused."""
+    if not every:
+        return None
+    if meta["tokenizer"] != "gpt2":
+        raise ValueError(f"--hellaswag-every {every}: HellaSwag needs GPT-2's tokenizer and "
+                         f"{data_dir} is {meta['tokenizer']}-level: use --hellaswag-every 0")
+    return load_on_ranks(rank, world, limit=limit)
 
 
 # -----------------------------------------------------------------------------
@@ -204,6 +214,28 @@ def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=N
 # -----------------------------------------------------------------------------
 # command line
 
+def score(args, rank, world, device):
+    """The command line's result: its checkpoint or OpenAI's model scored on its examples."""
+    ckpt = runfolder.read(args.checkpoint, device) if args.checkpoint is not None else None
+    if ckpt is not None and ckpt["tokenizer"]["tokenizer"] != "gpt2":  # before any download
+        raise ValueError(f"{args.checkpoint} was trained with the "
+                         f"{ckpt['tokenizer']['tokenizer']} tokenizer; HellaSwag scores "
+                         "endings as GPT-2 tokens: it needs a GPT-2 checkpoint")
+    examples = load_on_ranks(rank, world, args.split, args.data_file, args.limit)
+    if ckpt is not None:
+        model, plan = runfolder.load_model(ckpt, device)
+    else:
+        model, plan = GPT.from_pretrained(args.model).to(device), None
+    t0 = time.time()
+    bf16 = device.type == "cuda" and not args.fp32
+    result = evaluate(model, examples, device, plan, args.batch_size,
+                      autocast_dtype=torch.bfloat16 if bf16 else None, progress=True)
+    result["examples_per_s"] = result["n"] / (time.time() - t0)
+    # the split the data says it is (a --data-file may hold any), else the flag's
+    result["split"] = "+".join(sorted({ex["split"] or args.split for ex in examples}))
+    return result
+
+
 def main(argv=None):
     parser = Parser(__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="a train.py checkpoint (ckpt.pt)")
@@ -232,31 +264,10 @@ def main(argv=None):
         parser.error(f"checkpoint not found: {args.checkpoint}")
 
     try:
-        # the precision training evaluates in: bf16 autocast and TF32 on CUDA, unless --fp32
-        rank, world, device = devices.setup(args.device, "fp32" if args.fp32 else "bf16")
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        ckpt = runfolder.read(args.checkpoint, device) if args.checkpoint is not None else None
-        if ckpt is not None and ckpt["tokenizer"]["tokenizer"] != "gpt2":  # before any download
-            raise ValueError(f"{args.checkpoint} was trained with the "
-                             f"{ckpt['tokenizer']['tokenizer']} tokenizer; HellaSwag scores "
-                             "endings as GPT-2 tokens: it needs a GPT-2 checkpoint")
-        examples = load_on_ranks(rank, world, args.split, args.data_file, args.limit)
-        if ckpt is not None:
-            model, plan = runfolder.load_model(ckpt, device)
-        else:
-            model, plan = GPT.from_pretrained(args.model).to(device), None
-        t0 = time.time()
-        bf16 = device.type == "cuda" and not args.fp32
-        result = evaluate(model, examples, device, plan, args.batch_size,
-                          autocast_dtype=torch.bfloat16 if bf16 else None, progress=True)
-        result["examples_per_s"] = result["n"] / (time.time() - t0)
-        # the split the data says it is (a --data-file may hold any), else the flag's
-        result["split"] = "+".join(sorted({ex["split"] or args.split for ex in examples}))
-    except (DataError, ValueError) as e:  # a missing or bad file, a failed download, a checkpoint
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with one_line_errors():  # a missing or bad file, a failed download, a checkpoint
+            # the precision training evaluates in: bf16 autocast and TF32 on CUDA, unless --fp32
+            rank, world, device = devices.setup(args.device, "fp32" if args.fp32 else "bf16")
+            result = score(args, rank, world, device)
     finally:
         devices.teardown()
     if rank != 0:

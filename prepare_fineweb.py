@@ -26,7 +26,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from config import Parser
+from config import PRESETS, Parser
 from data import (EOT, TOKENIZERS, DataError, read_meta, read_shard, shard_name, shards_ok, text_meta,
                   tokenizer, gpt2_encoding, write_meta, write_shard)
 
@@ -246,6 +246,15 @@ def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE
                                 f"save {TINYSHAKESPEARE_URL} as {text} and run again") from None
     tokenize_text(text, data_dir, "tinyshakespeare", tokenizer_name=tokenizer_name)
     return data_dir
+
+
+def prepare_preset_data(data_dir):
+    """A preset's data folder, made from Tiny Shakespeare on first use (train.py calls this): the
+    tiny preset's with GPT-2's tokenizer, the char preset's one token a character. Any other
+    folder is the user's to prepare."""
+    made_here = {PRESETS["tiny"]["data_dir"]: "gpt2", PRESETS["char"]["data_dir"]: "char"}
+    if data_dir in made_here:
+        prepare_tinyshakespeare(data_dir, tokenizer_name=made_here[data_dir])
 
 
 def write_token_shards(chunks, out_dir, name, shard_size, bar=None):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from config import flag
 from model import GPT, GPTConfig, Plan
 
 FORMAT = 2  # 2: every key below, always; 1 (unnumbered): older runs, whose keys varied
@@ -126,8 +127,17 @@ def resume(path, config, schedule, schedule_of, model, opt, loader):
     return RunState(**{k: ckpt[k] for k in asdict(RunState())}), changed
 
 
-def flag(name):
-    return "--" + name.replace("_", "-")
+def start(out, rank, config, schedule, schedule_of, model, opt, loader):
+    """(RunState, Log) of a run starting: a new one at step 0, or with config["resume"] the one
+    saved in OUT/ckpt.pt, restored (resume) and its resumption recorded in the log."""
+    if not config["resume"]:
+        return RunState(), Log(out / "log.jsonl", rank == 0)
+    state, changed = resume(out / "ckpt.pt", config, schedule, schedule_of, model, opt, loader)
+    log = Log(out / "log.jsonl", rank == 0)
+    log.record(step=state.step, resumed=True, **({"changed": changed} if changed else {}))
+    log.print(f"resuming at step {state.step}"
+              + "".join(f"; {flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
+    return state, log
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +200,12 @@ class Log:
     def print(self, text):
         if self.file:
             print(text)
+
+    def event(self, **fields):
+        """A record, and its fields on one line: "step 100 val_loss 2.3456 ..."."""
+        self.record(**fields)
+        self.print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in fields.items()))
 
     def step(self, state, sp, loss, lr, norm, depths, dt, mfu, tokens):
         """A training step's record and its line: state just after it, under StepPlan sp, with

@@ -8,14 +8,13 @@ The model runs along the checkpoint's own eval plan (shared depths, MSG's gates)
 or mid-growth checkpoint writes as it was evaluated. A generator seeded with --seed draws the tokens:
 the same seed gives the same text (on the same device). train.py --sample-every calls sample() too.
 """
-import sys
 
 import torch
 from torch.nn import functional as F
 
 import runfolder
-from config import Parser
-from data import DataError, tokenizer
+from config import Parser, one_line_errors
+from data import tokenizer
 from devices import autocast, pick_device
 
 # build-nanogpt's: four continuations of this prompt (32 tokens in all there), top-50 at temperature 1
@@ -81,7 +80,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seeds the draws")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors():
         check(args)
         device = pick_device(args.device)
         ckpt = runfolder.read(args.checkpoint, device)
@@ -89,9 +88,6 @@ def main(argv=None):
         enc = tokenizer(ckpt["tokenizer"])  # the tokenizer the model was trained with
         texts = sample(model, enc, args.prompt, args.num_samples, args.max_new_tokens,
                        args.top_k, args.temperature, args.seed, device, plan)
-    except (ValueError, FileNotFoundError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     for i, text in enumerate(texts):
         print(f"sample {i}: {text}")
 

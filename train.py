@@ -12,7 +12,6 @@ devices.py starts the processes, data.py reads the shards, runfolder.py keeps th
 the log.
 """
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,15 +23,12 @@ import devices
 import grow
 import hellaswag
 import sample
-from config import PRESETS, Config, parse_args
-from data import DataError, ShardLoader, ValSet, list_shards, read_meta, read_shard, tokenizer
+from config import Config, one_line_errors, parse_args
+from data import ShardLoader, ValSet, list_shards, read_meta, tokenizer
 from fused_loss import FusedLoss
-from model import GPT, blocks_share, full_step_flops, mfu, peak_flops, step_flops
-from prepare_fineweb import prepare_tinyshakespeare
-from runfolder import Log, RunState, StopFlag, claim, flag, resume, save
-
-# the presets' data folders that train.py makes from Tiny Shakespeare on first use, by tokenizer
-SHAKESPEARE_DIRS = {PRESETS["tiny"]["data_dir"]: "gpt2", PRESETS["char"]["data_dir"]: "char"}
+from model import GPT, full_step_flops, mfu, peak_flops, step_flops
+from prepare_fineweb import prepare_preset_data
+from runfolder import StopFlag, claim, save, start
 
 # ----------------------------------------------------------------------------------------------
 # The data, the model and its optimizer
@@ -41,8 +37,8 @@ SHAKESPEARE_DIRS = {PRESETS["tiny"]["data_dir"]: "gpt2", PRESETS["char"]["data_d
 def open_data(flags, rank, world):
     """The data folder's tokenizer record, the training loader and the validation set. Rank 0
     makes Tiny Shakespeare's shards on first use while the others wait."""
-    if rank == 0 and flags.data_dir in SHAKESPEARE_DIRS:
-        prepare_tinyshakespeare(flags.data_dir, tokenizer_name=SHAKESPEARE_DIRS[flags.data_dir])
+    if rank == 0:
+        prepare_preset_data(flags.data_dir)
     devices.barrier(world)  # the folder's meta.json decides the model's vocabulary
     train_files, val_files = list_shards(flags.data_dir)
     B, T, vocab = flags.batch_size, flags.seq_len, flags.model_config().vocab_size
@@ -156,8 +152,9 @@ def train_step(run, wrapped, opt, sp, step, lr):
     loss = forward_backward(wrapped, batches, run.device, run.flags.precision)
     loss = devices.all_sum(loss, run.world) / run.world
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopped; {run.out / 'ckpt.pt'}"
-                                 " holds the last good state (try a lower --lr, then --resume)")
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopped; "
+                                 f"{run.out / 'ckpt.pt'} holds the last good state (try a lower "
+                                 "--lr, then --resume)")
     norm = optimizer_step(run.model, opt, lr, run.flags.grad_clip)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
@@ -198,10 +195,9 @@ def evaluate(run, state, log, equal_cost=False, hellaswag_now=False):
                       hellaswag_n=hs["n"])
     if equal_cost:
         fields["equal_cost"] = True
-    log.record(**fields)
-    log.print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                       for k, v in fields.items())
-              + (f"\n  (HellaSwag: {hellaswag.SCORING})" if hellaswag_now else ""))
+    log.event(**fields)
+    if hellaswag_now:
+        log.print(f"  (HellaSwag: {hellaswag.SCORING})")
 
 
 def show_samples(run, state, log):
@@ -223,13 +219,9 @@ def train(run, stop):
     """Enter stages as they come, evaluate and checkpoint on their cadence, and between them one
     train_step per iteration; stop (checkpointed) when asked."""
     f, schedule, opt = run.flags, run.schedule, run.new_optimizer()
-    state, changed = (resume(run.out / "ckpt.pt", asdict(f), schedule, run.schedule_of,
-                             run.model, opt, run.loader) if f.resume else (RunState(), {}))
-    log = Log(run.out / "log.jsonl", run.rank == 0)
-    if f.resume:
-        log.record(step=state.step, resumed=True, **({"changed": changed} if changed else {}))
-        log.print(f"resuming at step {state.step}"
-                  + "".join(f"; {flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
+    # where the run stands: step 0, or (--resume) the checkpoint's weights, AdamW, data and RNG
+    state, log = start(run.out, run.rank, asdict(f), schedule,
+                       lambda saved: Config(**saved).build_schedule(), run.model, opt, run.loader)
     wrapped, trains = None, None
     while state.step < f.max_steps:
         sp = schedule.step_plan(state.step)
@@ -295,11 +287,6 @@ class Run:
     baseline_cost: int  # FLOPs of the full-depth baseline at the equal-cost point
     lock: object = None  # rank 0's hold on OUT (runfolder.claim)
 
-    @staticmethod
-    def schedule_of(config):
-        """The Schedule a run with these saved flags ran."""
-        return Config(**config).build_schedule()
-
 
 def assemble(flags):
     """Everything a run needs, from the flags."""
@@ -310,12 +297,8 @@ def assemble(flags):
         raise ValueError(f"--total-batch {flags.total_batch} must be a multiple of batch-size x "
                          f"seq-len x world = {B * T * world}")
     meta, loader, val = open_data(flags, rank, world)
-    if flags.hellaswag_every and meta["tokenizer"] != "gpt2":
-        raise ValueError(f"--hellaswag-every {flags.hellaswag_every}: HellaSwag needs GPT-2's "
-                         f"tokenizer and {flags.data_dir} is {meta['tokenizer']}-level: use "
-                         "--hellaswag-every 0")
-    examples = (hellaswag.load_on_ranks(rank, world, limit=flags.hellaswag_limit)
-                if flags.hellaswag_every else None)
+    examples = hellaswag.for_training(flags.hellaswag_every, flags.hellaswag_limit, meta,
+                                      flags.data_dir, rank, world)
     model, loss_model = build_model(flags, device)
     cuda = device.type == "cuda"
     return Run(
@@ -334,27 +317,18 @@ def assemble(flags):
 def main(argv=None):
     run = None
     try:
-        flags = parse_args(argv, __doc__)
-        run = assemble(flags)
-        if flags.bench:
-            cost.bench(run, flags.bench)
-            return
-        if run.rank == 0:
-            run.lock = claim(run.out, flags.resume)  # refuses a folder another run holds
-            print(cost.summary(run))
-        with StopFlag(announce=run.rank == 0) as stop:
-            train(run, stop)
-    except (ValueError, OSError, FloatingPointError, DataError) as e:  # OSError: disk full, ...
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (MemoryError, torch.cuda.OutOfMemoryError):
-        print("error: out of memory: lower --batch-size (gradient accumulation keeps "
-              "--total-batch), --seq-len or the model's size", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: stopped at once; the last checkpoint is as it was: continue with --resume",
-              file=sys.stderr)
-        sys.exit(130)
+        with one_line_errors("stopped at once; the last checkpoint is as it was: continue with "
+                             "--resume", "out of memory: lower --batch-size (gradient "
+                             "accumulation keeps --total-batch), --seq-len or the model's size"):
+            flags = parse_args(argv, __doc__)
+            run = assemble(flags)
+            if flags.bench:
+                return cost.bench(run, flags.bench)
+            if run.rank == 0:
+                run.lock = claim(run.out, flags.resume)  # refuses a folder another run holds
+                print(cost.summary(run))
+            with StopFlag(announce=run.rank == 0) as stop:
+                train(run, stop)
     finally:  # every rank, however the run ended; in-process callers (tests) get OUT back too
         if run is not None and run.lock is not None:
             run.lock.close()
