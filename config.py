@@ -10,48 +10,13 @@ paper's GPT-2 124M on FineWeb-Edu 10B. resolve() applies them in one line.
 """
 import argparse
 import math
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
-import torch
-
 import grow
-from data import DataError, read_meta
+from cli import Parser
+from data import read_meta
 from model import GPTConfig
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """A script's docstring as written, and each flag's default after its help."""
-
-
-class Parser(argparse.ArgumentParser):
-    """The command line of every script here: --help shows the defaults, and a bad flag is one
-    line (the usage dump argparse adds would bury it)."""
-
-    def __init__(self, description, **kwargs):
-        super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-@contextmanager
-def one_line_errors(interrupted="stopped", out_of_memory="out of memory"):
-    """Around a script's work: what a user can fix (bad input, a missing or unreadable file, a
-    full disk, a NaN) becomes `error: ...` on one line and exit 2, never a traceback; so does
-    running out of memory, with the script's advice; Ctrl-C is one line and exit 130."""
-    try:
-        yield
-    except (ValueError, OSError, FloatingPointError, DataError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (MemoryError, torch.cuda.OutOfMemoryError):
-        print(f"error: {out_of_memory}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"error: {interrupted}", file=sys.stderr)
-        sys.exit(130)
+from prepare_fineweb import prepare_tinyshakespeare
 
 
 def flag(name):
@@ -82,7 +47,8 @@ class Config:
                             lo=1)
     phase1_frac: float = option(0.5, "share of each stage spent in phase 1", lo=0, hi=1)
     phase1_mode: str = option("freeze", "phase 1: freeze old blocks (gradients pass through), "
-                              "isolate them (no_grad), or none", choices=("freeze", "isolate", "none"))
+                              "isolate them (no_grad), or none",
+                              choices=("freeze", "isolate", "none"))
     continual_optimizer: str = option("keep", "AdamW at continual training: keep its moments, or "
                                       "fresh", choices=("keep", "fresh"))
     # ---- growth (Apollo, stack, gstack, msg, zero, late) ---------------------------------------
@@ -155,7 +121,11 @@ class Config:
         """The model the flags and the data folder ask for: the vocabulary is the data's
         tokenizer's, GPT-2's padded to 50,304 (a multiple of 128, for faster matmuls), a byte or
         char vocabulary as it is (nanoGPT's 65 characters: the head is ~1% of the FLOPs there,
-        padding buys nothing)."""
+        padding buys nothing). A preset's Shakespeare folder is made first if it is not there
+        yet, so the vocabulary (and a --budget-steps run's length) is the data's, whichever
+        command asks first."""
+        if self.data_dir in SHAKESPEARE:
+            prepare_tinyshakespeare(self.data_dir, tokenizer_name=SHAKESPEARE[self.data_dir])
         meta = read_meta(self.data_dir)
         vocab = {} if meta["tokenizer"] == "gpt2" else {"vocab_size": meta["vocab_size"]}
         return GPTConfig(block_size=self.seq_len, n_layer=self.n_layer, n_head=self.n_head,
@@ -189,6 +159,9 @@ PRESETS = {
                  data_dir="data/shakespeare_char", val_tokens=32768, eval_every=100,
                  hellaswag_every=0, sample_every=0, ckpt_every=500),
 }
+
+# the presets' data folders, made from Tiny Shakespeare on first use, by tokenizer
+SHAKESPEARE = {PRESETS["tiny"]["data_dir"]: "gpt2", PRESETS["char"]["data_dir"]: "char"}
 
 # options that only one family of regimes reads: given to the other, they would be ignored
 INCREMENTAL_ONLY = ("stages", "phase1_frac", "phase1_mode", "continual_optimizer")
@@ -278,7 +251,7 @@ def parse_args(argv=None, description=None):
     cfg = resolve(given)
     check(cfg, given)
     if cfg.budget_steps:
-        cfg.max_steps = grow.budget_max_steps(cfg.build_schedule, cfg.budget_steps, cfg.model_config(),
-                                              cfg.total_batch, cfg.seq_len)
+        cfg.max_steps = grow.budget_max_steps(cfg.build_schedule, cfg.budget_steps,
+                                              cfg.model_config(), cfg.total_batch, cfg.seq_len)
     return cfg
 

@@ -1,11 +1,11 @@
-"""What training really costs, in FLOPs, and when an incremental run has spent what the baseline does.
+"""What training really costs, in FLOPs, and when a run has spent what the baseline does.
 
     python cost.py --stages 4                       # the paper's derivation beside exact FLOPs
     python cost.py --stages 8 --cost exact --phase1-mode isolate
     python cost.py --regime apollo                  # expected FLOPs of a growth schedule
     python cost.py --measure                        # time real training steps against their FLOPs
     python cost.py --bench-loss                     # the head and loss: eager against fused
-    python cost.py --split --n-embd 64 --vocab 65 --seq-len 64     # blocks vs head (train.py --preset char)
+    python cost.py --split --n-embd 64 --vocab 65 --seq-len 64   # blocks vs head, char preset
 
 Three models of the same incremental run, coarse to exact:
   paper          forward and backward each cost c per layer per token (Li et al.'s derivation)
@@ -25,13 +25,24 @@ import sys
 import time
 from fractions import Fraction
 
-import grow
 import devices
-from config import Parser, one_line_errors, resolve
-from model import PEAK_BF16, SIZES, GPTConfig, Plan, blocks_share, full_step_flops, mfu, step_flops
+import grow
+from cli import Parser, one_line_errors
+from config import resolve
+from model import (
+    PEAK_BF16,
+    SIZES,
+    GPTConfig,
+    Plan,
+    blocks_share,
+    full_step_flops,
+    mfu,
+    step_flops,
+)
 
 H100_BF16 = PEAK_BF16["H100"]  # FLOP/s, dense bf16 peak of the SXM card
-APOLLO_REPORTED = {"code": 57.6, "paper": 47.9}  # % of FLOPs saved on GPT-Base: their code's, their paper's
+# % of FLOPs saved on GPT-Base: their code's, their paper's
+APOLLO_REPORTED = {"code": 57.6, "paper": 47.9}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +129,10 @@ def incremental_report(name, S, steps, mode, cost, seq_len, batch_tokens, mfu):
     paper_step = round_half_up(steps + paper_t_cont(S, steps))
     paper = dict(
         phase_steps=float(Fraction(steps, 2 * S)),
-        stages=[dict(layers=a, new=m, phase1=float(p1), phase2=float(p2)) for a, m, p1, p2 in paper_rows],
-        stage_sum=float(stage_sum), closed_form=float(closed), closed_form_equals_stage_sum=closed == stage_sum,
+        stages=[dict(layers=a, new=m, phase1=float(p1), phase2=float(p2))
+                for a, m, p1, p2 in paper_rows],
+        stage_sum=float(stage_sum), closed_form=float(closed),
+        closed_form_equals_stage_sum=closed == stage_sum,
         closed_form_equals_equal_m_sum=closed == sum(p1 + p2 for _, _, p1, p2 in equal_m),
         baseline=2 * steps * L, inc_ratio=float(closed / (2 * steps * L)),
         t_cont_steps=float(paper_t_cont(S, steps)), equal_cost_step=paper_step,
@@ -138,25 +151,27 @@ def incremental_report(name, S, steps, mode, cost, seq_len, batch_tokens, mfu):
     full = full_step_flops(cfg, batch_tokens, seq_len)
     exact_step = equal_cost_step(spent, full, steps)
     exact = dict(
-        phases=[{**r, "step_flops": float(r["step_flops"]), "depth": float(r["depth"])} for r in phases],
+        phases=[{**r, "step_flops": float(r["step_flops"]), "depth": float(r["depth"])}
+                for r in phases],
         full_step_flops=full, flops=float(spent), baseline_flops=steps * full,
         inc_ratio=float(spent / (steps * full)), t_cont_steps=float((steps * full - spent) / full),
         equal_cost_step=exact_step, **gap(exact_step, paper_step),
         gpu_hours=gpu_hours(float(spent), mfu), baseline_gpu_hours=gpu_hours(steps * full, mfu))
 
     chosen = paper if cost == "paper" else exact
-    return dict(regime="incremental", model=name, n_layer=L, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
-                stages=S, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens, phase1_mode=mode,
+    return dict(regime="incremental", model=name, n_layer=L, n_embd=cfg.n_embd,
+                vocab_size=cfg.vocab_size, stages=S, steps=steps, seq_len=seq_len,
+                batch_tokens=batch_tokens, phase1_mode=mode,
                 stage_layers=sizes, cost_model=cost, t_cont_steps=chosen["t_cont_steps"],
                 equal_cost_step=chosen["equal_cost_step"], peak_flops=H100_BF16, mfu=mfu,
                 paper=paper, per_layer=per_layer, exact=exact)
 
 
 def slowest_rank_step_flops(cfg, schedule, sp, ranks, accum, tokens, seq_len):
-    """Expected FLOPs of the slowest of `ranks` ranks in one step under StepPlan sp, each rank running
-    `accum` micro-batches of `tokens` tokens at depths drawn independently. Ranks wait for each other
-    at the gradient all-reduce, so a step lasts as long as its slowest rank: with random depths,
-    wall-clock follows this, not the mean."""
+    """Expected FLOPs of the slowest of `ranks` ranks in one step under StepPlan sp, each rank
+    running `accum` micro-batches of `tokens` tokens at depths drawn independently. Ranks wait for
+    each other at the gradient all-reduce, so a step lasts as long as its slowest rank: with random
+    depths, wall-clock follows this, not the mean."""
     per_micro = {}  # FLOPs -> probability, for one micro-batch
     for d, p in grow.depth_probs(schedule.depth, sp.unique, cfg.n_layer).items():
         c = grow.depth_step_flops(cfg, schedule, sp, d, tokens, seq_len)
@@ -188,21 +203,26 @@ def growth_report(name, regime, steps, seq_len, batch_tokens, mfu, ranks=8, accu
     phases = grow.schedule_phases(cfg, schedule, steps, batch_tokens, seq_len)
     stages = schedule.stages
     full = full_step_flops(cfg, batch_tokens, seq_len)
-    head = step_flops(cfg, Plan(()), (), batch_tokens, seq_len)  # a plan with no blocks: the head alone
+    # a plan with no blocks: the head alone
+    head = step_flops(cfg, Plan(()), (), batch_tokens, seq_len)
     spent = sum(r["steps"] * r["step_flops"] for r in phases)
     blocks = spent - steps * head
     micro_tokens = batch_tokens // (ranks * accum)
-    slowest = sum(r["steps"] * slowest_rank_step_flops(cfg, schedule, schedule.step_plan(r["start"]), ranks, accum,
-                                                       micro_tokens, seq_len) for r in phases)
+    slowest = sum(r["steps"] * slowest_rank_step_flops(cfg, schedule,
+                                                       schedule.step_plan(r["start"]), ranks,
+                                                       accum, micro_tokens, seq_len)
+                  for r in phases)
     report = dict(
-        regime=regime, model=name, n_layer=L, steps=steps, seq_len=seq_len, batch_tokens=batch_tokens,
-        grow_layers=[s.layers for s in stages], grow_at=[s.start / steps for s in stages[1:]], depth=opts.depth,
-        share=opts.share,
+        regime=regime, model=name, n_layer=L, steps=steps, seq_len=seq_len,
+        batch_tokens=batch_tokens, grow_layers=[s.layers for s in stages],
+        grow_at=[s.start / steps for s in stages[1:]], depth=opts.depth, share=opts.share,
         stages=[{**r, "step_flops": float(r["step_flops"]), "depth": float(r["depth"]),
                  "vs_full": float(r["step_flops"] / full)} for r in phases],
-        flops=float(spent), baseline_flops=steps * full, saved=float(100 * (1 - spent / (steps * full))),
+        flops=float(spent), baseline_flops=steps * full,
+        saved=float(100 * (1 - spent / (steps * full))),
         saved_blocks_only=float(100 * (1 - blocks / (steps * (full - head)))),
-        ranks=ranks, accum=accum, slowest_rank_flops=slowest, saved_wall_clock=100 * (1 - slowest / (steps * full)),
+        ranks=ranks, accum=accum, slowest_rank_flops=slowest,
+        saved_wall_clock=100 * (1 - slowest / (steps * full)),
         peak_flops=H100_BF16, mfu=mfu, gpu_hours=gpu_hours(float(spent), mfu),
         baseline_gpu_hours=gpu_hours(steps * full, mfu))
     if regime == "apollo":
@@ -230,32 +250,41 @@ def counted(r):
     return [
         f"FLOPs per token: block matmuls 24*d^2 = {24 * d * d / 1e6:.1f}M, attention 4*T*d = "
         f"{4 * T * d / 1e6:.1f}M (scores and values",
-        f"over the full TxT; a causal kernel does about half), lm_head 2*d*V = {2 * d * V / 1e6:.1f}M.",
-        "Backward 2x forward; a frozen block that gradients pass through 1x for its matmuls and 2x for",
+        "over the full TxT; a causal kernel does about half), lm_head 2*d*V = "
+        f"{2 * d * V / 1e6:.1f}M.",
+        "Backward 2x forward; a frozen block that gradients pass through 1x for its matmuls "
+        "and 2x for",
         "attention; a block under no_grad 0.",
     ]
 
 
 def paper_lines(r):
     p, S, L = r["paper"], r["stages"], r["n_layer"]
-    lines = ["Paper model: forward and backward each cost c per layer per token. Phase 1 runs forward through",
-             "the L_i active layers and backward through the m new ones; phase 2 runs both through all L_i.",
-             f"Each phase is T/(2S) = {num(p['phase_steps'], 2)} steps. Costs in c x tokens per step:"]
+    lines = ["Paper model: forward and backward each cost c per layer per token. "
+             "Phase 1 runs forward through",
+             "the L_i active layers and backward through the m new ones; "
+             "phase 2 runs both through all L_i.",
+             f"Each phase is T/(2S) = {num(p['phase_steps'], 2)} steps. "
+             "Costs in c x tokens per step:"]
     if L % S:
-        lines += [f"S = {S} does not divide L = {L}: the closed form assumes m = L/S = {Fraction(L, S)} new "
-                  "layers per stage; the",
-                  f"table has the real sizes {','.join(str(s['new']) for s in p['stages'])} (grow.stage_layers)."]
+        lines += [f"S = {S} does not divide L = {L}: the closed form assumes m = L/S = "
+                  f"{Fraction(L, S)} new layers per stage; the",
+                  f"table has the real sizes {','.join(str(s['new']) for s in p['stages'])} "
+                  "(grow.stage_layers)."]
     lines.append(f"  {'stage':>5} {'L_i':>4} {'m':>3} {'phase 1 (L_i+m)*T/(2S)':>24} "
                  f"{'phase 2 2*L_i*T/(2S)':>22}")
     for i, s in enumerate(p["stages"], 1):
-        lines.append(f"  {i:>5} {s['layers']:>4} {s['new']:>3} {num(s['phase1']):>24} {num(s['phase2']):>22}")
+        lines.append(f"  {i:>5} {s['layers']:>4} {s['new']:>3} {num(s['phase1']):>24} "
+                     f"{num(s['phase2']):>22}")
     same = "equal" if p["closed_form_equals_stage_sum"] else (
-        "assumes m = L/S; " + ("equal to" if p["closed_form_equals_equal_m_sum"] else "DIFFERS from")
+        "assumes m = L/S; "
+        + ("equal to" if p["closed_form_equals_equal_m_sum"] else "DIFFERS from")
         + " the stage sum with m = L/S")
     lines += [f"  sum over the stages            C_inc  = {num(p['stage_sum'])}",
               f"  closed form T*L*(3S+5)/(4S)    C_inc  = {num(p['closed_form'])} ({same})",
               f"  baseline 2*T*L                 C_base = {num(p['baseline'])}",
-              f"  T_cont = (C_base - C_inc)/(2L) = 5/8*(1 - 1/S)*T = {num(p['t_cont_steps'], 2)} steps"
+              "  T_cont = (C_base - C_inc)/(2L) = 5/8*(1 - 1/S)*T = "
+              f"{num(p['t_cont_steps'], 2)} steps"
               + ("" if L % S == 0 else f" (real sizes: {num(p['t_cont_steps_real_sizes'], 2)})"),
               f"  equal-cost step T + T_cont = {num(r['steps'] + p['t_cont_steps'], 2)} -> "
               f"{p['equal_cost_step']:,} (to the nearest step, as the paper rounds)"]
@@ -266,15 +295,17 @@ def exact_lines(r):
     e = r["exact"]
     lines = [f"Exact FLOPs per phase (grow.build_schedule, phase 1 {r['phase1_mode']}; "
              "what train.py logs):",
-             f"  {'stage':>5} {'phase':>5} {'layers':>6} {'trained':>7} {'steps':>7} {'TFLOP/step':>11} "
-             f"{'PFLOP':>9}"]
+             f"  {'stage':>5} {'phase':>5} {'layers':>6} {'trained':>7} {'steps':>7} "
+             f"{'TFLOP/step':>11} {'PFLOP':>9}"]
     for p in e["phases"]:
-        lines.append(f"  {p['stage']:>5} {p['phase']:>5} {p['layers']:>6} {p['trained']:>7} {p['steps']:>7,} "
-                     f"{p['step_flops'] / 1e12:>11,.1f} {p['steps'] * p['step_flops'] / 1e15:>9,.1f}")
-    lines += [f"  incremental, {r['steps']:,} steps: {e['flops'] / 1e15:,.1f} PFLOP; baseline {r['steps']:,} x "
-              f"{e['full_step_flops'] / 1e12:.1f} TFLOP = {e['baseline_flops'] / 1e15:,.1f} PFLOP",
-              f"  T_cont = (C_base - C_inc)/C_step = {e['t_cont_steps']:,.1f} steps; equal-cost step: the first "
-              f"step at or past it, {e['equal_cost_step']:,}"]
+        lines.append(f"  {p['stage']:>5} {p['phase']:>5} {p['layers']:>6} {p['trained']:>7} "
+                     f"{p['steps']:>7,} {p['step_flops'] / 1e12:>11,.1f} "
+                     f"{p['steps'] * p['step_flops'] / 1e15:>9,.1f}")
+    lines += [f"  incremental, {r['steps']:,} steps: {e['flops'] / 1e15:,.1f} PFLOP; "
+              f"baseline {r['steps']:,} x {e['full_step_flops'] / 1e12:.1f} TFLOP = "
+              f"{e['baseline_flops'] / 1e15:,.1f} PFLOP",
+              f"  T_cont = (C_base - C_inc)/C_step = {e['t_cont_steps']:,.1f} steps; "
+              f"equal-cost step: the first step at or past it, {e['equal_cost_step']:,}"]
     return lines
 
 
@@ -291,11 +322,14 @@ def incremental_text(r):
               row("equal-cost step", *(f"{x['equal_cost_step']:,}" for x in (p, m, e))),
               row("gap to the paper (steps)", "", *(f"{x['gap_steps']:+,}" for x in (m, e))),
               row("gap to the paper (%)", "", *(f"{x['gap_percent']:+.1f}%" for x in (m, e))),
-              "  paper: its formula (backward through the new layers only, c per pass); fwd 1, bwd 2: per",
-              f"  layer, frozen layers {passed}; FLOPs: step_flops, first step at or past the baseline's.",
+              "  paper: its formula (backward through the new layers only, c per pass); "
+              "fwd 1, bwd 2: per",
+              f"  layer, frozen layers {passed}; "
+              "FLOPs: step_flops, first step at or past the baseline's.",
               "",
-              f"At {H100_BF16 / 1e12:.0f} TFLOPS (H100 bf16 dense peak) x MFU {r['mfu']:.2f}: baseline "
-              f"{e['baseline_flops'] / 1e15:,.1f} PFLOP = {e['baseline_gpu_hours']:,.2f} GPU-hours,",
+              f"At {H100_BF16 / 1e12:.0f} TFLOPS (H100 bf16 dense peak) x MFU {r['mfu']:.2f}: "
+              f"baseline {e['baseline_flops'] / 1e15:,.1f} PFLOP = "
+              f"{e['baseline_gpu_hours']:,.2f} GPU-hours,",
               f"the {r['steps']:,} incremental steps {e['flops'] / 1e15:,.1f} PFLOP = "
               f"{e['gpu_hours']:,.2f} GPU-hours."]
     return "\n".join(lines + counted(r))
@@ -304,29 +338,35 @@ def incremental_text(r):
 def growth_text(r):
     lines = [f"{r['regime']} on {header(r)}",
              f"unique blocks {','.join(map(str, r['grow_layers']))} from "
-             f"{', '.join(f'{a:.0%}' for a in [0] + r['grow_at'])} of the steps; depth per micro-batch: "
-             f"{r['depth']}, sharing: {r['share']}",
-             f"  {'stage':>5} {'unique':>6} {'steps':>7} {'E[depth]':>8} {'TFLOP/step':>11} {'vs full':>8}"]
+             f"{', '.join(f'{a:.0%}' for a in [0] + r['grow_at'])} of the steps; "
+             f"depth per micro-batch: {r['depth']}, sharing: {r['share']}",
+             f"  {'stage':>5} {'unique':>6} {'steps':>7} {'E[depth]':>8} {'TFLOP/step':>11} "
+             f"{'vs full':>8}"]
     for s in r["stages"]:
         lines.append(f"  {s['stage']:>5} {s['layers']:>6} {s['steps']:>7,} {s['depth']:>8.2f} "
                      f"{s['step_flops'] / 1e12:>11,.1f} {s['vs_full']:>8.1%}")
-    lines += [f"  total {r['flops'] / 1e15:,.1f} PFLOP against {r['baseline_flops'] / 1e15:,.1f} PFLOP for "
+    lines += [f"  total {r['flops'] / 1e15:,.1f} PFLOP against "
+              f"{r['baseline_flops'] / 1e15:,.1f} PFLOP for "
               f"{r['steps']:,} full-depth steps: {r['saved']:.1f}% saved",
               f"  blocks only (lm_head left out): {r['saved_blocks_only']:.1f}% saved",
-              f"  on {r['ranks']} ranks of {r['accum']} micro-batch{'es' if r['accum'] > 1 else ''} each step waits "
+              f"  on {r['ranks']} ranks of {r['accum']} "
+              f"micro-batch{'es' if r['accum'] > 1 else ''} each step waits "
               f"for its slowest rank: {r['saved_wall_clock']:.1f}% saved in time at equal MFU"
-              + (" (depths are drawn per micro-batch)" if r["depth"] not in ("unique", "full") else ""),
+              + (" (depths are drawn per micro-batch)"
+                 if r["depth"] not in ("unique", "full") else ""),
               f"  {r['gpu_hours']:,.2f} against {r['baseline_gpu_hours']:,.2f} GPU-hours at "
               f"{H100_BF16 / 1e12:.0f} TFLOPS (H100 bf16 dense peak) x MFU {r['mfu']:.2f}"]
     if "reported_saved" in r:
         rep, last = r["reported_saved"], r["stages"][-1]
         cap = 100 * (1 - last["steps"] * last["vs_full"] / r["steps"])
-        lines += [f"Apollo's authors report {rep['code']}% (code) / {rep['paper']}% (paper) saved on GPT-Base.",
-                  f"Counting is not the difference: without the head it is {r['saved_blocks_only']:.1f}% "
-                  "(attention grows with depth",
-                  "like the matmuls, so leaving it out changes nothing), and the full-depth last stage caps any",
-                  f"per-step saving at {cap:.0f}%. Theirs must measure something else, presumably the FLOPs to "
-                  "reach the",
+        lines += [f"Apollo's authors report {rep['code']}% (code) / {rep['paper']}% (paper) "
+                  "saved on GPT-Base.",
+                  "Counting is not the difference: without the head it is "
+                  f"{r['saved_blocks_only']:.1f}% (attention grows with depth",
+                  "like the matmuls, so leaving it out changes nothing), "
+                  "and the full-depth last stage caps any",
+                  f"per-step saving at {cap:.0f}%. Theirs must measure something else, "
+                  "presumably the FLOPs to reach the",
                   "baseline's loss, which counts the steps Apollo would not need."]
     return "\n".join(lines + counted(r))
 
@@ -397,15 +437,18 @@ def bench(run, steps, warmup=3):
 
 
 def measure_cases(L, S):
-    """The distinct steps of S-stage incremental training, {(unique, trainable, isolate): (labels, StepPlan)},
-    in step order. Phase 1 of stage 1 equals its phase 2, and the last phase 2 is the baseline."""
+    """The distinct steps of S-stage incremental training,
+    {(unique, trainable, isolate): (labels, StepPlan)}, in step order. Phase 1 of stage 1 equals
+    its phase 2, and the last phase 2 is the baseline."""
     cases = {}
-    schedules = {mode: regime_config("incremental", L, 2 * S, stages=S, phase1_mode=mode).build_schedule()
+    schedules = {mode: regime_config("incremental", L, 2 * S, stages=S,
+                                     phase1_mode=mode).build_schedule()
                  for mode in ("freeze", "isolate")}
     for step in range(2 * S):  # one step per phase
         for mode, schedule in schedules.items():
             sp = schedule.step_plan(step)
-            label = f"stage {sp.stage} phase {sp.phase}" + (f" {mode}" if sp.phase == 1 and sp.stage > 1 else "")
+            label = (f"stage {sp.stage} phase {sp.phase}"
+                     + (f" {mode}" if sp.phase == 1 and sp.stage > 1 else ""))
             labels, _ = cases.setdefault((sp.unique, sp.trainable, sp.isolate), ([], sp))
             if label not in labels:
                 labels.append(label)
@@ -416,9 +459,9 @@ def measure(device, batch=4, warmup=1, repeats=9, threads=1, seed=0):
     """Median seconds of forward + backward and of the optimizer update for each case, with its
     FLOPs: the two halves of train.py's step (train.forward_backward and train.optimizer_step).
     The config is GPT-2's 12 layers, narrowed so a step takes a fraction of a second on a CPU core;
-    its vocab is cut to 16,384 so the head's share of the forward (~28%) is about GPT-2 124M's (27%).
-    One CPU thread: the ratios are the point, and where other jobs share the cores a second thread
-    stalls the first at every parallel region (we saw steps 8x slower with two)."""
+    its vocab is cut to 16,384 so the head's share of the forward (~28%) is about GPT-2 124M's
+    (27%). One CPU thread: the ratios are the point, and where other jobs share the cores a second
+    thread stalls the first at every parallel region (we saw steps 8x slower with two)."""
     import torch
 
     from fused_loss import FusedLoss
@@ -442,7 +485,8 @@ def measure(device, batch=4, warmup=1, repeats=9, threads=1, seed=0):
     cases = [(labels, sp, Plan(tuple(range(sp.unique)), sp.isolate))
              for labels, sp in measure_cases(cfg.n_layer, 4).values()]
     times = [[] for _ in cases]
-    for i in range(warmup + repeats):  # round-robin, so a shared machine's load hits every case alike
+    # round-robin, so a shared machine's load hits every case alike
+    for i in range(warmup + repeats):
         for (_, sp, plan), t in zip(cases, times):
             grow.set_trainable(model, sp)
             t0 = time.perf_counter()
@@ -454,23 +498,26 @@ def measure(device, batch=4, warmup=1, repeats=9, threads=1, seed=0):
             if i >= warmup:
                 t.append((t1 - t0, time.perf_counter() - t1))
     rows = [dict(step=" = ".join(labels), flops=step_flops(cfg, plan, sp.trainable, batch * T, T),
-                 fwd_bwd=statistics.median(a for a, _ in t), update=statistics.median(b for _, b in t))
+                 fwd_bwd=statistics.median(a for a, _ in t),
+                 update=statistics.median(b for _, b in t))
             for (labels, sp, plan), t in zip(cases, times)]
-    return dict(device=str(device), threads=torch.get_num_threads(), config=cfg.to_dict(), batch=batch,
-                warmup=warmup, repeats=repeats, rows=rows)
+    return dict(device=str(device), threads=torch.get_num_threads(), config=cfg.to_dict(),
+                batch=batch, warmup=warmup, repeats=repeats, rows=rows)
 
 
 def split_report(cfg):
     """Training FLOPs a token of the full-depth baseline spends in the blocks and in the head."""
     total = full_step_flops(cfg, 1, cfg.block_size)
     share = blocks_share(cfg, cfg.block_size)
-    return dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab=cfg.vocab_size, seq_len=cfg.block_size,
-                block_flops=round(total * share), head_flops=round(total * (1 - share)), blocks_share=share)
+    return dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab=cfg.vocab_size,
+                seq_len=cfg.block_size, block_flops=round(total * share),
+                head_flops=round(total * (1 - share)), blocks_share=share)
 
 
 def split_text(r):
-    return (f"{r['n_layer']} layers of width {r['n_embd']}, vocabulary {r['vocab']:,}, sequence {r['seq_len']}: "
-            f"training FLOPs a token {r['block_flops'] / 1e6:.2f}M in the blocks, {r['head_flops'] / 1e6:.2f}M "
+    return (f"{r['n_layer']} layers of width {r['n_embd']}, vocabulary {r['vocab']:,}, "
+            f"sequence {r['seq_len']}: training FLOPs a token "
+            f"{r['block_flops'] / 1e6:.2f}M in the blocks, {r['head_flops'] / 1e6:.2f}M "
             f"in the head: blocks {r['blocks_share']:.1%}")
 
 
@@ -479,16 +526,18 @@ def measure_text(r):
     c = r["config"]
     threads = f"{r['threads']} thread{'s' if r['threads'] > 1 else ''}"
     lines = [f"Measured on {r['device']} ({threads}): {c['n_layer']} layers, d {c['n_embd']}, "
-             f"{c['n_head']} heads, vocab {c['vocab_size']:,}, batch {r['batch']} x {c['block_size']};",
-             f"median of {r['repeats']} rounds over all steps after {r['warmup']} warm-up round; ratios to the "
-             "baseline step (the last row).",
+             f"{c['n_head']} heads, vocab {c['vocab_size']:,}, "
+             f"batch {r['batch']} x {c['block_size']};",
+             f"median of {r['repeats']} rounds over all steps after {r['warmup']} warm-up round; "
+             "ratios to the baseline step (the last row).",
              "A benchmark, not a test: on a shared machine the times are noisy.",
              f"  {'step':<38} {'fwd+bwd ms':>10} {'ratio':>6} {'FLOP ratio':>10} {'update ms':>9} "
              f"{'step ratio':>10}"]
     for row in r["rows"]:
         step = row["fwd_bwd"] + row["update"]
         lines.append(f"  {row['step']:<38} {row['fwd_bwd'] * 1e3:>10.0f} "
-                     f"{row['fwd_bwd'] / base['fwd_bwd']:>6.2f} {row['flops'] / base['flops']:>10.2f} "
+                     f"{row['fwd_bwd'] / base['fwd_bwd']:>6.2f} "
+                     f"{row['flops'] / base['flops']:>10.2f} "
                      f"{row['update'] * 1e3:>9.0f} "
                      f"{step / (base['fwd_bwd'] + base['update']):>10.2f}")
     return "\n".join(lines)
@@ -537,14 +586,17 @@ def loss_worker(conn, variant, device, tokens, d, vocab, chunk, warmup, threads,
     if device.type != "cuda":
         # glibc keeps a freed block under its mmap threshold (which it raises itself, up to 32 MB)
         # for reuse, and such a block reused after the reset would not count in the peak; fixed at
-        # 1 MiB, every tensor from 1 MiB up is a mapping of its own, returned to the system when freed
+        # 1 MiB, every tensor from 1 MiB up is a mapping of its own, returned to the system when
+        # freed
         ctypes.CDLL(None).mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    x = torch.randn(tokens, d, device=device, requires_grad=True)  # (N, d), what ln_f hands the head
+    # (N, d), what ln_f hands the head
+    x = torch.randn(tokens, d, device=device, requires_grad=True)
     w = (0.02 * torch.randn(vocab, d, device=device)).requires_grad_()  # (V, d), the tied head
     y = torch.randint(vocab, (tokens,), device=device)  # (N,)
-    step = torch.compile(chunk_cross_entropy) if variant == "fused, compiled" else chunk_cross_entropy
+    step = (torch.compile(chunk_cross_entropy) if variant == "fused, compiled"
+            else chunk_cross_entropy)
 
     def round_seconds():
         t0 = time.perf_counter()
@@ -581,8 +633,8 @@ def bench_loss(device, warmup=1, repeats=5, threads=1):
     workers = []
     for variant in LOSS_VARIANTS:
         conn, theirs = spawn.Pipe()
-        proc = spawn.Process(target=loss_worker, args=(theirs, variant, device, tokens, d, vocab, chunk, warmup,
-                                                       threads))
+        proc = spawn.Process(target=loss_worker, args=(theirs, variant, device, tokens, d, vocab,
+                                                       chunk, warmup, threads))
         proc.start()
         workers.append((conn, proc))
     for conn, _ in workers:
@@ -597,20 +649,22 @@ def bench_loss(device, warmup=1, repeats=5, threads=1):
         conn.send(None)
         rows.append(dict(variant=variant, seconds=statistics.median(t), peak=conn.recv()))
         proc.join()
-    return dict(device=str(device), torch=torch.__version__, threads=threads, tokens=tokens, d=d, vocab=vocab,
-                chunk=chunk, warmup=warmup, repeats=repeats, rows=rows)
+    return dict(device=str(device), torch=torch.__version__, threads=threads, tokens=tokens, d=d,
+                vocab=vocab, chunk=chunk, warmup=warmup, repeats=repeats, rows=rows)
 
 
 def bench_loss_text(r):
     eager = r["rows"][0]
     lines = [f"The loss region on {r['device']} (torch {r['torch']}, {r['threads']} thread"
-             f"{'s' if r['threads'] > 1 else ''}): {r['tokens']:,} tokens, d {r['d']}, vocab {r['vocab']:,}, "
-             f"fused in chunks of {r['chunk']:,};",
-             f"forward + backward, median of {r['repeats']} rounds round-robin after {r['warmup']} warm-up; "
-             "peak memory above the inputs; each variant in a process of its own.",
+             f"{'s' if r['threads'] > 1 else ''}): {r['tokens']:,} tokens, d {r['d']}, "
+             f"vocab {r['vocab']:,}, fused in chunks of {r['chunk']:,};",
+             f"forward + backward, median of {r['repeats']} rounds round-robin after "
+             f"{r['warmup']} warm-up; peak memory above the inputs; each variant in a process of "
+             "its own.",
              f"  {'variant':<16} {'ms':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}"]
     for row in r["rows"]:
-        lines.append(f"  {row['variant']:<16} {row['seconds'] * 1e3:>8.0f} {row['seconds'] / eager['seconds']:>6.2f} "
+        lines.append(f"  {row['variant']:<16} {row['seconds'] * 1e3:>8.0f} "
+                     f"{row['seconds'] / eager['seconds']:>6.2f} "
                      f"{row['peak'] / 2**20:>9.0f} {row['peak'] / eager['peak']:>6.2f}")
     return "\n".join(lines)
 
@@ -624,35 +678,45 @@ def parse_args(argv=None):
     a("--regime", choices=grow.REGIMES, default="incremental",
       help="the regime whose schedule to cost; a growth regime runs its own stages (grow.REGIMES)")
     a("--stages", type=int, default=4, help="S, incremental stages")
-    a("--steps", type=int, default=10000, help="T: the incremental steps T_inc = T, or a growth run's length")
-    a("--cost", choices=["paper", "exact"], default="paper", help="which model the headline and JSON follow")
+    a("--steps", type=int, default=10000,
+      help="T: the incremental steps T_inc = T, or a growth run's length")
+    a("--cost", choices=["paper", "exact"], default="paper",
+      help="which model the headline and JSON follow")
     a("--phase1-mode", choices=["freeze", "isolate"], default="freeze",
-      help="freeze: gradients pass through old blocks (the authors' code); isolate: no_grad (the paper's)")
-    a("--model", choices=SIZES, default="gpt2")
-    a("--seq-len", type=int, default=1024)
+      help="freeze: gradients pass through old blocks (the authors' code); "
+           "isolate: no_grad (the paper's)")
+    a("--model", choices=SIZES, default="gpt2", help="the GPT-2 size")
+    a("--seq-len", type=int, default=1024, help="tokens per sequence")
     a("--batch-tokens", type=int, default=524288, help="tokens per optimizer step")
     a("--mfu", type=float, default=0.40, help="model FLOPs utilization for GPU-hours")
-    a("--ranks", type=int, default=8, help="growth regimes: data-parallel ranks (a step waits for the slowest)")
+    a("--ranks", type=int, default=8,
+      help="growth regimes: data-parallel ranks (a step waits for the slowest)")
     a("--accum", type=int, default=1, help="growth regimes: micro-batches per rank per step")
     a("--json", action="store_true", help="print the results as one JSON object")
-    a("--measure", action="store_true", help="time real training steps on this machine (a benchmark)")
+    a("--measure", action="store_true",
+      help="time real training steps on this machine (a benchmark)")
     a("--bench-loss", action="store_true",
       help="time the head and loss, eager against fused, and their peak memory (a benchmark)")
     a("--device", default="auto", help="for --measure and --bench-loss: auto, cpu, cuda")
-    a("--split", action="store_true", help="the training FLOPs of the blocks against the head's, a token")
+    a("--split", action="store_true",
+      help="the training FLOPs of the blocks against the head's, a token")
     a("--n-layer", type=int, help="--split: instead of --model's")
     a("--n-embd", type=int, help="--split: instead of --model's")
-    a("--vocab", type=int, help="--split: instead of GPT-2's padded 50,304 (train.py's from the data's meta.json)")
+    a("--vocab", type=int,
+      help="--split: instead of GPT-2's padded 50,304 (train.py's from the data's meta.json)")
     args = p.parse_args(argv)
     # flags the chosen report would silently ignore
-    given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv)
+             if a.startswith("--")}
     shape = {"n-layer", "n-embd", "vocab"}
     if args.measure or args.bench_loss:
-        wrong, mode = given - {"measure", "bench-loss", "device", "json"}, "--measure or --bench-loss"
+        wrong, mode = (given - {"measure", "bench-loss", "device", "json"},
+                       "--measure or --bench-loss")
     elif args.split:
         wrong, mode = given - {"split", "model", "seq-len", "json"} - shape, "--split"
     else:
-        wrong = given & ({"device"} | shape | ({"stages", "cost", "phase1-mode"} if args.regime != "incremental"
+        wrong = given & ({"device"} | shape | ({"stages", "cost", "phase1-mode"}
+                                               if args.regime != "incremental"
                                                else {"ranks", "accum"}))
         mode = "--regime " + args.regime
     if wrong:
@@ -666,18 +730,20 @@ def check(args):
     for flag, value in sizes.items():
         if value <= 0:
             raise ValueError(f"{flag} {value} must be positive")
-    if args.regime == "incremental" and args.steps < 2 * args.stages:  # else a phase would have no step
+    # else a phase would have no step
+    if args.regime == "incremental" and args.steps < 2 * args.stages:
         raise ValueError(f"--steps {args.steps} is too few for {args.stages} stages of two phases: "
                          f"use at least {2 * args.stages}")
     for flag, value in {"--ranks": args.ranks, "--accum": args.accum}.items():
         if value < 1:
             raise ValueError(f"{flag} {value} must be 1 or more")
     if args.batch_tokens % (args.ranks * args.accum * args.seq_len):
-        raise ValueError(f"--batch-tokens {args.batch_tokens} must split into --ranks x --accum micro-batches of "
-                         f"whole --seq-len {args.seq_len} sequences")
+        raise ValueError(f"--batch-tokens {args.batch_tokens} must split into --ranks x --accum "
+                         f"micro-batches of whole --seq-len {args.seq_len} sequences")
     if not 0 < args.mfu <= 1:  # NaN fails this too
         raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
-    for flag, value in {"--n-layer": args.n_layer, "--n-embd": args.n_embd, "--vocab": args.vocab}.items():
+    for flag, value in {"--n-layer": args.n_layer, "--n-embd": args.n_embd,
+                        "--vocab": args.vocab}.items():
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value} must be 1 or more")
 
@@ -690,19 +756,21 @@ def main(argv=None):
             import torch
 
             device = torch.device(devices.pick_device(args.device))
-            report, text = (measure(device), measure_text) if args.measure else (bench_loss(device), bench_loss_text)
+            report, text = ((measure(device), measure_text) if args.measure
+                            else (bench_loss(device), bench_loss_text))
         elif args.split:
-            shape = {k: v for k, v in dict(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab).items()
+            shape = {k: v for k, v in dict(n_layer=args.n_layer, n_embd=args.n_embd,
+                                           vocab_size=args.vocab).items()
                      if v is not None}
             cfg = GPTConfig(**{**vars(model_config(args.model, args.seq_len)), **shape})
             report, text = split_report(cfg), split_text
         elif args.regime == "incremental":
-            report = incremental_report(args.model, args.stages, args.steps, args.phase1_mode, args.cost,
-                                        args.seq_len, args.batch_tokens, args.mfu)
+            report = incremental_report(args.model, args.stages, args.steps, args.phase1_mode,
+                                        args.cost, args.seq_len, args.batch_tokens, args.mfu)
             text = incremental_text
         else:
-            report = growth_report(args.model, args.regime, args.steps, args.seq_len, args.batch_tokens, args.mfu,
-                                   args.ranks, args.accum)
+            report = growth_report(args.model, args.regime, args.steps, args.seq_len,
+                                   args.batch_tokens, args.mfu, args.ranks, args.accum)
             text = growth_text
     print(json.dumps(report) if args.json else text(report))
 

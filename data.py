@@ -243,7 +243,8 @@ class ShardLoader:
     is skipped). The position is three integers, saved in checkpoints."""
 
     def __init__(self, files, B, T, rank, world, seed, vocab_size=None):
-        self.files, self.B, self.T, self.rank, self.world, self.seed = files, B, T, rank, world, seed
+        (self.files, self.B, self.T,
+         self.rank, self.world, self.seed) = files, B, T, rank, world, seed
         self.vocab_size = vocab_size  # token ids are checked against it as each shard is loaded
         self.window = B * T * world
         self.epoch, self.shard, self.pos = 0, 0, 0
@@ -280,6 +281,14 @@ class ShardLoader:
 
     def load_state_dict(self, state):
         self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
+
+
+def open_shards(data_dir, B, T, rank, world, seed, val_tokens, vocab_size):
+    """The training loader and the validation set of a shard folder, for rank `rank` of `world`,
+    their token ids checked against the model's vocabulary."""
+    train_files, val_files = list_shards(data_dir)
+    return (ShardLoader(train_files, B, T, rank, world, seed, vocab_size),
+            ValSet(val_files, val_tokens, B, T, vocab_size))
 
 
 class ValSet:

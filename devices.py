@@ -85,7 +85,8 @@ def check_fits(cfg, device):
     if 16 * params > total:
         raise ValueError(f"a model of {L} layers of width {d} has {params / 1e9:,.1f}B parameters "
                          f"and needs {16 * params / 2**30:,.0f} GiB for weights, gradients and "
-                         f"AdamW; {device} has {total / 2**30:,.0f} GiB: lower --n-layer or --n-embd")
+                         f"AdamW; {device} has {total / 2**30:,.0f} GiB: "
+                         "lower --n-layer or --n-embd")
 
 
 def teardown():

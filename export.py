@@ -1,18 +1,19 @@
-"""Export a train.py checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors), which
-transformers loads and lm-eval-harness evaluates.
+"""Export a train.py checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors),
+which transformers loads and lm-eval-harness evaluates.
 
     python export.py --checkpoint out/ckpt.pt --out out/hf
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('out/hf')"
     lm_eval --model hf --model_args pretrained=out/hf,tokenizer=gpt2 --tasks hellaswag
 
-The folder holds the model as the checkpoint is evaluated: its eval plan unrolled, so a weight-shared
-(Apollo) checkpoint becomes a plain GPT-2 of full depth whose layer j is a copy of the block at plan
-position j; the vocabulary cut from the padded 50,304 to GPT-2's 50,257 tokens; the head tied to
-the token embedding. MSG's gates have no GPT-2 equivalent, so a checkpoint saved while they were
-opening is refused. Writing the folder needs safetensors, not transformers; the tokenizer is
-GPT-2's own, not written here (tokenizer=gpt2 above). A byte- or char-level checkpoint exports too,
-at its own vocabulary and without GPT-2's end-of-text token; its tokenizer (meta.json's record,
-copied into the folder as nanogrow_tokenizer.json) has no Hugging Face form here: build one to use it there.
+The folder holds the model as the checkpoint is evaluated: its eval plan unrolled, so a
+weight-shared (Apollo) checkpoint becomes a plain GPT-2 of full depth whose layer j is a copy of the
+block at plan position j; the vocabulary cut from the padded 50,304 to GPT-2's 50,257 tokens; the
+head tied to the token embedding. MSG's gates have no GPT-2 equivalent, so a checkpoint saved while
+they were opening is refused. Writing the folder needs safetensors, not transformers; the tokenizer
+is GPT-2's own, not written here (tokenizer=gpt2 above). A byte- or char-level checkpoint exports
+too, at its own vocabulary and without GPT-2's end-of-text token; its tokenizer (meta.json's record,
+copied into the folder as nanogrow_tokenizer.json) has no Hugging Face form here: build one to use
+it there.
 """
 import json
 import os
@@ -22,24 +23,28 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import runfolder
-from config import Parser, one_line_errors
+from cli import Parser, one_line_errors
 from data import EOT, GPT2_META
 from model import CONV1D_WEIGHTS
 
-VOCAB = GPT2_META["vocab_size"]  # GPT-2's tokenizer; the rows above it pad the matmuls, no token uses them
+# GPT-2's tokenizer; the rows above it pad the matmuls, no token uses them
+VOCAB = GPT2_META["vocab_size"]
 
 
 def hf_config(cfg, n_layer, vocab, eot=EOT):
-    """GPT2Config's fields for our GPTConfig at depth n_layer: what model.py builds, spelled HF's way.
+    """GPT2Config's fields for our GPTConfig at depth n_layer: what model.py builds,
+    spelled HF's way.
     eot: the bos and eos token (GPT-2's <|endoftext|>), None for a tokenizer without one."""
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": vocab, "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": n_layer,
+        "vocab_size": vocab, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+        "n_layer": n_layer,
         "n_head": cfg.n_head, "n_inner": None,  # None: 4 · n_embd, as model.MLP
         "activation_function": "gelu_new",  # GELU's tanh approximation, as model.MLP
         "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which model.py uses
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # trained without dropout
-        "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot,
+        "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": eot,
+        "eos_token_id": eot,
     }
 
 
@@ -47,7 +52,8 @@ def hf_state_dict(model, plan, vocab):
     """Our weights along the plan, named and shaped as GPT2LMHeadModel holds them: layer j is a copy
     of block plan.blocks[j], Conv1D weights transposed, wte cut to `vocab` rows. lm_head.weight is
     left out: it is tied to wte, and transformers ties it on loading."""
-    ours = {k: v for k, v in model.state_dict().items() if not k.startswith(("transformer.h.", "lm_head."))}
+    ours = {k: v for k, v in model.state_dict().items()
+            if not k.startswith(("transformer.h.", "lm_head."))}
     ours["transformer.wte.weight"] = ours["transformer.wte.weight"][:vocab]  # (vocab, C)
     for j, b in enumerate(plan.blocks):
         for k, v in model.transformer.h[b].state_dict().items():
@@ -64,8 +70,9 @@ def export(checkpoint, out):
     model, plan = runfolder.load_model(ckpt)
     meta = ckpt["tokenizer"]
     if plan.gates is not None:
-        raise ValueError(f"{checkpoint} was saved while MSG's gates were opening (μ = {plan.gates}), which GPT-2 "
-                         "cannot express: export a checkpoint saved after --msg-ramp steps of the last stage")
+        raise ValueError(f"{checkpoint} was saved while MSG's gates were opening "
+                         f"(μ = {plan.gates}), which GPT-2 cannot express: export a checkpoint "
+                         "saved after --msg-ramp steps of the last stage")
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder: choose another --out")
@@ -78,7 +85,8 @@ def export(checkpoint, out):
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if not gpt2:  # what a Hugging Face tokenizer for this model must reproduce
         (tmp / "nanogrow_tokenizer.json").write_text(json.dumps(meta, indent=1) + "\n")
-    save_file(hf_state_dict(model, plan, vocab), tmp / "model.safetensors", metadata={"format": "pt"})
+    save_file(hf_state_dict(model, plan, vocab), tmp / "model.safetensors",
+              metadata={"format": "pt"})
     os.replace(tmp, out)  # a folder replaces an empty one in a single rename
     return len(plan.blocks), len(set(plan.blocks)), meta
 
@@ -91,10 +99,12 @@ def main(argv=None):
     with one_line_errors():
         depth, unique, meta = export(args.checkpoint, args.out)
     shared = f" ({unique} unique blocks unrolled)" if unique < depth else ""
-    print(f"{args.out}: GPT-2 with {depth} layers{shared}; GPT2LMHeadModel.from_pretrained({str(args.out)!r}) loads it")
+    print(f"{args.out}: GPT-2 with {depth} layers{shared}; "
+          f"GPT2LMHeadModel.from_pretrained({str(args.out)!r}) loads it")
     if meta["tokenizer"] != "gpt2":
-        print(f"its tokenizer is {meta['tokenizer']}-level ({meta['vocab_size']} tokens, recorded in "
-              "nanogrow_tokenizer.json), not GPT-2's: build a Hugging Face tokenizer for it separately")
+        print(f"its tokenizer is {meta['tokenizer']}-level ({meta['vocab_size']} tokens, "
+              "recorded in nanogrow_tokenizer.json), not GPT-2's: "
+              "build a Hugging Face tokenizer for it separately")
 
 
 if __name__ == "__main__":

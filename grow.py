@@ -46,8 +46,9 @@ REGIMES = {
     # new blocks start as the identity: their residual output projections are zero
     "zero": dict(grow_op="zero", grow_layers="3,6,12", grow_at="0.1,0.25"),
     # late expansion (Bu 2025): 0 blocks (embeddings, final norm and head) for most of the run, one
-    # expansion to full depth at 80% of the steps, under a warmup-stable-decay LR; --grow-layers 1,12
-    # starts from one block, and --grow-op copy-top then copies it into every new slot
+    # expansion to full depth at 80% of the steps, under a warmup-stable-decay LR;
+    # --grow-layers 1,12 starts from one block, and --grow-op copy-top then copies it into every
+    # new slot
     "late": dict(grow_layers="0,12", grow_at="0.8", schedule="wsd"),
 }
 
@@ -68,8 +69,8 @@ class Stage:
 
 
 def stage_layers(L, S):
-    """Active blocks after each of S stages: ceil(i·L/S). Sizes differ by at most one and the
-    larger stages come first: 12 layers in 8 stages grow by 2,1,2,1,2,1,2,1, so every layer trains."""
+    """Active blocks after each of S stages: ceil(i·L/S). Sizes differ by at most one and the larger
+    stages come first: 12 layers in 8 stages grow by 2,1,2,1,2,1,2,1, so every layer trains."""
     return [-(-i * L // S) for i in range(1, S + 1)]
 
 
@@ -92,8 +93,8 @@ def incremental_stages(L, S, inc_steps, phase1_frac=0.5, freeze="freeze"):
 
 def scale_layers(layers, L):
     """A layer list written for 12 layers, fitted to L: 1,3,6,12 on 24 layers is 2,6,12,24. Where
-    scaling merges two stages (1,3,6,12 on 4 layers is 1,1,2,4) the later one of the pair is dropped.
-    Returns the indices kept and their layer counts."""
+    scaling merges two stages (1,3,6,12 on 4 layers is 1,1,2,4) the later one of the pair is
+    dropped. Returns the indices kept and their layer counts."""
     if layers[-1] == 12 and L != 12:  # 0 blocks stay 0; any other count keeps at least one
         layers = [max(1, round(u * L / 12)) if u else 0 for u in layers]
     keep = [i for i in range(len(layers)) if i == 0 or layers[i] != layers[i - 1]]
@@ -106,7 +107,8 @@ def growth_stages(layers_spec, at_spec, L, max_steps):
     layers = [int(x) for x in layers_spec.split(",")]
     at = [float(x) for x in at_spec.split(",")]
     if len(at) != len(layers) - 1:
-        raise ValueError(f"--grow-at needs {len(layers) - 1} fractions for {len(layers)} layer counts")
+        raise ValueError(f"--grow-at needs {len(layers) - 1} fractions for "
+                         f"{len(layers)} layer counts")
     keep, layers = scale_layers(layers, L)
     if layers[-1] != L:
         raise ValueError(f"--grow-layers {layers_spec} must end at the model's {L} layers")
@@ -136,7 +138,8 @@ class Schedule:
     n_layer: int  # L, the model's blocks
     depth: str = "unique"  # depth sampler (depth_probs)
     share: str = "interp"  # block at each position of a shared depth (layer_plan)
-    isolate: bool = False  # phase 1 runs the old blocks without autograd ("isolate") or through them
+    # phase 1 runs the old blocks without autograd ("isolate") or through them
+    isolate: bool = False
     seed: int = 0  # of the depth draws
 
     def stage_index(self, step):
@@ -150,7 +153,8 @@ class Schedule:
         st = self.stages[i]
         prev = self.stages[i - 1].layers if i else 0
         if step < st.start + st.phase1:
-            return StepPlan(i + 1, 1, st.layers, tuple(range(prev, st.layers)), prev if self.isolate else 0)
+            return StepPlan(i + 1, 1, st.layers, tuple(range(prev, st.layers)),
+                            prev if self.isolate else 0)
         return StepPlan(i + 1, 2, st.layers, tuple(range(st.layers)), 0)
 
     def gates(self, i, step, blocks):
@@ -179,9 +183,9 @@ class Schedule:
         return Plan(blocks, 0, self.gates(stage - 1, step, blocks))
 
 
-def build_schedule(regime, n_layer, max_steps, inc_steps, seed, *, stages, phase1_frac, phase1_mode,
-                   continual_optimizer, grow_layers, grow_at, grow_op, depth, share, growth_optimizer,
-                   msg_ramp, rewarm):
+def build_schedule(regime, n_layer, max_steps, inc_steps, seed, *, stages, phase1_frac,
+                   phase1_mode, continual_optimizer, grow_layers, grow_at, grow_op, depth, share,
+                   growth_optimizer, msg_ramp, rewarm):
     """The Schedule of a run from its regime and options (config.Config.schedule), or a ValueError
     with a one-line reason for a combination that cannot work."""
     L = n_layer
@@ -202,8 +206,8 @@ def build_schedule(regime, n_layer, max_steps, inc_steps, seed, *, stages, phase
         layout = growth_stages(grow_layers, grow_at, L, max_steps)
         continual = None
         if layout[0].layers == 0 and grow_op not in ("random", "zero", "msg"):
-            raise ValueError(f"--grow-op {grow_op} copies blocks, and a model of 0 blocks has none: "
-                             "use random, zero or msg, or start from 1 block")
+            raise ValueError(f"--grow-op {grow_op} copies blocks, and a model of 0 blocks "
+                             "has none: use random, zero or msg, or start from 1 block")
     entered = [replace(st, grow_op=grow_op, rewarm=rewarm, ramp=msg_ramp if grow_op == "msg" else 0,
                        optimizer=continual_optimizer if i == continual else growth_optimizer)
                for i, st in enumerate(layout[1:], 1)]
@@ -302,7 +306,8 @@ def growth_map(u, u2, op):
         return [j * u // u2 for j in range(u2)]
     if op == "stack":  # StackBERT / G_stack: 3 -> 6 gives [0,1,2,0,1,2]
         return [j % u for j in range(u2)]
-    if op == "copy-top":  # MSLT: the new top blocks copy the current top ones, 3 -> 5 gives [0,1,2,1,2]
+    # MSLT: the new top blocks copy the current top ones, 3 -> 5 gives [0,1,2,1,2]
+    if op == "copy-top":
         return list(range(u)) + [(u - new + i) % u for i in range(new)]
     if op in ("random", "zero", "msg"):  # keep the new slots' own initialisation
         return list(range(u)) + [None] * new
@@ -348,7 +353,8 @@ def set_trainable(model, sp):
 
 def segments(schedule, steps):
     """[start, end) step ranges of the first `steps` steps over which step_plan stays put."""
-    cuts = sorted({0, steps} | {c for st in schedule.stages for c in (st.start, st.start + st.phase1)
+    cuts = sorted({0, steps} | {c for st in schedule.stages
+                                for c in (st.start, st.start + st.phase1)
                                 if 0 < c < steps})
     return list(zip(cuts, cuts[1:]))
 
@@ -363,7 +369,8 @@ def depth_step_flops(cfg, schedule, sp, d, tokens, seq_len):
 def expected_step_flops(cfg, schedule, sp, probs, tokens, seq_len):
     """FLOPs of one step under StepPlan sp when each token's micro-batch runs depth d with
     probability probs[d]. Fractions keep it exact (probs are floats, but exactly representable)."""
-    return sum(Fraction(p) * depth_step_flops(cfg, schedule, sp, d, tokens, seq_len) for d, p in probs.items())
+    return sum(Fraction(p) * depth_step_flops(cfg, schedule, sp, d, tokens, seq_len)
+               for d, p in probs.items())
 
 
 def schedule_phases(cfg, schedule, steps, tokens, seq_len):
@@ -373,7 +380,8 @@ def schedule_phases(cfg, schedule, steps, tokens, seq_len):
     for start, end in segments(schedule, steps):
         sp = schedule.step_plan(start)
         probs = depth_probs(schedule.depth, sp.unique, cfg.n_layer)
-        rows.append(dict(stage=sp.stage, phase=sp.phase, layers=sp.unique, trained=len(sp.trainable),
+        rows.append(dict(stage=sp.stage, phase=sp.phase, layers=sp.unique,
+                         trained=len(sp.trainable),
                          start=start, steps=end - start, depth=sum(d * p for d, p in probs.items()),
                          step_flops=expected_step_flops(cfg, schedule, sp, probs, tokens, seq_len)))
     return rows
@@ -384,12 +392,14 @@ def budget_max_steps(build, budget_steps, cfg, tokens, seq_len):
     budget_steps steps: a cheaper regime gets more steps, so regimes compare at equal compute.
     build(max_steps) -> Schedule, since stage starts may depend on the run's length."""
     budget = budget_steps * full_step_flops(cfg, tokens, seq_len)
-    build(100 * budget_steps)  # flag errors that no run length cures surface here, with their own message
+    # flag errors that no run length cures surface here, with their own message
+    build(100 * budget_steps)
     for steps in range(budget_steps, 100 * budget_steps):
         try:
             schedule = build(steps)
         except ValueError:  # too short for its stages (e.g. two growths on one step): try longer
             continue
-        if sum(p["steps"] * p["step_flops"] for p in schedule_phases(cfg, schedule, steps, tokens, seq_len)) >= budget:
+        if sum(p["steps"] * p["step_flops"]
+               for p in schedule_phases(cfg, schedule, steps, tokens, seq_len)) >= budget:
             return steps
     raise ValueError(f"--budget-steps {budget_steps}: no run length reaches the budget")

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 import devices
 import runfolder
-from config import Parser, one_line_errors
+from cli import Parser, one_line_errors
 from data import DataError, gpt2_encoding
-from model import SIZES, GPT
+from model import GPT, SIZES
 from prepare_fineweb import DownloadError, download
 
 SCORING = "completion scoring, build-nanogpt style; not comparable with lm-eval-harness"
@@ -35,7 +35,8 @@ SPLITS = ("val", "train", "test")
 # sha256 of the val file, the one we report numbers on; train and test are downloaded unchecked
 SHA256 = {"val": "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"}
 CACHE_DIR = "data/hellaswag"
-DATA_DIR_ENV = "NANOGROW_HELLASWAG_DIR"  # a folder of hellaswag_{split}.jsonl used instead of downloading
+# a folder of hellaswag_{split}.jsonl used instead of downloading
+DATA_DIR_ENV = "NANOGROW_HELLASWAG_DIR"
 
 
 # -----------------------------------------------------------------------------
@@ -45,10 +46,11 @@ def download_split(split="val", cache_dir=CACHE_DIR, base_url=BASE_URL):
     """Path of hellaswag_{split}.jsonl in cache_dir, downloaded from base_url if not there yet."""
     name = f"hellaswag_{split}.jsonl"
     try:
-        return download(base_url.format(split=split), Path(cache_dir) / name, sha256=SHA256.get(split), desc=name)
+        return download(base_url.format(split=split), Path(cache_dir) / name,
+                        sha256=SHA256.get(split), desc=name)
     except DownloadError as e:
-        raise DownloadError(f"could not download HellaSwag ({e}); offline, put {name} in a folder and set "
-                            f"{DATA_DIR_ENV} to it (or pass --data-file)") from None
+        raise DownloadError(f"could not download HellaSwag ({e}); offline, put {name} in a folder "
+                            f"and set {DATA_DIR_ENV} to it (or pass --data-file)") from None
 
 
 def parse_line(line):
@@ -59,7 +61,8 @@ def parse_line(line):
     ctx, endings, label = ex.get("ctx"), ex.get("endings"), ex.get("label")
     if not isinstance(ctx, str):
         raise ValueError("'ctx' is not a string")
-    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+    if not (isinstance(endings, list) and len(endings) == 4
+            and all(isinstance(e, str) for e in endings)):
         raise ValueError("'endings' is not a list of 4 strings")
     if label is not None and (type(label) is not int or not 0 <= label <= 3):
         raise ValueError(f"'label' is {label!r}, not 0..3")
@@ -73,11 +76,13 @@ def load_examples(split="val", data_file=None, limit=None, cache_dir=CACHE_DIR):
     """
     if data_file is None:
         data_dir = os.environ.get(DATA_DIR_ENV)
-        data_file = Path(data_dir) / f"hellaswag_{split}.jsonl" if data_dir else download_split(split, cache_dir)
+        data_file = (Path(data_dir) / f"hellaswag_{split}.jsonl" if data_dir
+                     else download_split(split, cache_dir))
     if not Path(data_file).is_file():
         raise DataError(f"{data_file}: no such file")
     examples = []
-    with open(data_file, "rb") as f:  # bytes: json.loads decodes them, so bad UTF-8 gets a line number too
+    # bytes: json.loads decodes them, so bad UTF-8 gets a line number too
+    with open(data_file, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(examples) >= limit:
                 break
@@ -120,7 +125,8 @@ def render(example, enc, block_size=None):
     ctx = enc.encode_ordinary(example["ctx"])
     rows, masks = [], []
     for ending in example["endings"]:
-        end = enc.encode_ordinary(" " + ending)  # the space belongs to the ending, as GPT-2 tokenizes it
+        # the space belongs to the ending, as GPT-2 tokenizes it
+        end = enc.encode_ordinary(" " + ending)
         row, mask = ctx + end, [0] * len(ctx) + [1] * len(end)
         if block_size is not None:
             # Too long for the model: drop the oldest context tokens, the ending must stay whole.
@@ -155,8 +161,10 @@ def score_batch(model, rendered, device, plan=None):
     return sum_loss.view(-1, 4), mean_loss.view(-1, 4)
 
 
-def predict(model, examples, device, plan=None, batch_size=16, autocast_dtype=None, progress=False):
-    """Predicted ending per example by summed loss (acc) and by mean loss (acc_norm), in input order.
+def predict(model, examples, device, plan=None, batch_size=16, autocast_dtype=None,
+            progress=False):
+    """Predicted ending per example by summed loss (acc) and by mean loss (acc_norm), in input
+    order.
 
     model: a GPT, or anything with .config.block_size, .hidden(idx, plan=...) and .lm_head.
 
@@ -176,12 +184,14 @@ def predict(model, examples, device, plan=None, batch_size=16, autocast_dtype=No
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast, tqdm(total=len(examples), unit="example", desc="hellaswag", leave=False,
+        with torch.no_grad(), autocast, tqdm(total=len(examples), unit="example", desc="hellaswag",
+                                             leave=False,
                                              disable=None if progress else True) as bar:
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 sum_loss, mean_loss = score_batch(model, [rendered[i] for i in batch], device, plan)
-                for i, p, pn in zip(batch, sum_loss.argmin(dim=1).tolist(), mean_loss.argmin(dim=1).tolist()):
+                for i, p, pn in zip(batch, sum_loss.argmin(dim=1).tolist(),
+                                    mean_loss.argmin(dim=1).tolist()):
                     pred[i], pred_norm[i] = p, pn
                 bar.update(len(batch))
     finally:
@@ -189,7 +199,8 @@ def predict(model, examples, device, plan=None, batch_size=16, autocast_dtype=No
     return pred, pred_norm
 
 
-def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=None, progress=False):
+def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=None,
+             progress=False):
     """dict(acc, acc_norm, n) over all examples (SCORING: completion, not lm-eval-harness).
 
     Under torch.distributed every rank passes the same examples, scores its share and gets the
@@ -200,7 +211,8 @@ def evaluate(model, examples, device, plan=None, batch_size=16, autocast_dtype=N
     ddp = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     share = examples[rank::world]
-    pred, pred_norm = predict(model, share, device, plan, batch_size, autocast_dtype, progress and rank == 0)
+    pred, pred_norm = predict(model, share, device, plan, batch_size, autocast_dtype,
+                              progress and rank == 0)
     labels = [ex["label"] for ex in share]
     counts = torch.tensor([
         sum(p == y for p, y in zip(pred, labels)),
@@ -242,7 +254,8 @@ def main(argv=None):
     parser.add_argument("--model", choices=list(SIZES),
                         help="OpenAI's weights (needs transformers and internet)")
     parser.add_argument("--split", choices=SPLITS, default="val", help="the HellaSwag split")
-    parser.add_argument("--data-file", help="a local hellaswag_{split}.jsonl instead of the download")
+    parser.add_argument("--data-file",
+                        help="a local hellaswag_{split}.jsonl instead of the download")
     parser.add_argument("--limit", type=int, help="only the first N examples; unset: all")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="examples per forward pass (4 rows each; logits only at the ending "
@@ -276,7 +289,8 @@ def main(argv=None):
         print(json.dumps(dict(result, scoring=SCORING_TAG)))
     else:
         print(f"hellaswag {result['split']}: acc {result['acc']:.4f}  acc_norm "
-              f"{result['acc_norm']:.4f}  n {result['n']}  {result['examples_per_s']:.1f} examples/s")
+              f"{result['acc_norm']:.4f}  n {result['n']}  "
+              f"{result['examples_per_s']:.1f} examples/s")
         print(f"({SCORING})")
 
 

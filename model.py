@@ -44,7 +44,8 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d):
-        return cls(tuple(d["blocks"]), d["isolate"], None if d["gates"] is None else tuple(d["gates"]))
+        return cls(tuple(d["blocks"]), d["isolate"],
+                   None if d["gates"] is None else tuple(d["gates"]))
 
 
 def full_plan(n_layer):
@@ -141,9 +142,11 @@ class GPT(nn.Module):
         self.compiled = [torch.compile(block) for block in self.transformer.h]
 
     def hidden(self, idx, plan=None):
-        """Final hidden states (B, T, C) of idx (B, T) along the Plan (default: every block once)."""
+        """Final hidden states (B, T, C) of idx (B, T) along the Plan (default: every block
+        once)."""
         B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
+        assert T <= self.config.block_size, (f"sequence of {T} exceeds block_size "
+                                             f"{self.config.block_size}")
         plan = full_plan(self.config.n_layer) if plan is None else plan
         blocks = self.compiled if (self.compiled and self.training) else self.transformer.h
         grad = torch.is_grad_enabled()
@@ -181,7 +184,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name):
-        """OpenAI's GPT-2 weights via Hugging Face transformers (needs it installed and internet)."""
+        """OpenAI's GPT-2 weights via Hugging Face transformers (needs it installed and
+        internet)."""
         if name not in SIZES:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SIZES)}")
         try:
@@ -195,7 +199,8 @@ class GPT(nn.Module):
 
 
 # OpenAI's checkpoints use Conv1D, which stores these weights as (in, out): Linear's transposed.
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
 
 
 def convert_hf_state_dict(hf):
@@ -255,7 +260,8 @@ def blocks_share(cfg, seq_len):
 # Dense bf16 peak FLOP/s of common cards (the datasheets' sparsity figures are twice these), by a
 # part of the name torch.cuda.get_device_name gives; the first match wins, so "H100 PCIe" comes
 # before "H100" (the SXM part)
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
+             "L4": 121e12}
 
 
 def peak_flops(device_name):

@@ -1,6 +1,6 @@
-"""Plot and tabulate train.py runs: training loss, val loss and HellaSwag against cumulative training
-FLOPs (or steps), one line per run, with the equal-cost evaluations drawn as large solid markers as
-in the paper's figures.
+"""Plot and tabulate train.py runs: training loss, val loss and HellaSwag against cumulative
+training FLOPs (or steps), one line per run, with the equal-cost evaluations drawn as large solid
+markers as in the paper's figures.
 
     python plot.py out/baseline out/inc4 --out runs.png            # a run folder or its log.jsonl
     python plot.py out/baseline out/inc4 --out runs.png --x step
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import Parser
+from cli import Parser
 
 EMA = 0.9  # per-step loss is noisy; this smooths over ~10 steps, light next to a run's thousands
 STEP_FIELDS = ("step", "loss", "flops", "dt")  # what the figure and table read from a step record
@@ -62,7 +62,8 @@ def read_log(path):
         kind, needed = ("a step", STEP_FIELDS) if "loss" in rec else ("an evaluation", EVAL_FIELDS)
         missing = [k for k in needed if k not in rec] if "loss" in rec or "val_loss" in rec else []
         if missing:
-            raise ValueError(f"{path}:{n}: {kind} record without {', '.join(missing)} (not a train.py log?)")
+            raise ValueError(f"{path}:{n}: {kind} record without {', '.join(missing)} "
+                             "(not a train.py log?)")
         if "loss" in rec:
             steps[rec["step"]] = rec
         elif "val_loss" in rec:
@@ -91,7 +92,8 @@ def new_figure(size):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("plot.py needs matplotlib for the figure: pip install matplotlib") from None
+        raise ImportError("plot.py needs matplotlib for the figure: "
+                          "pip install matplotlib") from None
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -108,7 +110,8 @@ def make_figure(runs, labels, x="flops"):
     HellaSwag acc_norm, against x = "flops" (cumulative training FLOPs) or "step"."""
     fig = new_figure((16, 4.8))
     train_ax, val_ax, hs_ax = fig.subplots(1, 3, sharex=True)
-    hs_sizes = sorted({e["hellaswag_n"] for run in runs for e in run["evals"] if "hellaswag_n" in e})
+    hs_sizes = sorted({e["hellaswag_n"] for run in runs for e in run["evals"]
+                       if "hellaswag_n" in e})
     hs_label = "HellaSwag acc_norm" + (f" (n={hs_sizes[0]})" if len(hs_sizes) == 1 else "")
     panels = [  # (axes, y key, y label, what "no data" means)
         (val_ax, "val_loss", "validation loss", "no validation evaluations"),
@@ -116,14 +119,17 @@ def make_figure(runs, labels, x="flops"):
     ]
     for run, label, color in zip(runs, labels, line_colors(len(runs))):
         steps = run["steps"]
-        train_ax.plot([r[x] for r in steps], ema([r["loss"] for r in steps]), color=color, label=label)
+        train_ax.plot([r[x] for r in steps], ema([r["loss"] for r in steps]), color=color,
+                      label=label)
         for ax, key, _, _ in panels:
             evals = [e for e in run["evals"] if key in e]
             if evals:
-                ax.plot([e[x] for e in evals], [e[key] for e in evals], "o-", ms=3, color=color, label=label)
+                ax.plot([e[x] for e in evals], [e[key] for e in evals], "o-", ms=3, color=color,
+                        label=label)
             marked = [e for e in evals if e.get("equal_cost")]
             if marked:
-                ax.scatter([e[x] for e in marked], [e[key] for e in marked], s=90, color=color, zorder=3)
+                ax.scatter([e[x] for e in marked], [e[key] for e in marked], s=90, color=color,
+                           zorder=3)
 
     train_ax.set_ylabel(f"training loss (EMA, β={EMA})")
     for ax, _, ylabel, empty in panels:
@@ -135,15 +141,19 @@ def make_figure(runs, labels, x="flops"):
         ax.grid(alpha=0.3)
     for ax in (train_ax, val_ax):
         zoom_past_start(ax)
-    marker_key = equal_cost_key("equal cost: the baseline's FLOPs at --inc-steps (or --budget-steps)")
-    fig.legend(handles=train_ax.lines + [marker_key], loc="outside upper center", ncols=min(len(runs) + 1, 6))
+    marker_key = equal_cost_key("equal cost: the baseline's FLOPs at --inc-steps "
+                                "(or --budget-steps)")
+    fig.legend(handles=train_ax.lines + [marker_key], loc="outside upper center",
+               ncols=min(len(runs) + 1, 6))
     return fig
 
 
 def line_colors(n):
-    """n colours: the default cycle, which repeats after 10; past that tab20 keeps up to 20 apart."""
+    """n colours: the default cycle, which repeats after 10; past that tab20 keeps up to 20
+    apart."""
     import matplotlib
-    return [f"C{i}" for i in range(n)] if n <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(n)]
+    return ([f"C{i}" for i in range(n)] if n <= 10
+            else [matplotlib.colormaps["tab20"](i) for i in range(n)])
 
 
 def zoom_past_start(ax, skip=0.1):
@@ -191,7 +201,8 @@ def run_row(run, label, budget, target):
     flops_to_baseline  FLOPs at the first evaluation at or below `target` (a val loss)
     total_flops        training FLOPs of the whole run
     train_seconds      the sum of the step times (evaluation excluded)
-    A value is None where it doesn't exist: no evaluations, no budget or target, a loss not reached."""
+    A value is None where it doesn't exist: no evaluations, no budget or target, a loss not
+    reached."""
     evals = run["evals"]
     at_budget = [e for e in evals if e.get("equal_cost")]
     if not at_budget and budget is not None:
@@ -220,14 +231,15 @@ def table(rows):
         return "–" if v is None else format(v, spec)
 
     has_target = any(r["flops_to_baseline"] is not None for r in rows)
-    lines = ["| run | final val loss | val loss at baseline budget | FLOPs to baseline's final val loss "
-             "| training FLOPs | training time |",
+    lines = ["| run | final val loss | val loss at baseline budget "
+             "| FLOPs to baseline's final val loss | training FLOPs | training time |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         to_base = fmt(r["flops_to_baseline"], ".3e")
         if r["flops_to_baseline"] is None and has_target:
             to_base = "not reached"
-        lines.append(f"| {r['run']} | {fmt(r['final_val_loss'], '.4f')} | {fmt(r['budget_val_loss'], '.4f')} "
+        lines.append(f"| {r['run']} | {fmt(r['final_val_loss'], '.4f')} "
+                     f"| {fmt(r['budget_val_loss'], '.4f')} "
                      f"| {to_base} | {r['total_flops']:.3e} | {duration(r['train_seconds'])} |")
     return "\n".join(lines)
 
@@ -257,7 +269,8 @@ def group(runs, labels):
 
 
 def mean_sd(values):
-    """(mean, sample standard deviation, dividing by n − 1); sd is None for one value, both for none."""
+    """(mean, sample standard deviation, dividing by n − 1); sd is None for one value, both for
+    none."""
     n = len(values)
     if n == 0:
         return None, None
@@ -289,22 +302,27 @@ def study_summary(runs, labels):
     baseline_flops = mean_sd([run["steps"][-1]["flops"] for run in base])[0]
     budget = baseline_budget(base[0])
     ends = [run["evals"][-1]["step"] for run in base]
-    fifth = [[e for e in run["evals"] if end / 2 < e["step"] <= 0.8 * end][-1:] for run, end in zip(base, ends)]
-    same_step = all(fifth) and len({e[0]["step"] for e in fifth}) == 1  # else no one point to average
-    last_fifth = (fifth[0][0]["step"], mean_sd([e[0]["val_loss"] for e in fifth])[0]) if same_step else None
+    fifth = [[e for e in run["evals"] if end / 2 < e["step"] <= 0.8 * end][-1:]
+             for run, end in zip(base, ends)]
+    # else no one point to average
+    same_step = all(fifth) and len({e[0]["step"] for e in fifth}) == 1
+    last_fifth = ((fifth[0][0]["step"], mean_sd([e[0]["val_loss"] for e in fifth])[0])
+                  if same_step else None)
     regimes = []
     for label, members in groups.items():
         rows = [run_row(run, label, budget, target) for run in members]
-        reached = [r["flops_to_baseline"] / baseline_flops for r in rows if r["flops_to_baseline"] is not None]
+        reached = [r["flops_to_baseline"] / baseline_flops for r in rows
+                   if r["flops_to_baseline"] is not None]
         regimes.append({
             "regime": label, "n": len(rows),
-            "budget_val_loss": mean_sd([r["budget_val_loss"] for r in rows if r["budget_val_loss"] is not None]),
+            "budget_val_loss": mean_sd([r["budget_val_loss"] for r in rows
+                                        if r["budget_val_loss"] is not None]),
             "flops_ratio": mean_sd(reached),
             "not_reached": len(rows) - len(reached),
             "train_seconds": mean_sd([r["train_seconds"] for r in rows]),
         })
-    return {"target": target, "baseline_flops": baseline_flops, "budget": budget, "last_fifth": last_fifth,
-            "regimes": regimes}
+    return {"target": target, "baseline_flops": baseline_flops, "budget": budget,
+            "last_fifth": last_fifth, "regimes": regimes}
 
 
 def study_table(summary):
@@ -314,24 +332,26 @@ def study_table(summary):
         mean, sd = mean_and_sd
         return "–" if mean is None else fmt(mean) + ("" if sd is None else f" ± {fmt(sd)}")
 
-    lines = ["| regime | n | val loss at baseline budget | FLOPs to baseline's final val loss (× baseline's) "
-             "| training time |",
+    lines = ["| regime | n | val loss at baseline budget "
+             "| FLOPs to baseline's final val loss (× baseline's) | training time |",
              "|---|---:|---:|---:|---:|"]
     for r in summary["regimes"]:
         to_base = cell(r["flops_ratio"], lambda v: f"{v:.3f}") if r["not_reached"] < r["n"] else ""
         if r["not_reached"]:
             to_base += ("; " if to_base else "") + f"not reached, {r['not_reached']} of {r['n']}"
-        lines.append(f"| {r['regime']} | {r['n']} | {cell(r['budget_val_loss'], lambda v: f'{v:.4f}')} "
+        lines.append(f"| {r['regime']} | {r['n']} "
+                     f"| {cell(r['budget_val_loss'], lambda v: f'{v:.4f}')} "
                      f"| {to_base} | {cell(r['train_seconds'], duration)} |")
     lines += ["", f"Mean ± sample standard deviation (n − 1) over seeds. Budget: the baseline's "
-              f"{summary['budget']:.3e} FLOPs. Target: the mean final val loss of the baseline's seeds, "
-              f"{summary['target']:.4f}, reached at the first evaluation at or below it; its FLOPs are a ratio "
-              f"to the baseline's mean training FLOPs, {summary['baseline_flops']:.3e}, over the runs that "
-              f"reached it."]
+              f"{summary['budget']:.3e} FLOPs. Target: the mean final val loss of the baseline's "
+              f"seeds, {summary['target']:.4f}, reached at the first evaluation at or below it; "
+              "its FLOPs are a ratio to the baseline's mean training FLOPs, "
+              f"{summary['baseline_flops']:.3e}, over the runs that reached it."]
     if summary["last_fifth"]:
         step, loss = summary["last_fifth"]
-        lines[-1] += (f" Over the last fifth of its run the baseline's mean val loss went from {loss:.4f} (step "
-                      f"{step}) to {summary['target']:.4f}, {(summary['target'] - loss) / loss:+.1%}.")
+        lines[-1] += (" Over the last fifth of its run the baseline's mean val loss went from "
+                      f"{loss:.4f} (step {step}) to {summary['target']:.4f}, "
+                      f"{(summary['target'] - loss) / loss:+.1%}.")
     return "\n".join(lines)
 
 
@@ -370,7 +390,8 @@ def make_study_figure(runs, labels):
         ax.fill_between(flops, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
         marked = [e for run in members for e in run["evals"] if e.get("equal_cost")]
         if marked:
-            ax.scatter([mean_sd([e["flops"] for e in marked])[0]], [mean_sd([e["val_loss"] for e in marked])[0]],
+            ax.scatter([mean_sd([e["flops"] for e in marked])[0]],
+                       [mean_sd([e["val_loss"] for e in marked])[0]],
                        s=90, color=color, zorder=3)
     ax.set_xlabel("training FLOPs (cumulative)")
     ax.set_ylabel("validation loss (mean ± 1 sd over seeds)")
@@ -395,17 +416,20 @@ def write_study(folder):
 def parse_args(argv=None):
     p = Parser(__doc__)
     p.add_argument("logs", nargs="*", metavar="LOG", help="a run folder or its log.jsonl")
-    p.add_argument("--study", metavar="DIR", help="a study folder (REGIME/seedN runs, sweep.py's): one line and "
+    p.add_argument("--study", metavar="DIR",
+                   help="a study folder (REGIME/seedN runs, sweep.py's): one line and "
                    "band per regime in the figure, mean ± sd per regime in the table")
     p.add_argument("--out", help="the figure to write, e.g. runs.png")
-    p.add_argument("--x", choices=["flops", "step"], default="flops", help="the x axis of every panel")
+    p.add_argument("--x", choices=["flops", "step"], default="flops",
+                   help="the x axis of every panel")
     p.add_argument("--labels", help="comma-separated run labels (default: the folder names)")
     p.add_argument("--table", action="store_true", help="print a markdown table of the results")
     args = p.parse_args(argv)
     if bool(args.logs) == bool(args.study):
         p.error("give run logs or --study DIR, one of them")
     if args.study and (args.labels or args.x != "flops"):
-        p.error("--study labels runs by their regime folder and draws against FLOPs: drop --labels and --x")
+        p.error("--study labels runs by their regime folder and draws against FLOPs: "
+                "drop --labels and --x")
     if not args.out and not args.table:
         p.error("nothing to do: give --out FIG.png, --table or both")
     return args
@@ -423,7 +447,8 @@ def main(argv=None):
             if len(labels) != len(args.logs):
                 raise ValueError(f"--labels gives {len(labels)} labels for {len(args.logs)} logs")
             runs = [read_log(p) for p in args.logs]
-            tabulate, draw = lambda: table(summarize(runs, labels)), lambda: make_figure(runs, labels, args.x)
+            tabulate, draw = (lambda: table(summarize(runs, labels)),
+                              lambda: make_figure(runs, labels, args.x))
         if args.table:
             print(tabulate())
         if args.out:

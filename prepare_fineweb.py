@@ -3,7 +3,7 @@ Prepare GPT-2 token shards for nanogrow training.
 
     python prepare_fineweb.py                      # FineWeb-Edu 10B, pre-tokenized shards (~20 GB)
     python prepare_fineweb.py --shards 10          # the val shard and the first 10 train shards
-    python prepare_fineweb.py --source parquet     # sample-10BT parquet, tokenized here (needs pyarrow)
+    python prepare_fineweb.py --source parquet     # sample-10BT parquet, tokenized (pyarrow)
     python prepare_fineweb.py --text my.txt        # any local UTF-8 text file
     python prepare_fineweb.py --text my.txt --tokenizer char   # ... one token a character
 
@@ -11,6 +11,7 @@ The shards and meta.json are data.py's format: a folder made from --text records
 The hub address comes from $HF_ENDPOINT when set, else https://huggingface.co.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -26,20 +27,35 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from config import PRESETS, Parser
-from data import (EOT, TOKENIZERS, DataError, read_meta, read_shard, shard_name, shards_ok, text_meta,
-                  tokenizer, gpt2_encoding, write_meta, write_shard)
+from cli import Parser
+from data import (
+    EOT,
+    TOKENIZERS,
+    DataError,
+    gpt2_encoding,
+    read_meta,
+    read_shard,
+    shard_name,
+    shards_ok,
+    text_meta,
+    tokenizer,
+    write_meta,
+    write_shard,
+)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TOKENS_REPO = "kjj0/finewebedu10B-gpt2"
 TOKENS_REVISION = "main"
 TOKENS_TRAIN_SHARDS = 99
 PARQUET_REPO = "HuggingFaceFW/fineweb-edu"
-PARQUET_REVISION = "fc9850dff5e2d0f8f776efe41b24a1c49556cfc5"  # pinned so the token stream is reproducible
+# pinned so the token stream is reproducible
+PARQUET_REVISION = "fc9850dff5e2d0f8f776efe41b24a1c49556cfc5"
 PARQUET_FOLDER = "sample/10BT"
-# sample-10BT holds 9.97B tokens in 28.5 GB of parquet: at 2 bytes a token the shards take ~0.7x that
+# sample-10BT holds 9.97B tokens in 28.5 GB of parquet: at 2 bytes a token the shards take ~0.7x
+# that
 SHARD_BYTES_PER_PARQUET_BYTE = 0.7
-TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                       "tinyshakespeare/input.txt")
 
 
 class DownloadError(DataError):
@@ -50,7 +66,8 @@ class _Transient(Exception):
     """A server answer worth retrying (5xx, 408, 429, a bad resume)."""
 
 
-_RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Transient)
+_RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+              _Transient)
 
 # -----------------------------------------------------------------------------
 # downloading
@@ -81,14 +98,16 @@ def _get(url, headers, timeout):
 
 
 def _retrying(attempt, what, retries, backoff):
-    """Call attempt() until it succeeds, sleeping backoff * 2**n between tries of a transient failure."""
+    """Call attempt() until it succeeds, sleeping backoff * 2**n between tries of a transient
+    failure."""
     for n in range(retries + 1):
         try:
             return attempt()
         except _RETRYABLE as e:
             if n == retries:
                 reason = " ".join(str(e).split())  # requests' messages can span lines
-                raise DownloadError(f"{what}: failed after {retries + 1} attempts: {reason}") from None
+                raise DownloadError(f"{what}: failed after {retries + 1} attempts: "
+                                    f"{reason}") from None
             time.sleep(backoff * 2**n)
 
 
@@ -114,8 +133,10 @@ def _fetch_rest(url, part, size, timeout, desc):
                 bar.update(len(chunk))
 
 
-def download(url, dest, *, sha256=None, size=None, timeout=30, retries=5, backoff=1.0, desc=None):
-    """Download url to dest, resuming a previous partial download, verified by size and sha256 when given."""
+def download(url, dest, *, sha256=None, size=None, timeout=30, retries=5, backoff=1.0,
+             desc=None):
+    """Download url to dest, resuming a previous partial download, verified by size and sha256
+    when given."""
     dest = Path(dest)
     if dest.exists():
         if _mismatch(dest, sha256, size) is None:
@@ -123,17 +144,20 @@ def download(url, dest, *, sha256=None, size=None, timeout=30, retries=5, backof
         dest.unlink()  # a stale or damaged copy
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    _retrying(lambda: _fetch_rest(url, part, size, timeout, desc or dest.name), url, retries, backoff)
+    _retrying(lambda: _fetch_rest(url, part, size, timeout, desc or dest.name), url, retries,
+              backoff)
     problem = _mismatch(part, sha256, size)
     if problem:
         part.unlink()
-        raise DownloadError(f"{dest} from {url}: {problem}; deleted the download, run again to retry")
+        raise DownloadError(f"{dest} from {url}: {problem}; "
+                            "deleted the download, run again to retry")
     os.replace(part, dest)
     return dest
 
 
 def hub_listing(endpoint, repo, revision, folder="", *, timeout=30, retries=5, backoff=1.0):
-    """{path: entry} for the files of a hub dataset repo folder; entry has size and lfs.oid (the sha256)."""
+    """{path: entry} for the files of a hub dataset repo folder; entry has size and lfs.oid (the
+    sha256)."""
     url = f"{endpoint}/api/datasets/{repo}/tree/{revision}"
     if folder:
         url += "/" + quote(folder, safe="")
@@ -146,7 +170,8 @@ def hub_listing(endpoint, repo, revision, folder="", *, timeout=30, retries=5, b
 
 
 def _get_page(url, timeout):
-    """One page of a hub listing and the URL of the next one (the hub paginates through the Link header)."""
+    """One page of a hub listing and the URL of the next one (the hub paginates through the Link
+    header)."""
     with _get(url, {}, timeout) as r:
         return r.json(), r.links.get("next", {}).get("url")
 
@@ -154,8 +179,8 @@ def _get_page(url, timeout):
 def check_disk(folder, needed):
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise DataError(f"not enough disk space in {folder}: need {needed:,} bytes ({needed / 1e9:.1f} GB), "
-                        f"{free:,} bytes ({free / 1e9:.1f} GB) free")
+        raise DataError(f"not enough disk space in {folder}: need {needed:,} bytes "
+                        f"({needed / 1e9:.1f} GB), {free:,} bytes ({free / 1e9:.1f} GB) free")
 
 
 def _bytes_to_fetch(dest, size):
@@ -166,11 +191,13 @@ def _bytes_to_fetch(dest, size):
 
 
 def fetch_files(endpoint, repo, revision, entries, dest_dir, *, extra_bytes=0):
-    """Download hub listing entries into dest_dir, after checking the disk can hold them plus extra_bytes."""
+    """Download hub listing entries into dest_dir, after checking the disk can hold them plus
+    extra_bytes."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dests = [dest_dir / Path(e["path"]).name for e in entries]
-    check_disk(dest_dir, sum(_bytes_to_fetch(d, e["size"]) for d, e in zip(dests, entries)) + extra_bytes)
+    check_disk(dest_dir,
+               sum(_bytes_to_fetch(d, e["size"]) for d, e in zip(dests, entries)) + extra_bytes)
     for dest, e in zip(dests, entries):
         url = f"{endpoint}/datasets/{repo}/resolve/{revision}/{e['path']}"
         download(url, dest, sha256=(e.get("lfs") or {}).get("oid"), size=e["size"])
@@ -205,7 +232,8 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokeniz
     try:
         text = Path(text_path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{text_path} is not UTF-8 text (byte {e.start}: {e.reason}): convert it to UTF-8") from None
+        raise DataError(f"{text_path} is not UTF-8 text (byte {e.start}: {e.reason}): "
+                        "convert it to UTF-8") from None
     except OSError as e:
         raise DataError(f"{text_path}: cannot read it ({e.strerror})") from None
     if not text.strip():
@@ -213,8 +241,8 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokeniz
     meta = text_meta(tokenizer_name, text)
     enc = tokenizer(meta)
     tokens = [] if enc.eot is None else [enc.eot]
-    with tqdm(total=len(text), unit="char", unit_scale=True, desc=f"tokenizing {Path(text_path).name}",
-              disable=None) as bar:
+    with tqdm(total=len(text), unit="char", unit_scale=True,
+              desc=f"tokenizing {Path(text_path).name}", disable=None) as bar:
         for part in text_pieces(text, piece):
             tokens += enc.encode(part)
             bar.update(len(part))
@@ -232,33 +260,29 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokeniz
 def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE_URL, *, retries=2,
                             tokenizer_name="gpt2"):
     """Make sure data_dir holds Tiny Shakespeare's shards made with tokenizer_name, downloading
-    input.txt if it is not there."""
+    input.txt if it is not there. Processes that ask at once (a sweep's runs, torchrun's ranks)
+    take turns on data_dir/.lock: the first makes the folder, the others find it made."""
     data_dir = Path(data_dir)
-    if (shards_ok([data_dir / shard_name("tinyshakespeare", i) for i in (0, 1)])
-            and read_meta(data_dir)["tokenizer"] == tokenizer_name):
-        return data_dir
-    text = data_dir / "input.txt"
-    if not text.exists():
-        try:
-            download(url, text, retries=retries, desc="tinyshakespeare")
-        except DownloadError as e:
-            raise DownloadError(f"could not download Tiny Shakespeare ({e}); "
-                                f"save {TINYSHAKESPEARE_URL} as {text} and run again") from None
-    tokenize_text(text, data_dir, "tinyshakespeare", tokenizer_name=tokenizer_name)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if (shards_ok([data_dir / shard_name("tinyshakespeare", i) for i in (0, 1)])
+                and read_meta(data_dir)["tokenizer"] == tokenizer_name):
+            return data_dir
+        text = data_dir / "input.txt"
+        if not text.exists():
+            try:
+                download(url, text, retries=retries, desc="tinyshakespeare")
+            except DownloadError as e:
+                raise DownloadError(f"could not download Tiny Shakespeare ({e}); "
+                                    f"save {TINYSHAKESPEARE_URL} as {text} and run again") from None
+        tokenize_text(text, data_dir, "tinyshakespeare", tokenizer_name=tokenizer_name)
     return data_dir
 
 
-def prepare_preset_data(data_dir):
-    """A preset's data folder, made from Tiny Shakespeare on first use (train.py calls this): the
-    tiny preset's with GPT-2's tokenizer, the char preset's one token a character. Any other
-    folder is the user's to prepare."""
-    made_here = {PRESETS["tiny"]["data_dir"]: "gpt2", PRESETS["char"]["data_dir"]: "char"}
-    if data_dir in made_here:
-        prepare_tinyshakespeare(data_dir, tokenizer_name=made_here[data_dir])
-
-
 def write_token_shards(chunks, out_dir, name, shard_size, bar=None):
-    """Pack a stream of token arrays, in order, into shards of shard_size tokens (the last may be short)."""
+    """Pack a stream of token arrays, in order, into shards of shard_size tokens (the last may be
+    short)."""
     out_dir = Path(out_dir)
     buf = np.empty(shard_size, dtype=np.uint16)
     filled, paths = 0, []
@@ -297,7 +321,8 @@ def _text_batches(files, batch_size):
 
 
 def _expected_tokens(files):
-    """Total tokens to come, from fineweb's token_count column, so the bar shows an ETA; None if unknown."""
+    """Total tokens to come, from fineweb's token_count column, so the bar shows an ETA; None if
+    unknown."""
     import pyarrow.parquet as pq
     total = 0
     for path in files:
@@ -318,11 +343,14 @@ def _tokenize_batch(texts):
     return np.array(tokens, dtype=np.uint16)
 
 
-def tokenize_parquet(files, out_dir, name="finewebedu", shard_size=100_000_000, workers=None, batch_size=1024):
-    """Tokenize the text column of parquet files in a process pool into shards, in document order."""
+def tokenize_parquet(files, out_dir, name="finewebedu", shard_size=100_000_000, workers=None,
+                     batch_size=1024):
+    """Tokenize the text column of parquet files in a process pool into shards, in document
+    order."""
     _require_pyarrow()
     with Pool(workers) as pool, \
-            tqdm(total=_expected_tokens(files), unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar:
+            tqdm(total=_expected_tokens(files), unit="tok", unit_scale=True, desc="tokenizing",
+                 disable=None) as bar:
         # imap keeps the input order, so documents land in the shards in the order they were read
         chunks = pool.imap(_tokenize_batch, _text_batches(files, batch_size))
         return write_token_shards(chunks, out_dir, name, shard_size, bar)
@@ -337,8 +365,10 @@ def prepare_tokens(out_dir, endpoint, shards=TOKENS_TRAIN_SHARDS):
     listing = hub_listing(endpoint, TOKENS_REPO, TOKENS_REVISION)
     missing = [n for n in names if n not in listing]
     if missing:
-        raise DownloadError(f"{endpoint}/datasets/{TOKENS_REPO} has no {missing[0]} ({len(missing)} files missing)")
-    paths = fetch_files(endpoint, TOKENS_REPO, TOKENS_REVISION, [listing[n] for n in names], out_dir)
+        raise DownloadError(f"{endpoint}/datasets/{TOKENS_REPO} has no {missing[0]} "
+                            f"({len(missing)} files missing)")
+    paths = fetch_files(endpoint, TOKENS_REPO, TOKENS_REVISION, [listing[n] for n in names],
+                        out_dir)
     for p in paths:
         read_shard(p)
     return paths
@@ -376,19 +406,26 @@ def prepare_parquet(out_dir, endpoint, shard_size=100_000_000, workers=None):
 def main(argv=None):
     parser = Parser(__doc__)
     parser.add_argument("--source", choices=["tokens", "parquet"], default=None,
-                        help="tokens: download pre-tokenized shards; parquet: download text and tokenize it here")
+                        help="tokens (the default, unless --text): download pre-tokenized "
+                             "shards; parquet: download text and tokenize it here")
     parser.add_argument("--shards", type=int, default=TOKENS_TRAIN_SHARDS,
-                        help=f"--source tokens: how many train shards of 100M tokens (0-{TOKENS_TRAIN_SHARDS})")
-    parser.add_argument("--shard-size", type=int, default=100_000_000, help="--source parquet: tokens per shard")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--source parquet: tokenizer processes")
+                        help="--source tokens: how many train shards of 100M tokens "
+                             f"(0-{TOKENS_TRAIN_SHARDS})")
+    parser.add_argument("--shard-size", type=int, default=100_000_000,
+                        help="--source parquet: tokens per shard")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="--source parquet: tokenizer processes")
     parser.add_argument("--text", type=Path, help="tokenize this local UTF-8 text file instead")
     parser.add_argument("--name", help="--text: shard name prefix (default: the file's stem)")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2",
-                        help="--text: gpt2 (BPE, 50,257 tokens), byte (UTF-8 bytes, 256) or char (the file's "
-                             "characters); recorded in meta.json")
-    parser.add_argument("--val-frac", type=float, default=0.1, help="--text: the last fraction that becomes val")
-    parser.add_argument("--out", type=Path, help="output folder (default data/fineweb10B, or data/NAME for --text)")
-    given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+                        help="--text: gpt2 (BPE, 50,257 tokens), byte (UTF-8 bytes, 256) or char "
+                             "(the file's characters); recorded in meta.json")
+    parser.add_argument("--val-frac", type=float, default=0.1,
+                        help="--text: the last fraction that becomes val")
+    parser.add_argument("--out", type=Path,
+                        help="output folder (default data/fineweb10B, or data/NAME for --text)")
+    given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv)
+             if a.startswith("--")}
     args = parser.parse_args(argv)
     if not 0 <= args.shards <= TOKENS_TRAIN_SHARDS:
         parser.error(f"--shards {args.shards}: must be from 0 to {TOKENS_TRAIN_SHARDS}")
@@ -399,10 +436,11 @@ def main(argv=None):
     if not 0 < args.val_frac < 1:
         parser.error(f"--val-frac {args.val_frac}: must be between 0 and 1, both excluded")
     if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
-        parser.error(f"--name {args.name!r}: a name of letters, digits, '.', '_' and '-', not a path; "
-                     "use --out for the folder")
+        parser.error(f"--name {args.name!r}: a name of letters, digits, '.', '_' and '-', "
+                     "not a path; use --out for the folder")
     # flags the chosen source would silently ignore
-    own = {"text": {"name", "val-frac", "tokenizer"}, "tokens": {"shards"}, "parquet": {"shard-size", "workers"}}
+    own = {"text": {"name", "val-frac", "tokenizer"}, "tokens": {"shards"},
+           "parquet": {"shard-size", "workers"}}
     chosen = "text" if args.text else args.source or "tokens"
     if args.text and args.source:
         parser.error("--text and --source cannot go together: --text tokenizes a local file")
@@ -420,7 +458,8 @@ def main(argv=None):
         elif chosen == "tokens":
             paths = prepare_tokens(args.out or Path("data/fineweb10B"), endpoint, args.shards)
         else:
-            paths = prepare_parquet(args.out or Path("data/fineweb10B"), endpoint, args.shard_size, args.workers)
+            paths = prepare_parquet(args.out or Path("data/fineweb10B"), endpoint, args.shard_size,
+                                    args.workers)
     except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -236,7 +236,8 @@ class StopFlag:
 
     def __enter__(self):
         self.set = False
-        self.saved = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.saved = {sig: signal.signal(sig, self.handle)
+                      for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def handle(self, signum, frame):

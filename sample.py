@@ -5,19 +5,21 @@ drawn from the model's top-k next tokens, one at a time.
     python sample.py --checkpoint out/ckpt.pt --prompt "ROMEO:" --num-samples 2 --max-new-tokens 100
 
 The model runs along the checkpoint's own eval plan (shared depths, MSG's gates), so a weight-shared
-or mid-growth checkpoint writes as it was evaluated. A generator seeded with --seed draws the tokens:
-the same seed gives the same text (on the same device). train.py --sample-every calls sample() too.
+or mid-growth checkpoint writes as it was evaluated. A generator seeded with --seed draws the
+tokens: the same seed gives the same text (on the same device). train.py --sample-every calls
+sample() too.
 """
 
 import torch
 from torch.nn import functional as F
 
 import runfolder
-from config import Parser, one_line_errors
+from cli import Parser, one_line_errors
 from data import tokenizer
 from devices import autocast, pick_device
 
-# build-nanogpt's: four continuations of this prompt (32 tokens in all there), top-50 at temperature 1
+# build-nanogpt's: four continuations of this prompt (32 tokens in all there), top-50 at
+# temperature 1
 DEFAULTS = dict(prompt="Hello, I'm a language model,", num_samples=4, max_new_tokens=32, top_k=50,
                 temperature=1.0, seed=42)
 
@@ -25,8 +27,8 @@ DEFAULTS = dict(prompt="Hello, I'm a language model,", num_samples=4, max_new_to
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, top_k, temperature, gen, plan=None, vocab=None):
     """idx (N, T) and max_new_tokens tokens after it, (N, T + max_new_tokens). Each is drawn by the
-    generator `gen` from the top_k most likely of the first `vocab` tokens at `temperature`, with the
-    context cropped to the model's block_size."""
+    generator `gen` from the top_k most likely of the first `vocab` tokens at `temperature`, with
+    the context cropped to the model's block_size."""
     for _ in range(max_new_tokens):
         with autocast(idx.device):
             h = model.hidden(idx[:, -model.config.block_size:], plan)[:, -1]  # (N, C)
@@ -37,21 +39,24 @@ def generate(model, idx, max_new_tokens, top_k, temperature, gen, plan=None, voc
     return idx
 
 
-def sample(model, enc, prompt, num_samples, max_new_tokens, top_k, temperature, seed, device, plan=None):
+def sample(model, enc, prompt, num_samples, max_new_tokens, top_k, temperature, seed, device,
+           plan=None):
     """num_samples texts, each the prompt and max_new_tokens tokens after it (generate), drawn by a
     generator of their own seeded with `seed`: the global RNG is left alone, and the model's
     train/eval mode is kept. enc: a data.py tokenizer."""
-    start = enc.encode(prompt) or ([] if enc.eot is None else [enc.eot])  # no prompt: a new document
+    # no prompt: a new document
+    start = enc.encode(prompt) or ([] if enc.eot is None else [enc.eot])
     if not start:
-        raise ValueError(f"--prompt '': the {enc.name} tokenizer has no end-of-text token to start a new "
-                         "document with: give a prompt")
+        raise ValueError(f"--prompt '': the {enc.name} tokenizer has no end-of-text token "
+                         "to start a new document with: give a prompt")
     was_training = model.training
     model.eval()
     device = torch.device(device)
     idx = torch.tensor(start, device=device).repeat(num_samples, 1)  # (N, T)
     gen = torch.Generator(device=device).manual_seed(seed)
     # the padded vocabulary's extra rows never occur in data: draw from the tokenizer's tokens only
-    out = generate(model, idx, max_new_tokens, top_k, temperature, gen, plan, enc.vocab_size)  # (N, T + new)
+    out = generate(model, idx, max_new_tokens, top_k, temperature, gen, plan,
+                   enc.vocab_size)  # (N, T + new)
     model.train(was_training)
     return [enc.decode(row) for row in out.tolist()]
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import config
 import plot
-from config import Parser
+from cli import Parser
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,18 +61,21 @@ SWEEP_OWNS = ("--out", "--seed", "--resume")  # set per run by the sweep
 def parse_args(argv=None):
     """(sweep's arguments, the train.py flags after `--`)."""
     argv = sys.argv[1:] if argv is None else argv
-    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, extra = ((argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv
+                  else (argv, []))
     p = Parser(__doc__)
     p.add_argument("--regimes", required=True, help=f"comma-separated, of: {', '.join(REGIMES)}")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated whole numbers")
     p.add_argument("--out", required=True, help="the study's folder: OUT/REGIME/seedN per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (CPU cores shared among them)")
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, launched with torchrun")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (GPUs) per run, launched with torchrun")
     args = p.parse_args(own)
     if args.jobs < 1 or args.nproc < 1:
         p.error(f"--jobs {args.jobs} --nproc {args.nproc}: give whole numbers of at least 1")
     if args.jobs > 1 and args.nproc > 1:
-        p.error("--jobs with --nproc: each run would take the same GPUs; give one of them (--jobs for CPU cores)")
+        p.error("--jobs with --nproc: each run would take the same GPUs; "
+                "give one of them (--jobs for CPU cores)")
     args.regimes = args.regimes.split(",")
     unknown = [r for r in args.regimes if r not in REGIMES]
     if unknown:
@@ -84,7 +87,8 @@ def parse_args(argv=None):
         p.error("--regimes and --seeds must not repeat a value: each run has one folder")
     taken = [f for f in extra if f.split("=")[0] in SWEEP_OWNS]
     if taken:
-        p.error(f"{', '.join(taken)} after --: the sweep sets --out, --seed and --resume for each run")
+        p.error(f"{', '.join(taken)} after --: "
+                "the sweep sets --out, --seed and --resume for each run")
     if "baseline" not in args.regimes and not (Path(args.out) / "baseline").is_dir():
         p.error("a study is measured against the baseline: add baseline to --regimes")
     return args, extra
@@ -119,7 +123,8 @@ def launcher(nproc):
     """The command that starts train.py: python, or torchrun with nproc processes."""
     if nproc == 1:
         return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}"]
 
 
 class Runs:
@@ -128,7 +133,8 @@ class Runs:
 
     def __init__(self, launch, env):
         self.launch, self.env = launch, env
-        self.lock = threading.RLock()  # reentrant: a second signal may arrive while the first holds it
+        # reentrant: a second signal may arrive while the first holds it
+        self.lock = threading.RLock()
         self.procs = set()
         self.stopping = False
 
@@ -136,7 +142,8 @@ class Runs:
         """train.py in a subprocess, its output appended to FOLDER/train.out. Returns (exit code,
         its last line of output), or None when the sweep is stopping and it was not started."""
         folder.mkdir(parents=True, exist_ok=True)
-        cmd = [*self.launch, str(HERE / "train.py"), *flags, "--out", str(folder), *(["--resume"] if resume else [])]
+        cmd = [*self.launch, str(HERE / "train.py"), *flags, "--out", str(folder),
+               *(["--resume"] if resume else [])]
         with open(folder / "train.out", "a") as out:
             with self.lock:
                 if self.stopping:
@@ -175,7 +182,8 @@ def run_env(jobs):
 def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
     """Every (seed, regime) run not yet finished, in that order, `jobs` at once; returns the runs
     that failed, in that order. Call it from the main thread: it handles SIGINT and SIGTERM."""
-    plans = [(regime, seed, *train_flags(regime, seed, extra)) for seed in seeds for regime in regimes]
+    plans = [(regime, seed, *train_flags(regime, seed, extra))
+             for seed in seeds for regime in regimes]
     runs = Runs(launcher(nproc), run_env(jobs))
 
     def attempt(i, regime, seed, flags, max_steps):
@@ -187,8 +195,8 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
             return False
         resume = (folder / "ckpt.pt").exists()
         if (folder / "log.jsonl").exists() and not resume:
-            say(f"{head}: FAILED: {folder} holds a log but no checkpoint (stopped before its first): "
-                "delete the folder to run it again")
+            say(f"{head}: FAILED: {folder} holds a log but no checkpoint "
+                "(stopped before its first): delete the folder to run it again")
             return True
         say(f"{head}: {'resuming' if resume else 'starting'} ({max_steps} steps) in {folder}")
         t0 = time.time()
@@ -213,14 +221,17 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
         raise KeyboardInterrupt
 
     # a sweep started in the background (nohup ... &) ignores SIGINT: leave it so
-    handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    handled = [signal.SIGTERM] + ([signal.SIGINT]
+                                  if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
     previous = {sig: signal.signal(sig, interrupt) for sig in handled}
     try:
         with ThreadPoolExecutor(jobs) as pool:
             try:
-                outcomes = list(pool.map(lambda plan: attempt(*plan), [(i, *p) for i, p in enumerate(plans, 1)]))
-            except KeyboardInterrupt:  # the runs save a checkpoint at the end of their step and stop:
-                # wait for them (they run in the pool's threads), start no more
+                outcomes = list(pool.map(lambda plan: attempt(*plan),
+                                         [(i, *p) for i, p in enumerate(plans, 1)]))
+            except KeyboardInterrupt:
+                # the runs save a checkpoint at the end of their step and stop: wait for them (they
+                # run in the pool's threads), start no more
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     finally:

@@ -4,6 +4,7 @@ come from ../shared/data (CI puts it beside the checkout).
 Ordered by method, as the README is; test names carry the method, so `pytest -k apollo` (or
 incremental, msg, growth, cost, data, hellaswag, plot, sweep, model, baseline, sample, export) selects all
 of its tests."""
+import dataclasses
 import hashlib
 import io
 import json
@@ -361,6 +362,7 @@ def test_model_fused_loss_keeps_the_heads_three_matmuls():
     assert counts == [3 * 2 * N * C * V] * 2
 
 
+@pytest.mark.slow
 def test_model_returns_logits_in_every_mode_and_training_fuses_the_loss_where_it_should(data):
     """model(x, y) is (logits, loss) eagerly and after compile_blocks, bit for bit as
     F.cross_entropy over the whole head; train.build_model trains through GPT's own loss on a CPU
@@ -375,10 +377,10 @@ def test_model_returns_logits_in_every_mode_and_training_fuses_the_loss_where_it
         assert torch.equal(loss, F.cross_entropy(logits.flatten(0, 1), y.flatten()))
     torch.testing.assert_close(compiled(x, y)[0], eager(x, y)[0], rtol=1e-5, atol=1e-6)
     flags = dict(n_layer=1, n_head=2, n_embd=32, seq_len=32, data_dir=str(data))
-    model, loss_model = train.build_model(config.resolve(flags), torch.device("cpu"))
+    plain, compiled = config.resolve(flags), config.resolve({**flags, "compile": True})
+    model, loss_model = train.build_model(plain, plain.model_config(), torch.device("cpu"))
     assert loss_model is model
-    model, loss_model = train.build_model(config.resolve({**flags, "compile": True}),
-                                          torch.device("cpu"))
+    model, loss_model = train.build_model(compiled, compiled.model_config(), torch.device("cpu"))
     assert isinstance(loss_model, FusedLoss) and loss_model.compiled_step is not None
     assert loss_model(x, y)[0] is None  # the fused loss never holds the whole logits
     want_loss, want = loss_and_grads(model, lambda: F.cross_entropy(
@@ -388,6 +390,7 @@ def test_model_returns_logits_in_every_mode_and_training_fuses_the_loss_where_it
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_model_import_graph_runs_one_way():
     """model <- grow <- train; cost.py, the CLI, uses model and grow and never train."""
     code = ("import sys, {mod}; print(sorted(m for m in ('model', 'grow', 'train', 'cost', 'hellaswag') "
@@ -474,6 +477,7 @@ def test_baseline_run_learns_and_logs(tmp_path, data):
     assert plan == Plan(tuple(full)) and model.config.n_layer == 4
 
 
+@pytest.mark.slow
 def test_baseline_resume_after_sigterm_reproduces_losses_exactly(tmp_path, data):
     full, _ = run_train(tmp_path / "a", data, "--max-steps", "10")
     out = tmp_path / "b"
@@ -483,6 +487,7 @@ def test_baseline_resume_after_sigterm_reproduces_losses_exactly(tmp_path, data)
     assert [r["flops"] for r in resumed] == [r["flops"] for r in full]
 
 
+@pytest.mark.slow
 def test_baseline_ddp_two_ranks_match_one_process_with_twice_the_accumulation(tmp_path, data):
     one, v1 = run_train(tmp_path / "one", data, "--max-steps", "6", "--total-batch", "256")
     two, v2 = torchrun(tmp_path / "two", data, "--max-steps", "6", "--total-batch", "256")
@@ -546,6 +551,64 @@ def test_baseline_val_tokens_zero_is_the_whole_split(data):
         data_mod.ValSet(val, 0, 4, 1024)
 
 
+def help_entries(main, capsys):
+    """A script's `--help`, one entry a flag ("--name METAVAR help..."), whitespace folded."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    entries = re.split(r"\n  (?=-)", capsys.readouterr().out.split("options:", 1)[1])
+    return [" ".join(entry.split()) for entry in entries
+            if entry.strip() and not entry.strip().startswith("-h")]
+
+
+def test_baseline_budget_is_the_datas_whether_or_not_its_folder_exists(tmp_path, monkeypatch):
+    """--budget-steps sizes the run with the data's vocabulary: the char preset's folder is made
+    (from its input.txt) by whichever command asks first, sweep.py's or train.py's, and two at
+    once take turns (the folder's lock), so every answer is the same."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / "shakespeare_char"
+    folder.mkdir(parents=True)
+    shutil.copy(SHAKESPEARE, folder / "input.txt")
+    argv = ["--preset", "char", "--stages", "12", "--inc-steps", "60", "--budget-steps", "100"]
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(config.parse_args(argv).max_steps))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert data_mod.read_meta(folder)["vocab_size"] == 65
+    answers.append(config.parse_args(argv).max_steps)  # the folder made: the same answer
+    gpt2_vocab = config.parse_args([*argv, "--data-dir", str(tmp_path / "elsewhere")]).max_steps
+    assert len(answers) == 3 and len(set(answers)) == 1 and answers[0] != gpt2_vocab
+
+
+def test_baseline_every_default_is_written_once_in_config(capsys):
+    """config.Config is the one definition of every train.py flag's default: --help lists each
+    flag with the dataclass's default; presets and regimes only override flags that exist, each
+    with a value other than the default (a repeated default would be a second definition)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config.Config)}
+    entries = {entry.split()[0][2:].replace("-", "_"): entry
+               for entry in help_entries(train.main, capsys)}
+    assert entries.keys() == defaults.keys()
+    for name, default in defaults.items():
+        shown = "unset" if default is None else str(default)
+        assert f"; default {shown}" in entries[name], name
+    for overrides in (*config.PRESETS.values(), *grow.REGIMES.values()):
+        for name, value in overrides.items():
+            assert name in defaults and value != defaults[name], (name, value)
+    for module in ("train.py", "grow.py", "model.py", "runfolder.py"):  # no default elsewhere
+        assert "default=" not in (HERE / module).read_text(), module
+
+
+@pytest.mark.parametrize("script", ["train", "cost", "sample", "export", "hellaswag",
+                                    "prepare_fineweb", "sweep", "plot"])
+def test_every_scripts_help_shows_every_default(script, capsys):
+    """`python SCRIPT.py --help`: each flag's entry says its default, or that it is required."""
+    entries = help_entries(__import__(script).main, capsys)
+    assert entries and all(re.search(r"\bdefault\b|\(required\)", entry) for entry in entries), entries
+
+
 INT_FLAGS = ["--n-layer", "--n-head", "--n-embd", "--batch-size", "--seq-len", "--total-batch", "--max-steps",
              "--stages", "--inc-steps", "--eval-every", "--ckpt-every"]  # 1 or more
 NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--val-tokens", "--hellaswag-every",
@@ -578,6 +641,7 @@ def test_baseline_mfu_on_every_step_when_the_peak_is_known(tmp_path, data, capsy
     assert model_peak("NVIDIA A100-SXM4-80GB") == 312e12 and model_peak("Tesla T4") is None
 
 
+@pytest.mark.slow
 def test_baseline_ddp_ranks_exit_cleanly_with_compile(tmp_path, data):
     """Two gloo ranks with --compile, started from a script that imports train and calls main (as
     notebooks and tests do), end on their own, several times in a row."""
@@ -665,6 +729,7 @@ def test_baseline_unreadable_checkpoint_is_one_line(tmp_path, data, capsys, dama
     assert str(path) in err
 
 
+@pytest.mark.slow
 def test_baseline_one_run_per_folder(tmp_path, data, capsys):
     run_train(tmp_path, data, "--max-steps", "2")
     err = train_error(tmp_path, data, capsys, "--max-steps", "2", out=".")
@@ -720,6 +785,7 @@ def test_baseline_torn_log_line_then_resume_then_plot(tmp_path, data, capsys):
         plot.read_log(tmp_path)
 
 
+@pytest.mark.slow
 def test_baseline_signals_first_acknowledged_second_stops_at_once(tmp_path, data):
     def start(out):
         cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny", "--data-dir", str(data),
@@ -913,6 +979,7 @@ def test_incremental_the_authors_exact_recipe_is_what_the_run_records(tmp_path, 
     assert incremental_schedule(4, 2, 8, continual_optimizer="fresh").stages[-1].optimizer == "fresh"
 
 
+@pytest.mark.slow
 def test_incremental_ddp_matches_one_process_across_phase_and_stage_boundaries(tmp_path, data):
     flags = ["--stages", "2", "--inc-steps", "8", "--max-steps", "10", "--phase1-mode", "isolate"]
     one, _ = run_train(tmp_path / "one", data, *flags)
@@ -922,6 +989,7 @@ def test_incremental_ddp_matches_one_process_across_phase_and_stage_boundaries(t
     assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_incremental_resume_across_stage_and_continual_boundaries(tmp_path, data):
     flags = ["--stages", "2", "--inc-steps", "8", "--max-steps", "12", "--grow-op", "copy-top",
              "--continual-optimizer", "fresh"]
@@ -1011,6 +1079,7 @@ def test_apollo_flops_column_is_the_sum_of_sampled_depth_costs(tmp_path, data):
     assert plan == Plan((0, 1, 2, 3))
 
 
+@pytest.mark.slow
 def test_apollo_same_tokens_meet_the_same_depth_on_one_process_or_two_ranks(tmp_path, data):
     """Depths are keyed by the global micro-batch index: 2 gloo ranks at accumulation 1 read and run
     what 1 process runs at accumulation 2, so Apollo's numbers do not depend on the GPU count."""
@@ -1785,6 +1854,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_hellaswag_two_gloo_ranks_match_one_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     single = evaluate(tiny_gpt(), load_examples(data_file=VAL, limit=20), "cpu")
@@ -1936,6 +2006,7 @@ plot.main()
 """
 
 
+@pytest.mark.slow
 def test_plot_missing_matplotlib(hand_runs, tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-c", BLOCK_MATPLOTLIB, str(hand_runs[0]), *args],
@@ -2066,6 +2137,7 @@ def test_plot_study_cli_and_bad_input(study, tmp_path, capsys):
 SWEEP_TOY = [x for f, v in zip(TOY[::2], TOY[1::2]) if f not in ("--val-tokens", "--eval-every") for x in (f, v)]
 
 
+@pytest.mark.slow
 def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, capsys, monkeypatch):
     """2 regimes x 2 seeds of a 2-layer model at the budget of 4 baseline steps, after an
     interrupted sweep left one run stopped at a checkpoint: the sweep starts three, resumes that
@@ -2119,6 +2191,7 @@ def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, 
     assert all(folder.joinpath("log.jsonl").read_bytes() == log for folder, log in logs.items())
 
 
+@pytest.mark.slow
 def test_sweep_every_regime_spends_the_budget_at_a_very_small_size(tmp_path, data, capsys):
     """Every regime sweep.py knows, one seed, at the FLOPs of 24 baseline steps of a narrow 12-layer
     model (S = 12 needs 12):
@@ -2137,6 +2210,7 @@ def test_sweep_every_regime_spends_the_budget_at_a_very_small_size(tmp_path, dat
         assert f"| {regime} | 1 |" in table, regime
 
 
+@pytest.mark.slow
 def test_sweep_passes_sigterm_to_its_runs_which_checkpoint_and_resume(tmp_path, data):
     """`kill SWEEP_PID` (SIGTERM to the sweep alone, as for one started with nohup) while two runs
     train side by side (--jobs 2): both get it too, save a checkpoint and stop, rather than run on
@@ -2167,6 +2241,7 @@ def test_sweep_passes_sigterm_to_its_runs_which_checkpoint_and_resume(tmp_path, 
         assert [r["step"] for r in steps] == list(range(1, 101)) and evals[-1]["step"] == 100
 
 
+@pytest.mark.slow
 def test_sweep_nproc_launches_each_run_with_torchrun_and_matches_one_process(tmp_path, data, capsys, monkeypatch):
     """--nproc 2: the run is DDP on two CPU processes (gloo), and its losses are those of the same
     run in one process (the batch is split across ranks, not changed)."""
@@ -2182,6 +2257,7 @@ def test_sweep_nproc_launches_each_run_with_torchrun_and_matches_one_process(tmp
     assert losses[2] == pytest.approx(losses[1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "study"
@@ -2318,6 +2394,7 @@ def hf_model(folder):
     return hf.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["random", "trained", "shared"])
 def test_export_logits_match_transformers_and_round_trip(kind, tmp_path, data, capsys):
     if kind == "random":

@@ -23,34 +23,21 @@ import devices
 import grow
 import hellaswag
 import sample
-from config import Config, one_line_errors, parse_args
-from data import ShardLoader, ValSet, list_shards, read_meta, tokenizer
+from cli import one_line_errors
+from config import Config, parse_args
+from data import ShardLoader, ValSet, open_shards, read_meta, tokenizer
 from fused_loss import FusedLoss
 from model import GPT, full_step_flops, mfu, peak_flops, step_flops
-from prepare_fineweb import prepare_preset_data
 from runfolder import StopFlag, claim, save, start
 
 # ----------------------------------------------------------------------------------------------
-# The data, the model and its optimizer
+# The model and its optimizer
 
 
-def open_data(flags, rank, world):
-    """The data folder's tokenizer record, the training loader and the validation set. Rank 0
-    makes Tiny Shakespeare's shards on first use while the others wait."""
-    if rank == 0:
-        prepare_preset_data(flags.data_dir)
-    devices.barrier(world)  # the folder's meta.json decides the model's vocabulary
-    train_files, val_files = list_shards(flags.data_dir)
-    B, T, vocab = flags.batch_size, flags.seq_len, flags.model_config().vocab_size
-    loader = ShardLoader(train_files, B, T, rank, world, flags.seed, vocab)
-    return read_meta(flags.data_dir), loader, ValSet(val_files, flags.val_tokens, B, T, vocab)
-
-
-def build_model(flags, device):
+def build_model(flags, cfg, device):
     """The full-depth GPT, seeded, and the module whose forward gives the training loss: the GPT
     itself, or on CUDA and under --compile the head and loss fused (fused_loss.py), which never
     holds the (B, T, vocab) logits whole. Regimes that start shallow simply run fewer blocks."""
-    cfg = flags.model_config()
     devices.check_fits(cfg, device)
     torch.manual_seed(flags.seed)
     model = GPT(cfg).to(device)
@@ -247,10 +234,10 @@ def train(run, stop):
                  f.total_batch)
         stop_now = devices.all_sum(torch.tensor(float(stop.set), device=run.device),
                                    run.world).item() > 0
-        if stop_now or state.step % f.ckpt_every == 0 or state.step == f.max_steps:
-            if run.rank == 0:
-                save(run.out / "ckpt.pt", state, run.model, opt, run.loader, asdict(f),
-                     run.tokenizer, schedule.eval_plan(state.entered, state.step))
+        due = stop_now or state.step % f.ckpt_every == 0 or state.step == f.max_steps
+        if due and run.rank == 0:  # rank 0 writes; every rank reads it on --resume
+            save(run.out / "ckpt.pt", state, run.model, opt, run.loader, asdict(f),
+                 run.tokenizer, schedule.eval_plan(state.entered, state.step))
         if stop_now:
             log.print(f"stopped at step {state.step}; {run.out / 'ckpt.pt'} saved: continue with "
                       "--resume")
@@ -269,6 +256,7 @@ def train(run, stop):
 
 @dataclass
 class Run:
+    """Everything the loop needs, made once from the flags (assemble)."""
     flags: Config  # every flag, resolved (config.py); saved in checkpoints
     schedule: grow.Schedule
     rank: int
@@ -296,10 +284,13 @@ def assemble(flags):
     if flags.total_batch % (B * T * world):
         raise ValueError(f"--total-batch {flags.total_batch} must be a multiple of batch-size x "
                          f"seq-len x world = {B * T * world}")
-    meta, loader, val = open_data(flags, rank, world)
+    cfg = flags.model_config()  # the data's vocabulary; a preset's folder is made on first use
+    loader, val = open_shards(flags.data_dir, B, T, rank, world, flags.seed, flags.val_tokens,
+                              cfg.vocab_size)
+    meta = read_meta(flags.data_dir)
     examples = hellaswag.for_training(flags.hellaswag_every, flags.hellaswag_limit, meta,
                                       flags.data_dir, rank, world)
-    model, loss_model = build_model(flags, device)
+    model, loss_model = build_model(flags, cfg, device)
     cuda = device.type == "cuda"
     return Run(
         flags=flags, schedule=schedule, rank=rank, world=world, device=device,

@@ -7,7 +7,8 @@ stages, norms; everything but the step time) and the final weights must be equal
     python .ci/golden.py compare /tmp/before /tmp/after
 
 `--repo DIR` records another checkout's train.py (e.g. a git worktree of the old commit). The runs
-read Tiny Shakespeare, tokenized into the output folder from ../shared/data (or $NANOGROW_TEST_DATA).
+read Tiny Shakespeare, tokenized into the output folder from ../shared/data
+(or $NANOGROW_TEST_DATA).
 """
 import argparse
 import hashlib
@@ -22,13 +23,14 @@ HERE = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("NANOGROW_TEST_DATA", HERE.parent / "shared" / "data"))
 
 # 12 layers, so S = 8 and Apollo's 1,3,6,12 run unscaled; small enough for ~1 s of work per run
-BASE = ["--preset", "tiny", "--n-layer", "12", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
-        "--batch-size", "4", "--total-batch", "256", "--val-tokens", "1024", "--eval-every", "5",
-        "--warmup", "3", "--lr", "3e-3", "--min-lr", "3e-4", "--inc-steps", "16", "--ckpt-every", "100",
-        "--device", "cpu"]
+BASE = ["--preset", "tiny", "--n-layer", "12", "--n-head", "2", "--n-embd", "32",
+        "--seq-len", "32", "--batch-size", "4", "--total-batch", "256", "--val-tokens", "1024",
+        "--eval-every", "5", "--warmup", "3", "--lr", "3e-3", "--min-lr", "3e-4",
+        "--inc-steps", "16", "--ckpt-every", "100", "--device", "cpu"]
 STEPS = ["--max-steps", "24"]  # every run but the budget ones, which work their length out
 
-RUNS = {  # name: flags after BASE; every incremental run continues past --inc-steps into continual training
+# name: flags after BASE; every incremental run continues past --inc-steps into continual training
+RUNS = {
     "baseline": ["--stages", "1"],
     "inc4-freeze": ["--stages", "4", "--phase1-mode", "freeze"],
     "inc4-isolate": ["--stages", "4", "--phase1-mode", "isolate"],
@@ -57,7 +59,8 @@ def prepare_data(out):
     data = out / "data"
     if not (data / "shakespeare_val_000000.bin").exists():
         env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(SHARED / "tiktoken-cache"))
-        subprocess.run([sys.executable, "prepare_fineweb.py", "--text", str(SHARED / "tinyshakespeare" / "input.txt"),
+        subprocess.run([sys.executable, "prepare_fineweb.py",
+                        "--text", str(SHARED / "tinyshakespeare" / "input.txt"),
                         "--name", "shakespeare", "--out", str(data)], cwd=HERE, env=env, check=True,
                        stdout=subprocess.DEVNULL)
     return data
@@ -65,20 +68,23 @@ def prepare_data(out):
 
 def command(repo, out, data, flags):
     length = [] if "--budget-steps" in flags else STEPS
-    return [sys.executable, "-u", str(repo / "train.py"), *BASE, *length, "--data-dir", str(data), "--out", str(out),
-            *flags]
+    return [sys.executable, "-u", str(repo / "train.py"), *BASE, *length,
+            "--data-dir", str(data), "--out", str(out), *flags]
 
 
 def record(repo, out):
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(out)
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread: the same kernels, the same sums, every time
+    # one thread: the same kernels, the same sums, every time
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     for name, flags in RUNS.items():
         print(f"record {name}", flush=True)
-        subprocess.run(command(repo, out / name, data, flags), env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(command(repo, out / name, data, flags), env=env, check=True,
+                       stdout=subprocess.DEVNULL)
     for name, (flags, at) in KILLED.items():
         print(f"record {name} (SIGTERM after step {at}, then --resume)", flush=True)
-        proc = subprocess.Popen(command(repo, out / name, data, flags), env=env, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(command(repo, out / name, data, flags), env=env,
+                                stdout=subprocess.PIPE, text=True)
         for line in proc.stdout:
             if line.startswith(f"step {at:5d} |"):
                 proc.send_signal(signal.SIGTERM)
@@ -121,7 +127,8 @@ def compare(a, b):
                 ra, rb = da[part][step], db[part][step]
                 for k in sorted(ra.keys() | rb.keys()):
                     if ra.get(k, "missing") != rb.get(k, "missing"):
-                        problems.append(f"{part} step {step} {k}: {ra.get(k, 'missing')!r} vs {rb.get(k, 'missing')!r}")
+                        problems.append(f"{part} step {step} {k}: {ra.get(k, 'missing')!r} "
+                                        f"vs {rb.get(k, 'missing')!r}")
         if da["weights"] != db["weights"]:
             problems.append("final weights differ")
         n = sum(len(da[p]) for p in ("steps", "evals"))
@@ -134,7 +141,8 @@ def compare(a, b):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("record")
     r.add_argument("out", type=Path)

@@ -1,0 +1,53 @@
+"""The command line of every script here: --help shows each flag's default, and what a user can
+fix (a bad flag, a missing file, a full disk) is one line, never a traceback.
+"""
+import argparse
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from data import DataError
+
+
+class Parser(argparse.ArgumentParser):
+    """The command line of every script here: the script's docstring as written, each flag's
+    help ending with its default (or "required"), and a bad flag in one line (the usage dump
+    argparse adds would bury it)."""
+
+    def __init__(self, description, **kwargs):
+        super().__init__(description=description,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        default = kwargs.get("default", False if kwargs.get("action") == "store_true"
+                             else self.argument_default)
+        if kwargs.get("required"):
+            kwargs["help"] = f"{kwargs.get('help', '')} (required)"
+        elif (default is not argparse.SUPPRESS and kwargs.get("action") != "help"
+              and "default" not in kwargs.get("help", "")):  # a help may say its own default
+            shown = ("unset" if default is None else "off" if default is False
+                     else str(default).replace("%", "%%"))
+            kwargs["help"] = f"{kwargs.get('help', '')} (default: {shown})"
+        return super().add_argument(*names, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+@contextmanager
+def one_line_errors(interrupted="stopped", out_of_memory="out of memory"):
+    """Around a script's work: what a user can fix (bad input, a missing or unreadable file, a
+    full disk, a NaN) becomes `error: ...` on one line and exit 2, never a traceback; so does
+    running out of memory, with the script's advice; Ctrl-C is one line and exit 130."""
+    try:
+        yield
+    except (ValueError, OSError, FloatingPointError, DataError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        print(f"error: {out_of_memory}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"error: {interrupted}", file=sys.stderr)
+        sys.exit(130)
