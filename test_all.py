@@ -2,8 +2,8 @@
 come from ../shared/data (CI puts it beside the checkout).
 
 Ordered by method, as the README is; test names carry the method, so `pytest -k apollo` (or
-incremental, msg, growth, cost, data, hellaswag, plot, sweep, model, baseline, sample, export) selects all
-of its tests."""
+incremental, msg, growth, cost, data, hellaswag, plot, sweep, model, baseline, sample, export)
+selects all of its tests."""
 import dataclasses
 import hashlib
 import io
@@ -46,15 +46,16 @@ import tiktoken  # noqa: E402
 
 import grow  # noqa: E402
 import plot  # noqa: E402
-from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate, load_examples,  # noqa: E402
-                       main as hs_main, predict, render, score_batch)
+from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate,  # noqa: E402
+                       load_examples, main as hs_main, predict, render, score_batch)
 import data as data_mod  # noqa: E402
 import prepare_fineweb as pf  # noqa: E402
 import sweep  # noqa: E402
 import train  # noqa: E402
-from cost import incremental_report, main as cost_main, paper_closed_form, per_layer_phases  # noqa: E402
-from model import (GPT, GPTConfig, Plan, blocks_share, convert_hf_state_dict, full_step_flops,  # noqa: E402
-                   peak_flops as model_peak, step_flops)
+from cost import (incremental_report, main as cost_main, paper_closed_form,  # noqa: E402
+                  per_layer_phases)
+from model import (GPT, GPTConfig, Plan, blocks_share, convert_hf_state_dict,  # noqa: E402
+                   full_step_flops, peak_flops as model_peak, step_flops)
 from fused_loss import FusedLoss, linear_cross_entropy  # noqa: E402
 import config  # noqa: E402
 import runfolder  # noqa: E402
@@ -124,8 +125,8 @@ def read_log(out):
 
 def torchrun(out, data, *flags, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(29500 + os.getpid() % 1000), str(HERE / "train.py"), "--preset", "tiny",
-           "--data-dir", str(data), "--out", str(out), *TOY, *flags]
+           "--master_port", str(29500 + os.getpid() % 1000), str(HERE / "train.py"),
+           "--preset", "tiny", "--data-dir", str(data), "--out", str(out), *TOY, *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -135,8 +136,8 @@ def torchrun(out, data, *flags, nproc=2):
 def killed_run(out, data, at_step, *flags):
     """Run train.py in a subprocess and SIGTERM it once it prints step `at_step`: the stop path a
     cluster's preemption takes. Returns the step its checkpoint holds."""
-    cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny", "--data-dir", str(data),
-           "--out", str(out), *TOY, "--ckpt-every", "100", *flags]
+    cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny",
+           "--data-dir", str(data), "--out", str(out), *TOY, "--ckpt-every", "100", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith(f"step {at_step:5d} |"):
@@ -146,7 +147,8 @@ def killed_run(out, data, at_step, *flags):
 
 
 class FakeHub(BaseHTTPRequestHandler):
-    """Serves server.routes {path: (body, headers)}; honours Range unless told not to; can fail on purpose."""
+    """Serves server.routes {path: (body, headers)}; honours Range unless told not to; can fail
+    on purpose."""
 
     def do_GET(self):
         hub = self.server
@@ -159,7 +161,8 @@ class FakeHub(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         body, headers = hub.routes[self.path]
-        start = int(rng.removeprefix("bytes=").removesuffix("-")) if rng and not hub.ignore_range else 0
+        start = (int(rng.removeprefix("bytes=").removesuffix("-")) if rng and not hub.ignore_range
+                 else 0)
         self.send_response(206 if rng and not hub.ignore_range else 200)
         if rng and not hub.ignore_range:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -182,7 +185,8 @@ class FakeHub(BaseHTTPRequestHandler):
 @pytest.fixture
 def hub():
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    server.routes, server.log, server.errors, server.drops, server.ignore_range = {}, [], [], 0, False
+    (server.routes, server.log, server.errors, server.drops,
+     server.ignore_range) = {}, [], [], 0, False
     server.url = f"http://127.0.0.1:{server.server_port}"
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
@@ -222,10 +226,12 @@ def test_model_weight_tying():
 
 def test_model_hf_state_dict_round_trip():
     model = small_model()
-    # Build what transformers' GPT2LMHeadModel would hold: Conv1D weights stored (in, out), plus mask buffers
+    # Build what transformers' GPT2LMHeadModel would hold: Conv1D weights stored (in, out), plus
+    # mask buffers
     hf = {}
     for k, v in model.state_dict().items():
-        hf[k] = v.t().clone() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v.clone()
+        hf[k] = (v.t().clone() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+                 else v.clone())
     for i in range(SMALL.n_layer):
         hf[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32)
         hf[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -263,9 +269,10 @@ def test_model_isolate_stops_backward_and_gates_interpolate():
     assert all(p.grad is not None for p in model.transformer.h[2].parameters())
     assert model.transformer.wpe.weight.grad is None
     with torch.no_grad():  # μ = 0 skips the block; μ = 1 is the plain block
-        assert torch.allclose(model(x, plan=Plan((0, 1), gates=(1.0, 0.0)))[0], model(x, plan=Plan((0,)))[0],
-                              atol=1e-6)
-        assert torch.equal(model(x, plan=Plan((0, 1), gates=(1.0, 1.0)))[0], model(x, plan=Plan((0, 1)))[0])
+        assert torch.allclose(model(x, plan=Plan((0, 1), gates=(1.0, 0.0)))[0],
+                              model(x, plan=Plan((0,)))[0], atol=1e-6)
+        assert torch.equal(model(x, plan=Plan((0, 1), gates=(1.0, 1.0)))[0],
+                           model(x, plan=Plan((0, 1)))[0])
         h = model.transformer  # μ = 0.5: halfway between skipping block 1 and running it
         z = h.h[0](h.wte(x) + h.wpe(torch.arange(16)))
         by_hand = h.ln_f(z + 0.5 * (h.h[1](z) - z))
@@ -273,11 +280,12 @@ def test_model_isolate_stops_backward_and_gates_interpolate():
 
 
 def counted_flops(model, sp, x, y):
-    """FLOPs of one forward + backward as FlopCounterMode counts them: matmuls only (mm, addmm, bmm).
-    Left out, as step_flops leaves them out: layer norms, GELU, softmax, cross-entropy, residual adds
-    and the embedding backward (O(d) or O(V) per token, against O(d²) and O(d·V) for matmuls), and
-    the optimizer (per parameter, not per token). The math SDPA backend builds attention from bmm,
-    which the counter sees; on CPU the flash kernel would not be counted at all."""
+    """FLOPs of one forward + backward as FlopCounterMode counts them: matmuls only (mm, addmm,
+    bmm). Left out, as step_flops leaves them out: layer norms, GELU, softmax, cross-entropy,
+    residual adds and the embedding backward (O(d) or O(V) per token, against O(d²) and O(d·V) for
+    matmuls), and the optimizer (per parameter, not per token). The math SDPA backend builds
+    attention from bmm, which the counter sees; on CPU the flash kernel would not be counted at
+    all."""
     grow.set_trainable(model, sp)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         _, loss = model(x, y, plan=Plan(tuple(range(sp.unique)), sp.isolate))
@@ -293,14 +301,16 @@ def test_model_step_flops_match_flop_counter():
     B, seq = 2, cfg.block_size
     x, y = torch.randint(cfg.vocab_size, (2, B, seq))
     # S=3 stages of 2 layers, one step per phase: steps 4 and 5 are stage 3's phases 1 and 2
-    schedules = {mode: incremental_schedule(cfg.n_layer, 3, 6, mode) for mode in ("freeze", "isolate")}
+    schedules = {mode: incremental_schedule(cfg.n_layer, 3, 6, mode)
+                 for mode in ("freeze", "isolate")}
     cases = {"stage 3 phase 1 freeze": schedules["freeze"].step_plan(4),
              "stage 3 phase 1 isolate": schedules["isolate"].step_plan(4),
              "stage 2 phase 2": schedules["freeze"].step_plan(3),
              "baseline": schedules["freeze"].step_plan(5)}
     assert cases["stage 3 phase 1 isolate"].isolate == 4 and len(cases["baseline"].trainable) == 6
     for name, sp in cases.items():
-        want = step_flops(cfg, Plan(tuple(range(sp.unique)), sp.isolate), sp.trainable, B * seq, seq)
+        want = step_flops(cfg, Plan(tuple(range(sp.unique)), sp.isolate), sp.trainable,
+                          B * seq, seq)
         got = counted_flops(model, sp, x, y)
         assert got == pytest.approx(want, rel=0.02), name
 
@@ -355,7 +365,8 @@ def test_model_fused_loss_keeps_the_heads_three_matmuls():
     # from the shapes of C += A (m, k) @ B (k, n)
     in_place = {torch.ops.aten.addmm_: lambda c, a, b, *args, **kwargs: 2 * a[0] * a[1] * b[1]}
     counts = []
-    for loss_fn in (lambda: F.cross_entropy(F.linear(x, w), y), lambda: linear_cross_entropy(x, w, y, 16)):
+    for loss_fn in (lambda: F.cross_entropy(F.linear(x, w), y),
+                    lambda: linear_cross_entropy(x, w, y, 16)):
         with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
             loss_fn().backward()
         counts.append(counter.get_total_flops())
@@ -393,12 +404,15 @@ def test_model_returns_logits_in_every_mode_and_training_fuses_the_loss_where_it
 @pytest.mark.slow
 def test_model_import_graph_runs_one_way():
     """model <- grow <- train; cost.py, the CLI, uses model and grow and never train."""
-    code = ("import sys, {mod}; print(sorted(m for m in ('model', 'grow', 'train', 'cost', 'hellaswag') "
+    code = ("import sys, {mod}; print(sorted(m for m in "
+            "('model', 'grow', 'train', 'cost', 'hellaswag') "
             "if m in sys.modules))")
-    imported = {mod: subprocess.run([sys.executable, "-c", code.format(mod=mod)], cwd=HERE, capture_output=True,
-                                    text=True, check=True).stdout.split("\n")[0]
+    imported = {mod: subprocess.run([sys.executable, "-c", code.format(mod=mod)], cwd=HERE,
+                                    capture_output=True, text=True,
+                                    check=True).stdout.split("\n")[0]
                 for mod in ("model", "grow", "cost")}
-    assert imported == {"model": "['model']", "grow": "['grow', 'model']", "cost": "['cost', 'grow', 'model']"}
+    assert imported == {"model": "['model']", "grow": "['grow', 'model']",
+                        "cost": "['cost', 'grow', 'model']"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,7 +522,8 @@ def one_line_error(main, argv, capsys, code=2):
 
 
 def train_error(tmp_path, data, capsys, *flags, data_dir=None, out="x"):
-    argv = ["--preset", "tiny", "--data-dir", str(data_dir or data), "--out", str(tmp_path / out), *TOY, *flags]
+    argv = ["--preset", "tiny", "--data-dir", str(data_dir or data), "--out", str(tmp_path / out),
+            *TOY, *flags]
     return one_line_error(train.main, argv, capsys)
 
 
@@ -520,18 +535,22 @@ def test_baseline_bad_inputs_give_one_line_errors(tmp_path, data, capsys):
     assert "--total-batch 250 must be a multiple" in error_of("--total-batch", "250")
     assert "no checkpoint" in error_of("--resume")
     assert "--stages 5: use 1 to 4" in error_of("--stages", "5")
-    assert "exceeds --max-steps" in error_of("--stages", "2", "--inc-steps", "20", "--max-steps", "10")
-    assert "phase would be empty" in error_of("--stages", "4", "--inc-steps", "4", "--max-steps", "10")
-    assert "must end at the model's 4 layers" in error_of("--regime", "apollo", "--grow-layers", "1,2", "--grow-at", "0.5")
-    assert "--stages cannot go with --regime apollo" in error_of("--regime", "apollo", "--stages", "2")
+    assert "exceeds --max-steps" in error_of("--stages", "2", "--inc-steps", "20",
+                                             "--max-steps", "10")
+    assert "phase would be empty" in error_of("--stages", "4", "--inc-steps", "4",
+                                              "--max-steps", "10")
+    assert "must end at the model's 4 layers" in error_of("--regime", "apollo", "--grow-layers",
+                                                          "1,2", "--grow-at", "0.5")
+    assert "--stages cannot go with --regime apollo" in error_of("--regime", "apollo",
+                                                                 "--stages", "2")
     assert "--grow-at cannot go with --regime incremental" in error_of("--grow-at", "0.5")
     assert "--msg-ramp only applies to --grow-op msg" in error_of("--msg-ramp", "5")
     assert "--budget-steps sets --max-steps" in error_of("--budget-steps", "5", "--max-steps", "5")
     assert "does not split into --n-head 3 heads" in error_of("--n-head", "3")
     assert "--min-lr 0.01 is above --lr 0.003" in error_of("--min-lr", "0.01")
     assert "shrink every weight past zero" in error_of("--weight-decay", "1000")
-    assert "less than one batch of --batch-size 4 x --seq-len 100000" in error_of("--seq-len", "100000",
-                                                                                  "--total-batch", "400000")
+    assert "less than one batch of --batch-size 4 x --seq-len 100000" in error_of(
+        "--seq-len", "100000", "--total-batch", "400000")
     assert "this machine has no CUDA device" in error_of("--device", "cuda")
     assert "--device tpu: use auto, cpu, cuda or mps" in error_of("--device", "tpu")
     assert "GiB for weights, gradients and AdamW" in error_of("--n-embd", "200000")
@@ -547,7 +566,8 @@ def test_baseline_val_tokens_zero_is_the_whole_split(data):
     val = [data / "toy_val_000000.bin"]
     assert len(data_mod.ValSet(val, 0, 4, 32)) == 16 and len(data_mod.ValSet(val, 0, 2, 32)) == 32
     assert len(data_mod.ValSet(val, 256, 4, 32)) == 2
-    with pytest.raises(ValueError, match=r"the validation split \(2048 tokens\) is less than one batch"):
+    with pytest.raises(ValueError,
+                       match=r"the validation split \(2048 tokens\) is less than one batch"):
         data_mod.ValSet(val, 0, 4, 1024)
 
 
@@ -606,25 +626,29 @@ def test_baseline_every_default_is_written_once_in_config(capsys):
 def test_every_scripts_help_shows_every_default(script, capsys):
     """`python SCRIPT.py --help`: each flag's entry says its default, or that it is required."""
     entries = help_entries(__import__(script).main, capsys)
-    assert entries and all(re.search(r"\bdefault\b|\(required\)", entry) for entry in entries), entries
+    assert entries and all(re.search(r"\bdefault\b|\(required\)", entry)
+                           for entry in entries), entries
 
 
-INT_FLAGS = ["--n-layer", "--n-head", "--n-embd", "--batch-size", "--seq-len", "--total-batch", "--max-steps",
-             "--stages", "--inc-steps", "--eval-every", "--ckpt-every"]  # 1 or more
-NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--val-tokens", "--hellaswag-every",
-                "--sample-every", "--bench"]
+INT_FLAGS = ["--n-layer", "--n-head", "--n-embd", "--batch-size", "--seq-len", "--total-batch",
+             "--max-steps", "--stages", "--inc-steps", "--eval-every", "--ckpt-every"]  # 1 or more
+NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--val-tokens",
+                "--hellaswag-every", "--sample-every", "--bench"]
 
 
 @pytest.mark.parametrize("flag,value", [(f, v) for f in INT_FLAGS for v in ("0", "-3", "1.5", "x")]
                          + [(f, v) for f in NON_NEGATIVE for v in ("-3", "1.5", "x")]
-                         + [(f, v) for f in ("--lr", "--min-lr", "--weight-decay", "--grad-clip", "--phase1-frac")
+                         + [(f, v) for f in ("--lr", "--min-lr", "--weight-decay", "--grad-clip",
+                                             "--phase1-frac")
                             for v in ("-1", "nan", "inf", "x")]
-                         + [("--lr", "0"), ("--phase1-frac", "1.5"), ("--seed", str(2**40)), ("--rewarm", "-2"),
-                            ("--hellaswag-limit", "0"), ("--preset", "huge"), ("--regime", "x"), ("--schedule", "x")])
+                         + [("--lr", "0"), ("--phase1-frac", "1.5"), ("--seed", str(2**40)),
+                            ("--rewarm", "-2"), ("--hellaswag-limit", "0"), ("--preset", "huge"),
+                            ("--regime", "x"), ("--schedule", "x")])
 def test_baseline_flag_sweep_refuses_every_bad_value(tmp_path, data, capsys, flag, value):
     """Zero, negative, malformed and out-of-range values of every numeric flag: refused before any
     work, in one line that names the flag and the value."""
-    extra = {"--msg-ramp": ["--regime", "msg"], "--hellaswag-limit": ["--hellaswag-every", "5"]}.get(flag, [])
+    extra = {"--msg-ramp": ["--regime", "msg"],
+             "--hellaswag-limit": ["--hellaswag-every", "5"]}.get(flag, [])
     err = train_error(tmp_path, data, capsys, *extra, flag, value)
     assert flag in err and value.lower() in err.lower(), err
     assert not (tmp_path / "x").exists()  # nothing was written
@@ -637,7 +661,8 @@ def test_baseline_mfu_on_every_step_when_the_peak_is_known(tmp_path, data, capsy
     flops = steps[0]["flops"]
     assert all(r["mfu"] == pytest.approx(flops / (r["dt"] * 1e12)) for r in steps)
     assert "| MFU " in capsys.readouterr().out
-    assert model_peak("NVIDIA H100 80GB HBM3") == 989e12 and model_peak("NVIDIA H100 PCIe") == 756e12
+    assert (model_peak("NVIDIA H100 80GB HBM3") == 989e12
+            and model_peak("NVIDIA H100 PCIe") == 756e12)
     assert model_peak("NVIDIA A100-SXM4-80GB") == 312e12 and model_peak("Tesla T4") is None
 
 
@@ -646,14 +671,16 @@ def test_baseline_ddp_ranks_exit_cleanly_with_compile(tmp_path, data):
     """Two gloo ranks with --compile, started from a script that imports train and calls main (as
     notebooks and tests do), end on their own, several times in a row."""
     driver = tmp_path / "driver.py"
-    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport train\ntrain.main(sys.argv[1:])\n")
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport train\n"
+                      "train.main(sys.argv[1:])\n")
     for i in range(3):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29600 + os.getpid() % 300 + i), str(driver), "--preset", "tiny", "--data-dir", str(data),
-               "--out", str(tmp_path / f"run{i}"), *TOY, "--compile", "--regime", "apollo",
-               "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5", "--max-steps", "6"]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                             timeout=300)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(29600 + os.getpid() % 300 + i), str(driver), "--preset", "tiny",
+               "--data-dir", str(data), "--out", str(tmp_path / f"run{i}"), *TOY, "--compile",
+               "--regime", "apollo", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5",
+               "--max-steps", "6"]
+        res = subprocess.run(cmd, capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         assert read_log(tmp_path / f"run{i}")[0][-1]["step"] == 6
 
@@ -673,21 +700,24 @@ def test_baseline_grad_clip_zero_means_no_clipping(tmp_path, data):
     clipped, _ = run_train(tmp_path / "a", data, "--max-steps", "3", "--grad-clip", "1e-3")
     free, _ = run_train(tmp_path / "b", data, "--max-steps", "3", "--grad-clip", "0")
     huge, _ = run_train(tmp_path / "c", data, "--max-steps", "3", "--grad-clip", "1e9")
-    assert [r["loss"] for r in free] == [r["loss"] for r in huge]  # 0 leaves every gradient as it is
+    # 0 leaves every gradient as it is
+    assert [r["loss"] for r in free] == [r["loss"] for r in huge]
     assert [r["loss"] for r in free][1:] != [r["loss"] for r in clipped][1:]
 
 
 def test_baseline_resume_extends_and_refuses_rewriting_the_past(tmp_path, data, capsys):
     run_train(tmp_path, data, "--max-steps", "4")
-    assert "--seed: 1337 there, 7 here" in train_error(tmp_path, data, capsys, "--max-steps", "4", "--seed", "7",
-                                                      "--resume", out=".")
+    assert "--seed: 1337 there, 7 here" in train_error(tmp_path, data, capsys, "--max-steps", "4",
+                                                      "--seed", "7", "--resume", out=".")
     # a finished run trains further, and the resume record says what changed
     steps, _ = run_train(tmp_path, data, "--max-steps", "6", "--resume")
     assert [r["step"] for r in steps] == list(range(1, 7))
-    resumed = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "resumed" in line]
+    resumed = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()
+               if "resumed" in line]
     assert resumed == [{"step": 4, "resumed": True, "changed": {"max_steps": [4, 6]}}]
     assert "resuming at step 4; --max-steps 4 -> 6" in capsys.readouterr().out
-    # a growth regime's stages start at fractions of --max-steps: moving one already crossed is refused
+    # a growth regime's stages start at fractions of --max-steps: moving one already crossed is
+    # refused
     apollo = ["--regime", "apollo", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5"]
     run_train(tmp_path / "g", data, *apollo, "--max-steps", "8")
     err = train_error(tmp_path, data, capsys, *apollo, "--max-steps", "16", "--resume", out="g")
@@ -705,8 +735,8 @@ def test_baseline_nan_keeps_last_good_and_resume_may_lower_the_lr(tmp_path, data
     assert "loss is nan at step 4" in err and "try a lower --lr, then --resume" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     # the advice is taken: a lower --lr is accepted on resume (these weights are NaN, so NaN again)
-    err = train_error(tmp_path, data, capsys, "--max-steps", "8", "--lr", "1e-4", "--min-lr", "1e-5", "--resume",
-                      out=".")
+    err = train_error(tmp_path, data, capsys, "--max-steps", "8", "--lr", "1e-4",
+                      "--min-lr", "1e-5", "--resume", out=".")
     assert "loss is nan at step 4" in err
 
 
@@ -723,9 +753,10 @@ def test_baseline_unreadable_checkpoint_is_one_line(tmp_path, data, capsys, dama
     else:
         path.write_bytes(b"")
     err = train_error(tmp_path, data, capsys, "--max-steps", "4", "--resume", out=".")
-    assert str(path) in err and ("not a readable checkpoint" in err or "not a train.py checkpoint" in err)
-    err = one_line_error(hs_main, ["--checkpoint", str(path), "--data-file", str(VAL), "--limit", "4",
-                                   "--device", "cpu"], capsys)
+    assert str(path) in err and ("not a readable checkpoint" in err
+                                 or "not a train.py checkpoint" in err)
+    err = one_line_error(hs_main, ["--checkpoint", str(path), "--data-file", str(VAL),
+                                   "--limit", "4", "--device", "cpu"], capsys)
     assert str(path) in err
 
 
@@ -735,15 +766,17 @@ def test_baseline_one_run_per_folder(tmp_path, data, capsys):
     err = train_error(tmp_path, data, capsys, "--max-steps", "2", out=".")
     assert "holds an earlier run (log.jsonl, ckpt.pt): continue it with --resume" in err
     # a second process while the first runs is refused; killing the first leaves no stale lock
-    cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny", "--data-dir", str(data),
-           "--out", str(tmp_path / "busy"), *TOY, "--max-steps", "100000", "--eval-every", "100000"]
+    cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny",
+           "--data-dir", str(data), "--out", str(tmp_path / "busy"), *TOY,
+           "--max-steps", "100000", "--eval-every", "100000"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in first.stdout:
             if line.startswith("step     2 |"):
                 break
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and f"is in use by another run (pid {first.pid})" in second.stderr
+        assert (second.returncode == 2
+                and f"is in use by another run (pid {first.pid})" in second.stderr)
         assert "Traceback" not in second.stderr
     finally:
         first.kill()
@@ -752,14 +785,15 @@ def test_baseline_one_run_per_folder(tmp_path, data, capsys):
     assert again.returncode == 2 and "holds an earlier run" in again.stderr  # it got past the lock
 
 
-def test_baseline_checkpoint_write_failure_keeps_the_last_good_one(tmp_path, data, capsys, monkeypatch):
+def test_baseline_checkpoint_write_failure_keeps_the_last_good_one(tmp_path, data, capsys,
+                                                                    monkeypatch):
     run_train(tmp_path, data, "--max-steps", "2")
     before = (tmp_path / "ckpt.pt").read_bytes()
 
     def full_disk(obj, path):  # torch.save's own words when the disk fills mid-write
         Path(path).write_bytes(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
-                           "data/3: file write failed")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter "
+                           "failed writing file data/3: file write failed")
 
     monkeypatch.setattr(runfolder.torch, "save", full_disk)
     err = train_error(tmp_path, data, capsys, "--max-steps", "4", "--resume", out=".")
@@ -775,11 +809,13 @@ def test_baseline_torn_log_line_then_resume_then_plot(tmp_path, data, capsys):
         f.write('{"step": 5, "loss": 3.1')  # a crash mid-write
     assert len(plot.read_log(tmp_path)["steps"]) == 4  # plot.py skips a torn last line
     assert "skipped a torn last line" in capsys.readouterr().err
-    run_train(tmp_path, data, "--max-steps", "6", "--resume")  # cuts it away, then appends whole lines
+    # cuts it away, then appends whole lines
+    run_train(tmp_path, data, "--max-steps", "6", "--resume")
     assert all(json.loads(line) for line in log.read_text().splitlines())
     assert [r["step"] for r in plot.read_log(tmp_path)["steps"]] == list(range(1, 7))
     with open(log, "a") as f:
-        f.write('{"step": 7, "val_loss": 3.0}\n{"oops"}\n')  # a bad record that is not the last line
+        # a bad record that is not the last line
+        f.write('{"step": 7, "val_loss": 3.0}\n{"oops"}\n')
     # line 13: 6 step records, 4 evaluations, the resume record, then the valid evaluation above it
     with pytest.raises(ValueError, match=r"log.jsonl:13: not a JSON record"):
         plot.read_log(tmp_path)
@@ -788,8 +824,9 @@ def test_baseline_torn_log_line_then_resume_then_plot(tmp_path, data, capsys):
 @pytest.mark.slow
 def test_baseline_signals_first_acknowledged_second_stops_at_once(tmp_path, data):
     def start(out):
-        cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny", "--data-dir", str(data),
-               "--out", str(out), *TOY, "--max-steps", "100000", "--eval-every", "100000", "--ckpt-every", "3"]
+        cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny",
+               "--data-dir", str(data), "--out", str(out), *TOY, "--max-steps", "100000",
+               "--eval-every", "100000", "--ckpt-every", "3"]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     once = start(tmp_path / "once")
@@ -798,14 +835,16 @@ def test_baseline_signals_first_acknowledged_second_stops_at_once(tmp_path, data
             once.send_signal(signal.SIGINT)
             break
     assert once.wait(timeout=120) == 0
-    assert "stopping after this step, checkpoint follows; Ctrl-C again to stop now" in once.stderr.read()
+    assert ("stopping after this step, checkpoint follows; Ctrl-C again to stop now"
+            in once.stderr.read())
     assert torch.load(tmp_path / "once" / "ckpt.pt", weights_only=True)["step"] >= 4
 
     twice = start(tmp_path / "twice")
     for line in twice.stdout:
         if line.startswith("step     4 |"):  # the checkpoint of step 3 is on disk
             before = (tmp_path / "twice" / "ckpt.pt").read_bytes()
-            twice.send_signal(signal.SIGTERM)  # two signals of one kind may merge into one: use two kinds
+            # two signals of one kind may merge into one: use two kinds
+            twice.send_signal(signal.SIGTERM)
             twice.send_signal(signal.SIGINT)
             break
     assert twice.wait(timeout=120) == 130
@@ -815,8 +854,9 @@ def test_baseline_signals_first_acknowledged_second_stops_at_once(tmp_path, data
     assert not (tmp_path / "twice" / "ckpt.pt.tmp").exists()
 
 
-@pytest.mark.parametrize("flags", [["--stages", "2", "--phase1-mode", "isolate"], ["--regime", "zero",
-                                   "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5"]])
+@pytest.mark.parametrize("flags", [["--stages", "2", "--phase1-mode", "isolate"],
+                                   ["--regime", "zero", "--grow-layers", "1,2,4",
+                                    "--grow-at", "0.25,0.5"]])
 def test_baseline_budget_steps_spend_the_baselines_flops(tmp_path, data, flags):
     steps, evals = run_train(tmp_path, data, *flags, "--budget-steps", "8", "--inc-steps", "8")
     cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
@@ -826,23 +866,27 @@ def test_baseline_budget_steps_spend_the_baselines_flops(tmp_path, data, flags):
     assert [r["step"] for r in evals if r.get("equal_cost")] == [len(steps)]
 
 
-def test_baseline_char_preset_makes_its_data_and_its_blocks_are_the_flops(tmp_path, monkeypatch, capsys):
+def test_baseline_char_preset_makes_its_data_and_its_blocks_are_the_flops(tmp_path, monkeypatch,
+                                                                          capsys):
     """--preset char tokenizes Tiny Shakespeare by character into data/shakespeare_char on first
-    use; at its shape the blocks are at least 95% of the training FLOPs (cost.py --split says so)."""
+    use; at its shape the blocks are at least 95% of the training FLOPs (cost.py --split says
+    so)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
     shutil.copy(SHAKESPEARE, tmp_path / "data" / "shakespeare_char" / "input.txt")
-    train.main(["--preset", "char", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
-                "--batch-size", "4", "--total-batch", "128", "--val-tokens", "256", "--max-steps", "1",
-                "--device", "cpu", "--out", "out"])
-    assert data_mod.read_meta("data/shakespeare_char")["vocab_size"] == 65  # nanoGPT's 65 characters
+    train.main(["--preset", "char", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+                "--seq-len", "32", "--batch-size", "4", "--total-batch", "128",
+                "--val-tokens", "256", "--max-steps", "1", "--device", "cpu", "--out", "out"])
+    # nanoGPT's 65 characters
+    assert data_mod.read_meta("data/shakespeare_char")["vocab_size"] == 65
     assert torch.load("out/ckpt.pt", weights_only=True)["model_config"]["vocab_size"] == 65
     assert "vocabulary 65 char" in capsys.readouterr().out
     args = config.parse_args(["--preset", "char"])
     cfg = args.model_config()
     assert (cfg.n_layer, cfg.vocab_size, args.seq_len, args.hellaswag_every) == (12, 65, 64, 0)
     assert blocks_share(cfg, args.seq_len) >= 0.95
-    cost_main(["--split", "--n-embd", str(cfg.n_embd), "--vocab", "65", "--seq-len", str(args.seq_len)])
+    cost_main(["--split", "--n-embd", str(cfg.n_embd), "--vocab", "65",
+               "--seq-len", str(args.seq_len)])
     assert capsys.readouterr().out.endswith(f"blocks {blocks_share(cfg, args.seq_len):.1%}\n")
 
 
@@ -850,7 +894,8 @@ def test_baseline_char_preset_makes_its_data_and_its_blocks_are_the_flops(tmp_pa
 # Incremental training (Li, Fung & Huang): stages, phase 1, stage entry, DDP, resume
 
 
-@pytest.mark.parametrize("S,sizes", [(4, [3, 3, 3, 3]), (8, [2, 1, 2, 1, 2, 1, 2, 1]), (12, [1] * 12)])
+@pytest.mark.parametrize("S,sizes", [(4, [3, 3, 3, 3]), (8, [2, 1, 2, 1, 2, 1, 2, 1]),
+                                     (12, [1] * 12)])
 def test_incremental_plan_on_12_layers(S, sizes):
     stages = grow.incremental_stages(12, S, 10000)
     schedule = grow.Schedule(tuple(stages), 12)
@@ -864,7 +909,8 @@ def test_incremental_plan_on_12_layers(S, sizes):
         p1, p2 = schedule.step_plan(st.start), schedule.step_plan(end - 1)
         assert (p1.stage, p1.phase, p2.phase) == (i + 1, 1, 2)
         prev = active[i - 1] if i else 0
-        assert p1.trainable == tuple(range(prev, st.layers)) and p2.trainable == tuple(range(st.layers))
+        assert (p1.trainable == tuple(range(prev, st.layers))
+                and p2.trainable == tuple(range(st.layers)))
         assert schedule.step_plan(st.start + st.phase1).phase == 2
         assert schedule.step_plan(st.start + st.phase1 - 1).phase == 1
     last = schedule.step_plan(10000)
@@ -898,7 +944,8 @@ def test_incremental_phase1_trains_only_new_blocks(mode):
             assert grads[k] is None
         if k.startswith(("transformer.h.2.", "transformer.h.3.")) and k.endswith("weight"):
             assert not torch.equal(before[k], after[k]), k
-    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # the tied head trains
+    # the tied head trains
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
     # freeze passes gradients through the old blocks to wpe; isolate stops above them
     assert (grads["transformer.wpe.weight"] is None) == (mode == "isolate")
 
@@ -914,7 +961,8 @@ def test_incremental_isolate_cuts_backward_flops():
             _, loss = model(x, x, plan=Plan((0, 1, 2, 3), sp.isolate))
             loss.backward()
         counted[mode] = fc.get_total_flops()
-        assert counted[mode] == step_flops(SMALL, Plan((0, 1, 2, 3), sp.isolate), sp.trainable, x.numel(), 32)
+        assert counted[mode] == step_flops(SMALL, Plan((0, 1, 2, 3), sp.isolate), sp.trainable,
+                                           x.numel(), 32)
     assert counted["isolate"] < counted["freeze"]
 
 
@@ -940,20 +988,23 @@ def test_incremental_enter_stage_grows_resets_and_sets_what_trains():
     assert opt2 is opt and not fresh and out is model and state.entered == 2  # growth keeps AdamW
     for k, v in model.transformer.h[3].state_dict().items():  # copy-top: block 3 copies block 1
         assert torch.equal(v, block1[k])
-    assert [b.c_attn.weight.requires_grad for b in (h.attn for h in model.transformer.h)] == [False, False, True, True]
+    assert ([b.c_attn.weight.requires_grad for b in (h.attn for h in model.transformer.h)]
+            == [False, False, True, True])
     sp = schedule.step_plan(8)  # continual training: every block, a fresh AdamW as asked
     assert (sp.stage, sp.trainable) == (3, (0, 1, 2, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt3, _, _ = enter_stage_and_check(run, opt2, state, sp, trains)
     assert opt3 is fresh[0] and state.entered == 3
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # 4 -> 4 blocks: no growth
+    # 4 -> 4 blocks: no growth
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.requires_grad for p in model.parameters())
 
 
 def enter_stage_and_check(run, opt, state, sp, trains):
     entered = train.enter_stage(run, opt, state, sp, trains)
     model = run.model
-    trainable = {i for i, b in enumerate(model.transformer.h) if all(p.requires_grad for p in b.parameters())}
+    trainable = {i for i, b in enumerate(model.transformer.h)
+                 if all(p.requires_grad for p in b.parameters())}
     assert trainable == set(sp.trainable)
     return entered
 
@@ -964,19 +1015,25 @@ def test_incremental_startup_summary_matches_the_run(tmp_path, data, capsys):
     assert "gradient accumulation 2, 256 tokens a step" in out and "4 layers x" in out
     starts = [int(s) for s in re.findall(r"from step +(\d+): stage", out)]
     changed = [r["step"] - 1 for i, r in enumerate(steps)
-               if i == 0 or (r["stage"], r["phase"]) != (steps[i - 1]["stage"], steps[i - 1]["phase"])]
+               if i == 0 or (r["stage"], r["phase"]) != (steps[i - 1]["stage"],
+                                                         steps[i - 1]["phase"])]
     assert starts == changed == [0, 2, 4, 6, 8]
 
 
 def test_incremental_the_authors_exact_recipe_is_what_the_run_records(tmp_path, data):
-    """README's command for the released code's settings: constant LR, no clipping, fp32, fresh AdamW
-    for continual training."""
-    recipe = ["--schedule", "constant", "--grad-clip", "0", "--precision", "fp32", "--continual-optimizer", "fresh"]
-    steps, _ = run_train(tmp_path, data, "--stages", "2", "--inc-steps", "8", "--max-steps", "10", *recipe)
-    assert {r["lr"] for r in steps} == {3e-3}  # TOY's --lr, from the first step: no warmup, no decay
+    """README's command for the released code's settings: constant LR, no clipping, fp32, fresh
+    AdamW for continual training."""
+    recipe = ["--schedule", "constant", "--grad-clip", "0", "--precision", "fp32",
+              "--continual-optimizer", "fresh"]
+    steps, _ = run_train(tmp_path, data, "--stages", "2", "--inc-steps", "8", "--max-steps", "10",
+                         *recipe)
+    # TOY's --lr, from the first step: no warmup, no decay
+    assert {r["lr"] for r in steps} == {3e-3}
     config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
-    assert (config["grad_clip"], config["precision"], config["continual_optimizer"]) == (0, "fp32", "fresh")
-    assert incremental_schedule(4, 2, 8, continual_optimizer="fresh").stages[-1].optimizer == "fresh"
+    assert ((config["grad_clip"], config["precision"], config["continual_optimizer"])
+            == (0, "fp32", "fresh"))
+    assert (incremental_schedule(4, 2, 8, continual_optimizer="fresh").stages[-1].optimizer
+            == "fresh")
 
 
 @pytest.mark.slow
@@ -1017,27 +1074,31 @@ def test_apollo_lvps_matches_its_closed_form(u, p_u, mean):
     assert probs[u] == pytest.approx(p_u, abs=0.001) and emp[0] == pytest.approx(p_u, abs=0.005)
     assert sum(k * p for k, p in probs.items()) == pytest.approx(mean, abs=0.005)
     assert d.mean() == pytest.approx(mean, abs=0.02)
-    k = u + 2  # the hyperbola's closed form for u < k < L: P(d = k) = m·u·(1/k − 1/(k+1)) / (1 − x_min)
+    # the hyperbola's closed form for u < k < L: P(d = k) = m·u·(1/k − 1/(k+1)) / (1 − x_min)
+    k = u + 2
     b = 12 / u + 0.4
     n = (b * grow.X_MIN - 0.6) / (0.6 - b)
     assert probs[k] == pytest.approx(0.6 * (n + 1) * u * (1 / k - 1 / (k + 1)) / (1 - grow.X_MIN))
 
 
 def test_apollo_depth_samplers_are_pure_and_in_range():
-    assert grow.lvps_depth(np.random.default_rng(1).uniform(size=1000), 12, 12).tolist() == [12] * 1000
+    assert (grow.lvps_depth(np.random.default_rng(1).uniform(size=1000), 12, 12).tolist()
+            == [12] * 1000)
     draws = [grow.sample_depth("lvps", 3, 12, 7, s, m) for s in range(50) for m in range(4)]
     assert draws == [grow.sample_depth("lvps", 3, 12, 7, s, m) for s in range(50) for m in range(4)]
     assert set(draws) > {3} and set(draws) <= set(range(3, 13))
     uni = [grow.sample_depth("uniform", 3, 12, 7, s, 0) for s in range(400)]
     assert set(uni) == set(range(3, 13))
-    assert grow.sample_depth("full", 3, 12, 7, 0, 0) == 12 and grow.sample_depth("unique", 3, 12, 7, 0, 0) == 3
+    assert (grow.sample_depth("full", 3, 12, 7, 0, 0) == 12
+            and grow.sample_depth("unique", 3, 12, 7, 0, 0) == 3)
 
 
 def test_apollo_sharing_and_growth_maps():
     assert grow.layer_plan(12, 3) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
     assert grow.layer_plan(4, 3) == [0, 0, 1, 2]
     assert grow.layer_plan(6, 3, "cyclic") == [0, 1, 2, 0, 1, 2]
-    assert all(grow.layer_plan(d, u) == [t * u // d for t in range(d)] for d in range(1, 40) for u in range(1, d + 1))
+    assert all(grow.layer_plan(d, u) == [t * u // d for t in range(d)]
+               for d in range(1, 40) for u in range(1, d + 1))
     assert grow.growth_map(1, 3, "interp") == [0, 0, 0]
     assert grow.growth_map(3, 6, "interp") == [0, 0, 1, 1, 2, 2]
     assert grow.growth_map(6, 12, "interp") == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
@@ -1053,9 +1114,11 @@ def test_apollo_interpolation_preserves_the_function_only_at_integer_ratios():
     for u, u2, same in [(1, 3, True), (3, 6, True), (6, 12, True), (4, 6, False)]:
         model = small_model(cfg=cfg).eval()
         with torch.no_grad():
-            before = {d: model(x, plan=Plan(tuple(grow.layer_plan(d, u))))[0] for d in range(u2, 13)}
+            before = {d: model(x, plan=Plan(tuple(grow.layer_plan(d, u))))[0]
+                      for d in range(u2, 13)}
             grow.grow(model.transformer.h, u, u2, "interp")
-            kept = [torch.allclose(logits, model(x, plan=Plan(tuple(grow.layer_plan(d, u2))))[0], atol=1e-5)
+            kept = [torch.allclose(logits, model(x, plan=Plan(tuple(grow.layer_plan(d, u2))))[0],
+                                   atol=1e-5)
                     for d, logits in before.items()]
         # 4 -> 6 happens to keep depth 6 ([0,0,1,2,2,3] either way) but not the others
         assert all(kept) if same else not all(kept), (u, u2, kept)
@@ -1068,7 +1131,8 @@ def test_apollo_flops_column_is_the_sum_of_sampled_depth_costs(tmp_path, data):
     total, seen = 0, set()
     for r in steps:
         u = r["unique_layers"]
-        assert len(r["depth"]) == 2 and all(u <= d <= 4 for d in r["depth"])  # 2 micro-batches a step
+        # 2 micro-batches a step
+        assert len(r["depth"]) == 2 and all(u <= d <= 4 for d in r["depth"])
         for d in r["depth"]:
             total += step_flops(cfg, Plan(tuple(grow.layer_plan(d, u))), range(u), 128, 32)
             seen.add((u, d))
@@ -1081,14 +1145,17 @@ def test_apollo_flops_column_is_the_sum_of_sampled_depth_costs(tmp_path, data):
 
 @pytest.mark.slow
 def test_apollo_same_tokens_meet_the_same_depth_on_one_process_or_two_ranks(tmp_path, data):
-    """Depths are keyed by the global micro-batch index: 2 gloo ranks at accumulation 1 read and run
-    what 1 process runs at accumulation 2, so Apollo's numbers do not depend on the GPU count."""
-    flags = ["--regime", "apollo", "--max-steps", "8", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5",
-             "--total-batch", "256", "--depth", "uniform"]  # uniform: depths differ more often than LVPS's
+    """Depths are keyed by the global micro-batch index: 2 gloo ranks at accumulation 1 read and
+    run what 1 process runs at accumulation 2, so Apollo's numbers do not depend on the GPU
+    count."""
+    flags = ["--regime", "apollo", "--max-steps", "8", "--grow-layers", "1,2,4",
+             "--grow-at", "0.25,0.5", "--total-batch", "256",
+             "--depth", "uniform"]  # uniform: depths differ more often than LVPS's
     one, _ = run_train(tmp_path / "one", data, *flags)  # batch 4 x 32: 2 micro-batches a step
     two, _ = torchrun(tmp_path / "two", data, *flags)  # 1 micro-batch a step on each rank
     assert [r["depth"] for r in one] == [r["depth"] for r in two]
-    assert any(len(set(r["depth"])) > 1 for r in two)  # the ranks really ran different depths in a step
+    # the ranks really ran different depths in a step
+    assert any(len(set(r["depth"])) > 1 for r in two)
     assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two], atol=1e-5, rtol=0)
     assert [r["flops"] for r in one] == [r["flops"] for r in two]  # every rank's depths counted
 
@@ -1100,19 +1167,24 @@ def test_apollo_slowest_rank_sets_the_pace():
     cfg = GPTConfig(n_layer=12)
     lvps = grow.Schedule((grow.Stage(0, 3),), 12, depth="lvps")
     sp = lvps.step_plan(0)
-    mean = float(grow.expected_step_flops(cfg, lvps, sp, grow.depth_probs("lvps", 3, 12), 1024, 1024))
-    assert slowest_rank_step_flops(cfg, lvps, sp, 1, 1, 1024, 1024) == pytest.approx(mean, rel=1e-12)
+    mean = float(grow.expected_step_flops(cfg, lvps, sp, grow.depth_probs("lvps", 3, 12),
+                                          1024, 1024))
+    assert (slowest_rank_step_flops(cfg, lvps, sp, 1, 1, 1024, 1024)
+            == pytest.approx(mean, rel=1e-12))
     assert slowest_rank_step_flops(cfg, lvps, sp, 8, 1, 1024, 1024) > 8 * mean * 1.2
     fixed = grow.Schedule((grow.Stage(0, 3),), 12)
     sp_fixed = fixed.step_plan(0)
     one = step_flops(cfg, Plan((0, 1, 2)), sp_fixed.trainable, 1024, 1024)
-    assert slowest_rank_step_flops(cfg, fixed, sp_fixed, 8, 2, 1024, 1024) == pytest.approx(16 * one)
+    assert (slowest_rank_step_flops(cfg, fixed, sp_fixed, 8, 2, 1024, 1024)
+            == pytest.approx(16 * one))
     # uniform over depths 11 and 12 on 2 ranks: the slower is 12 unless both draw 11 (p = 1/4)
     two = grow.Schedule((grow.Stage(0, 11),), 12, depth="uniform")
     sp2 = two.step_plan(0)
-    cost = {d: step_flops(cfg, Plan(tuple(grow.layer_plan(d, 11))), sp2.trainable, 1024, 1024) for d in (11, 12)}
+    cost = {d: step_flops(cfg, Plan(tuple(grow.layer_plan(d, 11))), sp2.trainable, 1024, 1024)
+            for d in (11, 12)}
     want = 2 * (cost[11] / 4 + cost[12] * 3 / 4)
-    assert slowest_rank_step_flops(cfg, two, sp2, 2, 1, 1024, 1024) == pytest.approx(want, rel=1e-12)
+    assert (slowest_rank_step_flops(cfg, two, sp2, 2, 1, 1024, 1024)
+            == pytest.approx(want, rel=1e-12))
 
 
 def test_apollo_expectation_matches_the_sampler():
@@ -1126,7 +1198,8 @@ def test_apollo_expectation_matches_the_sampler():
         expected = float(grow.expected_step_flops(cfg, schedule, sp, probs, 1, 1024))
         per_depth = {d: step_flops(cfg, Plan(tuple(grow.layer_plan(d, u))), sp.trainable, 1, 1024)
                      for d in range(u, L + 1)}
-        drawn = np.array([per_depth[grow.sample_depth("lvps", u, L, 1337, step, 0)] for step in range(20_000)])
+        drawn = np.array([per_depth[grow.sample_depth("lvps", u, L, 1337, step, 0)]
+                          for step in range(20_000)])
         assert abs(drawn.mean() - expected) < 4 * drawn.std() / len(drawn) ** 0.5
         # and without sampling error: the sampler's inverse over a fine grid of uniform draws
         grid = (np.arange(2_000_000) + 0.5) / 2_000_000
@@ -1147,8 +1220,8 @@ def test_apollo_report_saves_less_than_reported(capsys):
 # Growth operators and regimes: stack, G_stack, MSG, zero-init, copy-top
 
 
-@pytest.mark.parametrize("op,same", [("zero", True), ("msg", True), ("random", False), ("stack", False),
-                                     ("copy-top", False)])
+@pytest.mark.parametrize("op,same", [("zero", True), ("msg", True), ("random", False),
+                                     ("stack", False), ("copy-top", False)])
 def test_growth_ops_that_preserve_the_function(op, same):
     model = small_model().eval()
     x = tokens(0, 16)
@@ -1171,32 +1244,39 @@ def test_late_expansion_zero_blocks_forward_and_flops():
     _, loss = model(x, x, plan=Plan(()))
     loss.backward()
     assert all(p.grad is None for p in h.h.parameters()) and h.wpe.weight.grad is not None
-    assert step_flops(SMALL, Plan(()), (), 100, 32) == 100 * 3 * 2 * 32 * 512  # 2·d·V forward, twice that back
+    # 2·d·V forward, twice that back
+    assert step_flops(SMALL, Plan(()), (), 100, 32) == 100 * 3 * 2 * 32 * 512
 
 
 def test_late_expansion_boundary_and_flops_column_match_the_cost_model(tmp_path, data):
     late = growth_schedule("late", L=4, steps=10)
-    assert [(s.start, s.layers, s.grow_op) for s in late.stages] == [(0, 0, "random"), (8, 4, "random")]
+    assert ([(s.start, s.layers, s.grow_op) for s in late.stages]
+            == [(0, 0, "random"), (8, 4, "random")])
     assert config.resolve({"regime": "late"}).schedule == "wsd"  # the regime's own LR schedule
     steps, _ = run_train(tmp_path, data, "--regime", "late", "--max-steps", "10", "--warmup", "2")
     assert [r["unique_layers"] for r in steps] == [0] * 8 + [4] * 2
     assert all(r["depth"] == [r["unique_layers"]] * 2 for r in steps)
     cfg = GPTConfig(block_size=32, n_layer=4, n_head=2, n_embd=32)
-    expected = sum(r["steps"] * r["step_flops"] for r in grow.schedule_phases(cfg, late, 10, 256, 32))
+    expected = sum(r["steps"] * r["step_flops"]
+                   for r in grow.schedule_phases(cfg, late, 10, 256, 32))
     assert steps[-1]["flops"] == expected
-    assert [r["lr"] for r in steps][2:8] == [3e-3] * 6 and steps[-1]["lr"] < 3e-3  # WSD: stable, then decay
+    # WSD: stable, then decay
+    assert [r["lr"] for r in steps][2:8] == [3e-3] * 6 and steps[-1]["lr"] < 3e-3
     assert "--grow-op stack copies blocks" in str(pytest.raises(ValueError, growth_schedule, "late",
                                                                 grow_op="stack").value)
     assert [s.layers for s in growth_schedule("late", L=24).stages] == [0, 24]
 
 
 def test_growth_regimes_are_data_and_stages_carry_their_boundary_actions():
-    """Each regime is one entry of grow.REGIMES; its Schedule's stages say what entering them does."""
+    """Each regime is one entry of grow.REGIMES; its Schedule's stages say what entering them
+    does."""
     stack = growth_schedule("stack")
     assert [(s.start, s.layers) for s in stack.stages] == [(0, 3), (10, 6), (25, 12)]
-    assert {(s.grow_op, s.optimizer, s.rewarm, s.ramp) for s in stack.stages[1:]} == {("stack", "keep", 0, 0)}
+    assert ({(s.grow_op, s.optimizer, s.rewarm, s.ramp) for s in stack.stages[1:]}
+            == {("stack", "keep", 0, 0)})
     gstack = growth_schedule("gstack")
-    assert [(s.start, s.layers, s.optimizer, s.rewarm) for s in gstack.stages[1:]] == [(25, 12, "fresh", 10)]
+    assert ([(s.start, s.layers, s.optimizer, s.rewarm) for s in gstack.stages[1:]]
+            == [(25, 12, "fresh", 10)])
     msg = growth_schedule("msg")  # the gates ramp as long as the warmup unless --msg-ramp says
     assert [s.ramp for s in msg.stages] == [0, 10, 10]
     assert [s.ramp for s in growth_schedule("msg", msg_ramp=4).stages] == [0, 4, 4]
@@ -1204,19 +1284,23 @@ def test_growth_regimes_are_data_and_stages_carry_their_boundary_actions():
     assert [s.layers for s in apollo.stages] == [2, 6, 12, 24] and apollo.depth == "lvps"
     assert [s.layers for s in growth_schedule("apollo", L=4).stages] == [1, 2, 4]  # 1,1,2,4 merged
     inc = incremental_schedule(12, 4, 100, growth_optimizer="fresh")
-    assert [s.optimizer for s in inc.stages] == ["keep", "fresh", "fresh", "fresh", "keep"]  # continual: keep
+    assert [s.optimizer for s in inc.stages] == ["keep", "fresh", "fresh", "fresh",
+                                                 "keep"]  # continual: keep
 
 
 def test_msg_gates_ramp_and_reach_every_evaluation(tmp_path, data):
-    """MSG's gates open linearly over the ramp; evaluation and the checkpoint's eval plan use them."""
+    """MSG's gates open linearly over the ramp; evaluation and the checkpoint's eval plan use
+    them."""
     msg = growth_schedule("msg", L=4, steps=20, grow_layers="1,2,4", grow_at="0.25,0.5", msg_ramp=8)
     sp = msg.step_plan(12)  # 2 steps into stage 3, where blocks 2 and 3 were added
     assert msg.plan(sp, 12, 0) == Plan((0, 1, 2, 3), 0, (1.0, 1.0, 0.25, 0.25))
     assert msg.eval_plan(3, 12) == Plan((0, 1, 2, 3), 0, (1.0, 1.0, 0.25, 0.25))
     assert msg.plan(msg.step_plan(18), 18, 0).gates is None  # fully open: no gating at all
-    steps, evals = run_train(tmp_path, data, "--regime", "msg", "--max-steps", "12", "--grow-layers", "1,2,4",
-                             "--grow-at", "0.25,0.5", "--msg-ramp", "8", "--ckpt-every", "6")
-    model, plan = load_model(tmp_path / "ckpt.pt")  # saved at step 12, mid-ramp: the gates come along
+    steps, evals = run_train(tmp_path, data, "--regime", "msg", "--max-steps", "12",
+                             "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5", "--msg-ramp", "8",
+                             "--ckpt-every", "6")
+    # saved at step 12, mid-ramp: the gates come along
+    model, plan = load_model(tmp_path / "ckpt.pt")
     assert plan == Plan((0, 1, 2, 3), 0, (1.0, 1.0, 0.75, 0.75))
     val = data_mod.ValSet(sorted(data.glob("*val*")), 256, 4, 32)
     assert train.val_loss(model, val, plan, 0, 1, torch.device("cpu")) == evals[-1]["val_loss"]
@@ -1276,7 +1360,8 @@ def test_cost_incremental_exact_model_covers_every_layer(S, mode):
 def test_cost_incremental_phase_sums_equal_step_by_step_sums(mode):
     """Summing per phase gives what train.py's loop adds up step by step."""
     cfg = GPTConfig(n_layer=L)
-    schedule = incremental_schedule(L, 5, 200, mode)  # 200 incremental steps, then 30 continual ones
+    # 200 incremental steps, then 30 continual ones
+    schedule = incremental_schedule(L, 5, 200, mode)
     per_step = 0
     for step in range(230):
         sp = schedule.step_plan(step)
@@ -1290,8 +1375,10 @@ def test_cost_incremental_phase_sums_equal_step_by_step_sums(mode):
     ["--steps", "0"], ["--steps", "-5"],
     ["--steps", "10", "--stages", "12"],  # fewer steps than phases
     ["--regime", "apollo", "--steps", "10"],  # stages would start at the same step
-    ["--seq-len", "0"], ["--batch-tokens", "-1"], ["--mfu", "0"], ["--mfu", "2"], ["--mfu", "nan"], ["--steps", "x"],
-    ["--regime", "apollo", "--stages", "3"], ["--measure", "--steps", "5"], ["--device", "cpu"],  # ignored flags
+    ["--seq-len", "0"], ["--batch-tokens", "-1"], ["--mfu", "0"], ["--mfu", "2"], ["--mfu", "nan"],
+    ["--steps", "x"],
+    # ignored flags
+    ["--regime", "apollo", "--stages", "3"], ["--measure", "--steps", "5"], ["--device", "cpu"],
 ])
 def test_cost_bad_input_is_one_line_exit_2(argv, capsys):
     assert "error: " in one_line_error(cost_main, argv, capsys)
@@ -1310,14 +1397,17 @@ def entry(path, body):
 
 
 def serve_repo(hub, repo, revision, folder, files, page_size=2):
-    """Serve files {path: bytes} under the resolve URL, and their listing in pages linked by `Link`."""
+    """Serve files {path: bytes} under the resolve URL, and their listing in pages linked by
+    `Link`."""
     for path, body in files.items():
         hub.routes[f"/datasets/{repo}/resolve/{revision}/{path}"] = (body, {})
     listing = [{"type": "directory", "path": "sub"}] + [entry(p, b) for p, b in files.items()]
-    base = f"/api/datasets/{repo}/tree/{revision}" + (f"/{folder.replace('/', '%2F')}" if folder else "")
+    base = f"/api/datasets/{repo}/tree/{revision}" + (f"/{folder.replace('/', '%2F')}"
+                                                      if folder else "")
     pages = [listing[i:i + page_size] for i in range(0, len(listing), page_size)]
     for i, page in enumerate(pages):
-        headers = {"Link": f'<{hub.url}{base}?cursor={i + 1}>; rel="next"'} if i + 1 < len(pages) else {}
+        headers = ({"Link": f'<{hub.url}{base}?cursor={i + 1}>; rel="next"'}
+                   if i + 1 < len(pages) else {})
         hub.routes[base + (f"?cursor={i}" if i else "")] = (json.dumps(page).encode(), headers)
 
 
@@ -1355,21 +1445,23 @@ def test_data_read_shard_errors(tmp_path, damage, message):
     with pytest.raises(ValueError) as e:
         data_mod.read_shard(bad)
     msg = str(e.value)
-    assert message in msg and str(bad) in msg and "re-run prepare_fineweb.py" in msg and "\n" not in msg
+    assert (message in msg and str(bad) in msg and "re-run prepare_fineweb.py" in msg
+            and "\n" not in msg)
 
 
 def test_data_download_retries_and_resumes(hub, tmp_path):
     body = os.urandom(300_000)
     hub.routes["/f.bin"] = (body, {})
     hub.errors, hub.drops = [503], 2
-    dest = pf.download(f"{hub.url}/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(body).hexdigest(),
-                       size=len(body), **FAST)
+    dest = pf.download(f"{hub.url}/f.bin", tmp_path / "f.bin",
+                       sha256=hashlib.sha256(body).hexdigest(), size=len(body), **FAST)
     assert dest.read_bytes() == body and leftovers(tmp_path) == []
     ranges = [r for _, r in hub.log]
     assert len(ranges) == 4 and ranges[:2] == [None, None]
     assert all(r.startswith("bytes=") and r != "bytes=0-" for r in ranges[2:])  # resumed, twice
     # a verified file is not fetched again
-    pf.download(f"{hub.url}/f.bin", dest, sha256=hashlib.sha256(body).hexdigest(), size=len(body), **FAST)
+    pf.download(f"{hub.url}/f.bin", dest, sha256=hashlib.sha256(body).hexdigest(), size=len(body),
+                **FAST)
     assert len(hub.log) == 4
 
 
@@ -1377,8 +1469,8 @@ def test_data_download_restarts_when_range_is_ignored(hub, tmp_path):
     body = os.urandom(200_000)
     hub.routes["/f.bin"] = (body, {})
     hub.drops, hub.ignore_range = 1, True
-    dest = pf.download(f"{hub.url}/f.bin", tmp_path / "f.bin", sha256=hashlib.sha256(body).hexdigest(),
-                       size=len(body), **FAST)
+    dest = pf.download(f"{hub.url}/f.bin", tmp_path / "f.bin",
+                       sha256=hashlib.sha256(body).hexdigest(), size=len(body), **FAST)
     assert dest.read_bytes() == body and leftovers(tmp_path) == []
     assert hub.log[1][1] is not None  # it did ask to resume, and coped with a 200
 
@@ -1403,7 +1495,8 @@ def test_data_download_404_and_dead_server(hub, tmp_path):
 
 
 def test_data_tokens_source(hub, tmp_path, monkeypatch, capsys):
-    files = {data_mod.shard_name("finewebedu", i): shard_bytes(tmp_path, np.arange(100 * i, 100 * i + 50 + i))
+    files = {data_mod.shard_name("finewebedu", i):
+             shard_bytes(tmp_path, np.arange(100 * i, 100 * i + 50 + i))
              for i in range(4)}
     files[".gitattributes"] = b"*.bin filter=lfs\n"
     serve_repo(hub, pf.TOKENS_REPO, "main", "", files)
@@ -1413,7 +1506,8 @@ def test_data_tokens_source(hub, tmp_path, monkeypatch, capsys):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(data_mod.shard_name("finewebedu", i) for i in range(3))
     for i in range(3):
-        assert np.array_equal(data_mod.read_shard(out / data_mod.shard_name("finewebedu", i)), np.arange(100 * i, 100 * i + 50 + i))
+        assert np.array_equal(data_mod.read_shard(out / data_mod.shard_name("finewebedu", i)),
+                              np.arange(100 * i, 100 * i + 50 + i))
     # a re-run only reads the listing
     n = len(hub.log)
     assert pf.main(["--source", "tokens", "--shards", "2", "--out", str(out)]) == 0
@@ -1425,12 +1519,15 @@ def test_data_tokens_source(hub, tmp_path, monkeypatch, capsys):
 
 
 def test_data_disk_too_small(hub, tmp_path, monkeypatch, capsys):
-    serve_repo(hub, pf.TOKENS_REPO, "main", "", {data_mod.shard_name("finewebedu", 0): shard_bytes(tmp_path, range(5000))})
+    serve_repo(hub, pf.TOKENS_REPO, "main", "",
+               {data_mod.shard_name("finewebedu", 0): shard_bytes(tmp_path, range(5000))})
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
     assert pf.main(["--shards", "0", "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "not enough disk space" in err and "11,024 bytes" in err and "100 bytes" in err and err.count("\n") == 1
+    assert ("not enough disk space" in err and "11,024 bytes" in err and "100 bytes" in err
+            and err.count("\n") == 1)
 
 
 def make_parquet(path, texts):
@@ -1447,7 +1544,8 @@ def test_data_parquet_source(hub, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     words = ["the", "grow", "layer", "café", "\n", "GPT-2", "<|endoftext|>", "tokens", "😀", "data"]
     docs = [" ".join(rng.choice(words, size=rng.integers(1, 120))) for _ in range(30)]
-    files = {f"sample/10BT/{i:03d}_00000.parquet": make_parquet(tmp_path / f"{i}.parquet", docs[i * 10:(i + 1) * 10])
+    files = {f"sample/10BT/{i:03d}_00000.parquet":
+             make_parquet(tmp_path / f"{i}.parquet", docs[i * 10:(i + 1) * 10])
              for i in range(3)}
     serve_repo(hub, pf.PARQUET_REPO, pf.PARQUET_REVISION, "sample/10BT", files)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
@@ -1459,12 +1557,14 @@ def test_data_parquet_source(hub, tmp_path, monkeypatch):
     expected = np.concatenate([[data_mod.EOT] + enc.encode_ordinary(d) for d in docs])
     shards = sorted(out.glob("*.bin"), key=lambda p: p.name.split("_")[-1])
     assert shards[0].name == "finewebedu_val_000000.bin"
-    assert [p.name for p in shards[1:]] == [data_mod.shard_name("finewebedu", i) for i in range(1, len(shards))]
+    assert [p.name for p in shards[1:]] == [data_mod.shard_name("finewebedu", i)
+                                            for i in range(1, len(shards))]
     lengths = [len(data_mod.read_shard(p)) for p in shards]
     assert sum(lengths) == len(expected) == sum(1 + len(enc.encode_ordinary(d)) for d in docs)
     assert set(lengths[:-1]) == {256} and 0 < lengths[-1] <= 256
     assert np.array_equal(np.concatenate([data_mod.read_shard(p) for p in shards]), expected)
-    assert sorted(p.name for p in (out / "parquet").iterdir()) == ["000_00000.parquet", "001_00000.parquet", "002_00000.parquet"]
+    assert sorted(p.name for p in (out / "parquet").iterdir()) == [
+        "000_00000.parquet", "001_00000.parquet", "002_00000.parquet"]
 
     # a re-run with the same settings makes no request and rewrites nothing
     n, mtimes = len(hub.log), [p.stat().st_mtime_ns for p in shards]
@@ -1502,7 +1602,8 @@ class FakeTTY(io.StringIO):
 def test_data_text_tokenized_in_pieces_as_a_whole_with_a_progress_bar(tmp_path, monkeypatch):
     enc = tiktoken.get_encoding("gpt2")
     rng = np.random.default_rng(0)
-    # whitespace runs are where a careless cut changes the tokens ("\n\n" is one token, "\n" "\n" two)
+    # whitespace runs are where a careless cut changes the tokens ("\n\n" is one token, "\n" "\n"
+    # two)
     words = ["the", "king", "'s", "\n", "\n\n\n", " \n", "\t", "\u00a0", "  ", "42", "😀", "!", "é"]
     for size in (1, 7, 50):
         text = "".join(rng.choice(words, size=2000))
@@ -1522,10 +1623,12 @@ def test_data_text_tokenized_in_pieces_as_a_whole_with_a_progress_bar(tmp_path, 
 def test_data_tinyshakespeare_local_file(tmp_path):
     shutil.copy(SHAKESPEARE, tmp_path / "input.txt")
     assert pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0) == tmp_path
-    total = sum(len(data_mod.read_shard(tmp_path / f)) for f in ["tinyshakespeare_val_000000.bin", "tinyshakespeare_train_000001.bin"])
+    total = sum(len(data_mod.read_shard(tmp_path / f))
+                for f in ["tinyshakespeare_val_000000.bin", "tinyshakespeare_train_000001.bin"])
     assert total == 338_026
     (tmp_path / "input.txt").unlink()
-    assert pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0) == tmp_path  # shards are enough
+    # shards are enough
+    assert pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0) == tmp_path
 
 
 def test_data_tinyshakespeare_download(hub, tmp_path):
@@ -1548,8 +1651,10 @@ def test_data_byte_and_char_tokenizers_round_trip_text(tmp_path, capsys):
     assert byte.vocab_size == 256 and byte.eot is None and max(byte.encode(text)) < 256
     assert byte.decode(byte.encode(text)) == text and len(byte.encode("😀")) == 4
     char = data_mod.tokenizer(data_mod.text_meta("char", text))
-    assert char.chars == "".join(sorted(set(text))) and char.vocab_size == len(set(text)) and char.eot is None
-    assert char.decode(char.encode(text)) == text and char.encode(char.chars) == list(range(char.vocab_size))
+    assert (char.chars == "".join(sorted(set(text))) and char.vocab_size == len(set(text))
+            and char.eot is None)
+    assert (char.decode(char.encode(text)) == text
+            and char.encode(char.chars) == list(range(char.vocab_size)))
     with pytest.raises(ValueError, match="character 'z' is not in"):
         char.encode("z")
     # --text --tokenizer: no end-of-text token (one document), meta.json beside the shards
@@ -1560,16 +1665,19 @@ def test_data_byte_and_char_tokenizers_round_trip_text(tmp_path, capsys):
         assert pf.main(["--text", str(src), "--tokenizer", name, "--out", str(out)]) == 0
         meta = data_mod.read_meta(out)
         assert meta == data_mod.text_meta(name, text)
-        assert sorted(p.name for p in out.iterdir() if p.suffix != ".bin") == ["meta.json"]  # no .tmp left
+        # no .tmp left
+        assert sorted(p.name for p in out.iterdir() if p.suffix != ".bin") == ["meta.json"]
         shards = [data_mod.read_shard(out / data_mod.shard_name("in", i)).tolist() for i in (1, 0)]
         assert data_mod.tokenizer(meta).decode(shards[0] + shards[1]) == text * 50
     with pytest.raises(SystemExit) as e:
         pf.main(["--source", "tokens", "--tokenizer", "char"])
-    assert e.value.code == 2 and "--tokenizer cannot go with --source tokens" in capsys.readouterr().err
+    assert (e.value.code == 2
+            and "--tokenizer cannot go with --source tokens" in capsys.readouterr().err)
 
 
 def test_data_folder_without_meta_is_gpt2(tmp_path, data, capsys):
-    assert data_mod.read_meta(data) == data_mod.GPT2_META == {"tokenizer": "gpt2", "vocab_size": 50257}
+    assert (data_mod.read_meta(data) == data_mod.GPT2_META
+            == {"tokenizer": "gpt2", "vocab_size": 50257})
     run_train(tmp_path / "run", data, "--max-steps", "1")  # llm.c-style shards: GPT-2 as before
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["tokenizer"] == data_mod.GPT2_META and ckpt["model_config"]["vocab_size"] == 50304
@@ -1593,15 +1701,17 @@ def char_run(tmp_path_factory):
 def test_data_char_vocabulary_reaches_the_model_checkpoint_and_samples(char_run, capsys):
     meta = data_mod.read_meta(char_run / "data")
     ckpt = torch.load(char_run / "out" / "ckpt.pt", weights_only=True)
-    assert ckpt["tokenizer"] == meta and ckpt["model_config"]["vocab_size"] == meta["vocab_size"] == 58
+    assert (ckpt["tokenizer"] == meta
+            and ckpt["model_config"]["vocab_size"] == meta["vocab_size"] == 58)
     assert ckpt["model"]["lm_head.weight"].shape[0] == 58
-    sample_main(["--checkpoint", str(char_run / "out" / "ckpt.pt"), "--prompt", "ROMEO:", "--num-samples", "2",
-                 "--max-new-tokens", "20", "--device", "cpu"])
+    sample_main(["--checkpoint", str(char_run / "out" / "ckpt.pt"), "--prompt", "ROMEO:",
+                 "--num-samples", "2", "--max-new-tokens", "20", "--device", "cpu"])
     printed = capsys.readouterr().out  # characters, the newlines among them
     assert printed.startswith("sample 0: ROMEO:") and "\nsample 1: ROMEO:" in printed
     assert len(printed) == 2 * len("sample 0: ROMEO:\n") + 2 * 20
     with pytest.raises(SystemExit) as e:  # no end-of-text token to start a document with
-        sample_main(["--checkpoint", str(char_run / "out" / "ckpt.pt"), "--prompt", "", "--device", "cpu"])
+        sample_main(["--checkpoint", str(char_run / "out" / "ckpt.pt"), "--prompt", "",
+                     "--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "no end-of-text token" in err
 
@@ -1621,13 +1731,16 @@ def test_data_export_of_a_char_checkpoint_records_its_tokenizer(char_run, tmp_pa
     export_main(["--checkpoint", str(char_run / "out" / "ckpt.pt"), "--out", str(tmp_path / "hf")])
     assert "build a Hugging Face tokenizer for it separately" in capsys.readouterr().out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["vocab_size"] == 58 and config["bos_token_id"] is None and config["eos_token_id"] is None
-    assert json.loads((tmp_path / "hf" / "nanogrow_tokenizer.json").read_text()) == data_mod.read_meta(char_run / "data")
+    assert (config["vocab_size"] == 58 and config["bos_token_id"] is None
+            and config["eos_token_id"] is None)
+    assert (json.loads((tmp_path / "hf" / "nanogrow_tokenizer.json").read_text())
+            == data_mod.read_meta(char_run / "data"))
 
 
 def test_data_token_ids_outside_the_vocabulary_name_the_shard(tmp_path, data, capsys):
     bad = make_shards(tmp_path / "bad")
-    data_mod.write_shard(bad / "toy_train_000002.bin", np.r_[np.arange(4000), 60_000, np.arange(96)])
+    data_mod.write_shard(bad / "toy_train_000002.bin",
+                         np.r_[np.arange(4000), 60_000, np.arange(96)])
     err = train_error(tmp_path, data, capsys, "--max-steps", "40", data_dir=bad)
     assert "toy_train_000002.bin holds token id 60000 (first at position 4000)" in err
     assert "vocabulary of 50304" in err
@@ -1648,14 +1761,16 @@ def test_data_bad_text_and_flags_are_one_line(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     run = lambda *argv: prepare_error(capsys, *argv)  # noqa: E731
-    assert "empty.txt is empty" in run("--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"))
-    assert "latin1.txt is not UTF-8 text (byte 3" in run("--text", str(tmp_path / "latin1.txt"), "--out",
-                                                           str(tmp_path / "o"))
+    assert "empty.txt is empty" in run("--text", str(tmp_path / "empty.txt"),
+                                       "--out", str(tmp_path / "o"))
+    assert "latin1.txt is not UTF-8 text (byte 3" in run("--text", str(tmp_path / "latin1.txt"),
+                                                         "--out", str(tmp_path / "o"))
     assert "not a path" in run("--text", str(SHAKESPEARE), "--name", "../../x")
     assert "--shards cannot go with --text" in run("--text", str(SHAKESPEARE), "--shards", "3")
     assert "--workers cannot go with --source tokens" in run("--workers", "2")
-    for flag, value in [("--shards", "-1"), ("--shards", "100"), ("--shard-size", "0"), ("--workers", "0"),
-                        ("--val-frac", "0"), ("--val-frac", "1"), ("--val-frac", "nan"), ("--shards", "x")]:
+    for flag, value in [("--shards", "-1"), ("--shards", "100"), ("--shard-size", "0"),
+                        ("--workers", "0"), ("--val-frac", "0"), ("--val-frac", "1"),
+                        ("--val-frac", "nan"), ("--shards", "x")]:
         assert flag in run(flag, value)
     assert not (tmp_path / "o").exists()
 
@@ -1689,7 +1804,8 @@ def save_plain_checkpoint(model, path):
 
 def test_hellaswag_render_format():
     enc = tiktoken.get_encoding("gpt2")
-    ex = dict(ctx="A man is sitting on a roof. he", endings=["is", "starts pulling up roofing.", "x", "ok then"], label=1)
+    ex = dict(ctx="A man is sitting on a roof. he",
+              endings=["is", "starts pulling up roofing.", "x", "ok then"], label=1)
     ctx = enc.encode("A man is sitting on a roof. he")
     rows, masks = render(ex, enc)
     for row, mask, ending in zip(rows, masks, ex["endings"]):
@@ -1710,7 +1826,8 @@ class FixedLM(nn.Module):
     def __init__(self, probs, rest):
         super().__init__()
         self.config = GPTConfig(block_size=64)
-        logp = torch.full((self.config.vocab_size,), math.log(rest / (self.config.vocab_size - len(probs))))
+        logp = torch.full((self.config.vocab_size,),
+                          math.log(rest / (self.config.vocab_size - len(probs))))
         for token, p in probs.items():
             logp[token] = math.log(p)
         self.lm_head = nn.Linear(1, self.config.vocab_size, bias=False)
@@ -1734,7 +1851,8 @@ def test_hellaswag_acc_and_acc_norm_pick_the_right_ending():
     expected = torch.tensor([4 * math.log(5), math.log(10), 2 * rare, 2 * rare])
     # float32 log-softmax over 50304 logits is good to about 1e-4
     torch.testing.assert_close(sum_loss[0], expected, rtol=0, atol=1e-3)
-    torch.testing.assert_close(mean_loss[0], expected / torch.tensor([4, 1, 2, 2]), rtol=0, atol=1e-3)
+    torch.testing.assert_close(mean_loss[0], expected / torch.tensor([4, 1, 2, 2]), rtol=0,
+                               atol=1e-3)
     assert predict(model, [ex], "cpu") == ([1], [0])
     assert evaluate(model, [ex], "cpu") == dict(acc=1.0, acc_norm=0.0, n=1)
 
@@ -1742,14 +1860,17 @@ def test_hellaswag_acc_and_acc_norm_pick_the_right_ending():
 def test_hellaswag_batched_equals_one_at_a_time():
     model = tiny_gpt()
     enc = tiktoken.get_encoding("gpt2")
-    pool = load_examples(data_file=VAL, limit=3600)  # the first rows over 128 tokens come after 3,250
+    # the first rows over 128 tokens come after 3,250
+    pool = load_examples(data_file=VAL, limit=3600)
     # 8 with rows over block_size, so left truncation is covered too
     too_long = [ex for ex in pool if max(map(len, render(ex, enc)[0])) > 128][:8]
     examples = pool[:32] + too_long
     assert len(too_long) == 8
 
-    assert predict(model, examples, "cpu", batch_size=16) == predict(model, examples, "cpu", batch_size=1)
-    assert evaluate(model, examples, "cpu", batch_size=16) == evaluate(model, examples, "cpu", batch_size=1)
+    assert (predict(model, examples, "cpu", batch_size=16)
+            == predict(model, examples, "cpu", batch_size=1))
+    assert (evaluate(model, examples, "cpu", batch_size=16)
+            == evaluate(model, examples, "cpu", batch_size=1))
 
     # the padded batch scores each ending as a plain forward pass over its row alone would
     rendered = [render(ex, enc, 128) for ex in examples[:8]]
@@ -1779,7 +1900,8 @@ def test_hellaswag_real_val_file_parses(monkeypatch):
 
 def test_hellaswag_malformed_line_names_file_and_line(tmp_path):
     good = VAL.open("rb").readline()
-    for bad in [b'{"ctx": "x", "endings": ["a", "b"', b'{"ctx": "x", "endings": ["a", "b", "c"], "label": 0}',
+    for bad in [b'{"ctx": "x", "endings": ["a", "b"',
+                b'{"ctx": "x", "endings": ["a", "b", "c"], "label": 0}',
                 b'{"ctx": "\xff"}']:
         path = tmp_path / "bad.jsonl"
         path.write_bytes(good + good + bad + b"\n")
@@ -1799,7 +1921,8 @@ def test_hellaswag_cli_errors_are_one_line(tmp_path, capsys):
     for argv, message in cases:
         assert message in one_line_error(hs_main, argv, capsys)
     save_plain_checkpoint(tiny_gpt(), ckpt)
-    for argv, message in [(["--data-file", str(bad)], f"{bad}:1: "), (["--data-file", str(tmp_path / "no")], "no such"),
+    for argv, message in [(["--data-file", str(bad)], f"{bad}:1: "),
+                          (["--data-file", str(tmp_path / "no")], "no such"),
                           (["--limit", "0"], "--limit 0: must be 1 or more"),
                           (["--limit", "-2"], "--limit -2: must be 1 or more"),
                           (["--batch-size", "0"], "--batch-size 0: must be 1 or more"),
@@ -1814,7 +1937,8 @@ def test_hellaswag_cli_json(tmp_path):
     save_plain_checkpoint(tiny_gpt(), ckpt)
     cmd = [sys.executable, "hellaswag.py", "--checkpoint", str(ckpt), "--data-file", str(VAL),
            "--limit", "8", "--device", "cpu", "--json"]
-    out = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True,
+                         check=True).stdout
     result = json.loads(out)
     assert result["n"] == 8 and result["scoring"] == SCORING_TAG
     assert set(result) == {"acc", "acc_norm", "n", "examples_per_s", "scoring", "split"}
@@ -1865,8 +1989,8 @@ def test_hellaswag_two_gloo_ranks_match_one_process(tmp_path):
 
 def test_hellaswag_logged_by_train_on_its_cadence(tmp_path, data, monkeypatch):
     monkeypatch.setenv(DATA_DIR_ENV, str(VAL.parent))
-    _, evals = run_train(tmp_path, data, "--max-steps", "4", "--eval-every", "2", "--hellaswag-every", "3",
-                         "--hellaswag-limit", "8", "--n-layer", "2")
+    _, evals = run_train(tmp_path, data, "--max-steps", "4", "--eval-every", "2",
+                         "--hellaswag-every", "3", "--hellaswag-limit", "8", "--n-layer", "2")
     hs = [r["step"] for r in evals if "hellaswag_acc" in r]
     assert hs == [0, 3, 4] and all(r["hellaswag_n"] == 8 for r in evals if "hellaswag_n" in r)
     assert [r["step"] for r in evals] == [0, 2, 3, 4]
@@ -1891,8 +2015,9 @@ def real_runs(data, tmp_path_factory):
     """A full-depth baseline and a 2-stage incremental run, 6 steps each, on random tokens."""
     root = tmp_path_factory.mktemp("runs")
     for name, extra in [("baseline", []), ("inc2", ["--stages", "2"])]:
-        run_train(root / name, data, "--n-layer", "2", "--total-batch", "128", "--val-tokens", "128",
-                  "--eval-every", "2", "--max-steps", "6", "--inc-steps", "4", *extra)
+        run_train(root / name, data, "--n-layer", "2", "--total-batch", "128",
+                  "--val-tokens", "128", "--eval-every", "2", "--max-steps", "6",
+                  "--inc-steps", "4", *extra)
     return [root / "baseline", root / "inc2"]
 
 
@@ -1910,7 +2035,8 @@ def hand_runs(tmp_path):
     inc = write_log(tmp_path / "inc" / "log.jsonl", [
         *[step_rec(s, 6 * s, dt=0.25) for s in (1, 2, 3, 4)],
         {"step": 2, "val_loss": 7.0}, {"step": 3, "val_loss": 5.0}, {"step": 4, "val_loss": 3.9}])
-    slow = write_log(tmp_path / "slow.jsonl", [step_rec(1, 10), step_rec(2, 20), {"step": 2, "val_loss": 8.0}])
+    slow = write_log(tmp_path / "slow.jsonl", [step_rec(1, 10), step_rec(2, 20),
+                                               {"step": 2, "val_loss": 8.0}])
     return [base, inc.parent, slow]
 
 
@@ -1933,7 +2059,8 @@ def test_plot_figure_from_real_logs(real_runs, tmp_path):
         flops = {0: 0, **{r["step"]: r["flops"] for r in run["steps"]}}
         assert list(line.get_xdata()) == [flops[e["step"]] for e in run["evals"]]
     # one big marker per run that reached the baseline's budget, at that evaluation's FLOPs
-    marked = [[[e["flops"], e["val_loss"]] for e in run["evals"] if e.get("equal_cost")] for run in runs]
+    marked = [[[e["flops"], e["val_loss"]] for e in run["evals"] if e.get("equal_cost")]
+              for run in runs]
     assert marked[0] and [e["step"] for e in runs[0]["evals"] if e.get("equal_cost")] == [4]
     points = [c.get_offsets().tolist() for c in val_ax.collections]
     assert points == [m for m in marked if m]
@@ -1989,8 +2116,8 @@ def test_plot_hellaswag_panel_and_summary(hand_runs, capsys):
     assert "| not reached |" in lines[4]
     # no run labelled baseline: only the runs' own equal-cost marks count
     rows = plot.summarize(runs, ["a", "b", "c"])
-    assert [(r["budget_val_loss"], r["flops_to_baseline"]) for r in rows] == [(6.0, None), (None, None),
-                                                                              (None, None)]
+    assert [(r["budget_val_loss"], r["flops_to_baseline"]) for r in rows] == [
+        (6.0, None), (None, None), (None, None)]
     assert "not reached" not in plot.table(rows)
 
 
@@ -2014,12 +2141,15 @@ def test_plot_missing_matplotlib(hand_runs, tmp_path):
 
     r = cli("--out", str(tmp_path / "fig.png"))
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.splitlines() == ["error: plot.py needs matplotlib for the figure: pip install matplotlib"]
+    assert r.stderr.splitlines() == [
+        "error: plot.py needs matplotlib for the figure: pip install matplotlib"]
     assert cli("--table").returncode == 0  # the table needs no matplotlib
 
 
-@pytest.mark.parametrize("content", [None, "", json.dumps({"step": 0, "val_loss": 10.0}) + "\n", "{oops\n",
-                                     json.dumps({"step": 1, "loss": 3.0, "dt": 0.1}) + "\n",  # no flops
+@pytest.mark.parametrize("content", [None, "", json.dumps({"step": 0, "val_loss": 10.0}) + "\n",
+                                     "{oops\n",
+                                     # no flops
+                                     json.dumps({"step": 1, "loss": 3.0, "dt": 0.1}) + "\n",
                                      "[1, 2]\n"])
 def test_plot_bad_input(tmp_path, capsys, content):
     log = tmp_path / "log.jsonl"
@@ -2035,7 +2165,8 @@ def test_plot_bad_input(tmp_path, capsys, content):
 
 def evals_at(*points, equal_cost_at=None):
     """Evaluation records {step, val_loss}; the one at step equal_cost_at is marked equal_cost."""
-    return [{"step": s, "val_loss": v, **({"equal_cost": True} if s == equal_cost_at else {})} for s, v in points]
+    return [{"step": s, "val_loss": v, **({"equal_cost": True} if s == equal_cost_at else {})}
+            for s, v in points]
 
 
 @pytest.fixture
@@ -2046,7 +2177,8 @@ def study(tmp_path):
     40 (1.0), seed 10 never. slow: one seed, never below 8."""
     def run(regime, seed, flops_per_step, n_steps, dt, evals):
         write_log(tmp_path / regime / f"seed{seed}" / "log.jsonl",
-                  [*[step_rec(s, flops_per_step * s, dt=dt) for s in range(1, n_steps + 1)], *evals])
+                  [*[step_rec(s, flops_per_step * s, dt=dt) for s in range(1, n_steps + 1)],
+                   *evals])
 
     run("baseline", 1, 10, 4, 0.5, evals_at((0, 10.0), (2, 6.0), (4, 4.0), equal_cost_at=2))
     run("baseline", 2, 10, 4, 1.0, evals_at((0, 10.0), (2, 6.2), (4, 4.2), equal_cost_at=2))
@@ -2066,31 +2198,42 @@ def test_plot_study_means_deviations_and_not_reached_counts(study):
     summary = plot.study_summary(runs, labels)
     assert summary["target"] == pytest.approx(4.1)
     assert (summary["baseline_flops"], summary["budget"]) == (40, 20)
-    assert summary["last_fifth"] is None  # no evaluation in (2, 3.2], past half and within 80% of 4 steps
-    base = [{"evals": [{"step": s, "val_loss": v, "flops": s} for s, v in points], "steps": [step_rec(10, 10)]}
-            for points in ([(0, 9.0), (4, 5.0), (8, 4.4), (10, 4.0)], [(0, 9.0), (4, 5.0), (8, 4.6), (10, 4.2)])]
+    # no evaluation in (2, 3.2], past half and within 80% of 4 steps
+    assert summary["last_fifth"] is None
+    base = [{"evals": [{"step": s, "val_loss": v, "flops": s} for s, v in points],
+             "steps": [step_rec(10, 10)]}
+            for points in ([(0, 9.0), (4, 5.0), (8, 4.4), (10, 4.0)],
+                           [(0, 9.0), (4, 5.0), (8, 4.6), (10, 4.2)])]
     assert plot.study_summary(base, ["baseline"] * 2)["last_fifth"] == (8, pytest.approx(4.5))
     base[1]["evals"][2]["step"] = 7  # the seeds' points differ: no one step to report
     assert plot.study_summary(base, ["baseline"] * 2)["last_fifth"] is None
-    sd2 = math.sqrt(0.02)  # two values 0.1 either side of their mean: sum of squares 0.02, over n − 1 = 1
+    # two values 0.1 either side of their mean: sum of squares 0.02, over n − 1 = 1
+    sd2 = math.sqrt(0.02)
     expected = [  # (regime, n, val loss at budget, FLOPs ratio, not reached, training seconds)
-        ("baseline", 2, (6.1, sd2), (1.0, None), 1, (3.0, math.sqrt(2))),  # seed 2 ends at 4.2 > 4.1
+        # seed 2 ends at 4.2 > 4.1
+        ("baseline", 2, (6.1, sd2), (1.0, None), 1, (3.0, math.sqrt(2))),
         ("inc", 3, (4.7, 0.2), (0.9, sd2), 1, (2.0, 1.0)),
-        ("slow", 1, (8.0, None), (None, None), 1, (1.0, None))]  # no mark: its last eval within 20 FLOPs
-    for r, (regime, n, budget, ratio, missed, seconds) in zip(summary["regimes"], expected, strict=True):
+        # no mark: its last eval within 20 FLOPs
+        ("slow", 1, (8.0, None), (None, None), 1, (1.0, None))]
+    for r, (regime, n, budget, ratio, missed, seconds) in zip(summary["regimes"], expected,
+                                                              strict=True):
         assert (r["regime"], r["n"], r["not_reached"]) == (regime, n, missed)
-        for key, want in (("budget_val_loss", budget), ("flops_ratio", ratio), ("train_seconds", seconds)):
+        for key, want in (("budget_val_loss", budget), ("flops_ratio", ratio),
+                          ("train_seconds", seconds)):
             assert r[key] == pytest.approx(want), (regime, key)
 
     lines = plot.study_table(summary).splitlines()
     assert lines[0].startswith("| regime | n | val loss at baseline budget |")
-    assert lines[2] == "| baseline | 2 | 6.1000 ± 0.1414 | 1.000; not reached, 1 of 2 | 3.0 s ± 1.4 s |"
-    assert lines[3] == "| inc | 3 | 4.7000 ± 0.2000 | 0.900 ± 0.141; not reached, 1 of 3 | 2.0 s ± 1.0 s |"
+    assert lines[2] == ("| baseline | 2 | 6.1000 ± 0.1414 | 1.000; not reached, 1 of 2 "
+                        "| 3.0 s ± 1.4 s |")
+    assert lines[3] == ("| inc | 3 | 4.7000 ± 0.2000 | 0.900 ± 0.141; not reached, 1 of 3 "
+                        "| 2.0 s ± 1.0 s |")
     assert lines[4] == "| slow | 1 | 8.0000 | not reached, 1 of 1 | 1.0 s |"
     assert "sample standard deviation (n − 1)" in lines[-1] and "4.1000" in lines[-1]
     assert "last fifth" not in lines[-1]
     lines = plot.study_table({**summary, "last_fifth": (3, 5.0)}).splitlines()
-    assert lines[-1].endswith("the baseline's mean val loss went from 5.0000 (step 3) to 4.1000, -18.0%.")
+    assert lines[-1].endswith("the baseline's mean val loss went from 5.0000 (step 3) to 4.1000, "
+                              "-18.0%.")
 
 
 def test_plot_study_curves_bands_and_equal_cost_marks(study):
@@ -2119,13 +2262,17 @@ def test_plot_study_cli_and_bad_input(study, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| inc | 3 |" in out and png.read_bytes()[:4] == b"\x89PNG"
     assert plot.write_study(study).splitlines()[3].startswith("| inc | 3 |")
-    assert (study / "study.md").read_text().startswith("| regime |") and (study / "study.png").exists()
+    assert ((study / "study.md").read_text().startswith("| regime |")
+            and (study / "study.png").exists())
     shutil.rmtree(study / "baseline")
     (tmp_path / "empty").mkdir()
-    for argv, message in [(["--study", str(study), "--table"], "no runs of a regime named baseline"),
+    for argv, message in [(["--study", str(study), "--table"],
+                           "no runs of a regime named baseline"),
                           (["--study", str(tmp_path / "empty"), "--table"], "no runs in"),
-                          (["--study", str(study), str(study), "--table"], "give run logs or --study DIR"),
-                          (["--study", str(study), "--x", "step", "--table"], "drop --labels and --x"),
+                          (["--study", str(study), str(study), "--table"],
+                           "give run logs or --study DIR"),
+                          (["--study", str(study), "--x", "step", "--table"],
+                           "drop --labels and --x"),
                           ([], "give run logs or --study DIR")]:
         with pytest.raises(SystemExit) as e:
             plot.main(argv)
@@ -2134,21 +2281,25 @@ def test_plot_study_cli_and_bad_input(study, tmp_path, capsys):
 
 
 # the suite's toy flags without --val-tokens and --eval-every: the sweep's evaluation defaults apply
-SWEEP_TOY = [x for f, v in zip(TOY[::2], TOY[1::2]) if f not in ("--val-tokens", "--eval-every") for x in (f, v)]
+SWEEP_TOY = [x for f, v in zip(TOY[::2], TOY[1::2]) if f not in ("--val-tokens", "--eval-every")
+             for x in (f, v)]
 
 
 @pytest.mark.slow
-def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, capsys, monkeypatch):
+def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, capsys,
+                                                                monkeypatch):
     """2 regimes x 2 seeds of a 2-layer model at the budget of 4 baseline steps, after an
     interrupted sweep left one run stopped at a checkpoint: the sweep starts three, resumes that
     one and writes the summary; run again, it starts nothing."""
     out = tmp_path / "study"
-    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "2", "--total-batch", "128",
-             "--budget-steps", "4", "--inc-steps", "4"]
+    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "2",
+             "--total-batch", "128", "--budget-steps", "4", "--inc-steps", "4"]
     flags, max_steps = sweep.train_flags("inc2-freeze", 2, extra)
-    assert flags[-4:] == ["--val-tokens", "0", "--eval-every", "1"] and max_steps > 4  # cheaper steps: more
+    assert (flags[-4:] == ["--val-tokens", "0", "--eval-every", "1"]
+            and max_steps > 4)  # cheaper steps: more
     stopped = out / "inc2-freeze" / "seed2"
-    proc = subprocess.Popen([sys.executable, "-u", str(HERE / "train.py"), *flags, "--out", str(stopped)],
+    proc = subprocess.Popen([sys.executable, "-u", str(HERE / "train.py"), *flags,
+                             "--out", str(stopped)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     for line in proc.stdout:
@@ -2157,11 +2308,13 @@ def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, 
     assert proc.wait(timeout=120) == 0 and (stopped / "ckpt.pt").exists()
     assert not sweep.finished(stopped, max_steps)
 
-    argv = ["--regimes", "baseline,inc2-freeze", "--seeds", "1,2", "--out", str(out), "--jobs", "2", "--", *extra]
+    argv = ["--regimes", "baseline,inc2-freeze", "--seeds", "1,2", "--out", str(out),
+            "--jobs", "2", "--", *extra]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # --jobs 2 sets it for the runs: cores / 2
     sweep.main(argv)  # in this process: its runs are subprocesses all the same, two at a time
     printed = capsys.readouterr().out
-    starts = [line.split(" in ")[0] for line in printed.splitlines() if line.startswith("[") and "done" not in line]
+    starts = [line.split(" in ")[0] for line in printed.splitlines()
+              if line.startswith("[") and "done" not in line]
     assert sorted(starts) == ["[1/4] baseline seed 1: starting (4 steps)",
                               f"[2/4] inc2-freeze seed 1: starting ({max_steps} steps)",
                               "[3/4] baseline seed 2: starting (4 steps)",
@@ -2175,9 +2328,12 @@ def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, 
         for seed in (1, 2):
             folder = out / regime / f"seed{seed}"
             steps, evals = read_log(folder)
-            assert [e["step"] for e in evals][-1] == steps[-1]["step"] and sweep.finished(folder, steps[-1]["step"])
-            assert len({e["step"] for e in evals}) == steps[-1]["step"] + 1  # --eval-every 1: every step
-            assert "validation 2,048 tokens in 16 batches" in (folder / "train.out").read_text()  # all 2049 - 1
+            assert ([e["step"] for e in evals][-1] == steps[-1]["step"]
+                    and sweep.finished(folder, steps[-1]["step"]))
+            # --eval-every 1: every step
+            assert len({e["step"] for e in evals}) == steps[-1]["step"] + 1
+            # all 2049 - 1
+            assert "validation 2,048 tokens in 16 batches" in (folder / "train.out").read_text()
             logs[folder] = (folder / "log.jsonl").read_bytes()
     assert b'"resumed": true' in logs[stopped]
     table = (out / "study.md").read_text()
@@ -2185,9 +2341,10 @@ def test_sweep_runs_resumes_and_summarizes_at_a_very_small_size(tmp_path, data, 
     assert (out / "study.png").stat().st_size > 0
 
     sweep.main(argv)
-    assert sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("[")) == [
-        f"[{i}/4] {regime} seed {seed}: finished earlier, skipped"
-        for i, (seed, regime) in enumerate([(1, "baseline"), (1, "inc2-freeze"), (2, "baseline"), (2, "inc2-freeze")], 1)]
+    assert (sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("["))
+            == [f"[{i}/4] {regime} seed {seed}: finished earlier, skipped"
+                for i, (seed, regime) in enumerate([(1, "baseline"), (1, "inc2-freeze"),
+                                                    (2, "baseline"), (2, "inc2-freeze")], 1)])
     assert all(folder.joinpath("log.jsonl").read_bytes() == log for folder, log in logs.items())
 
 
@@ -2198,15 +2355,19 @@ def test_sweep_every_regime_spends_the_budget_at_a_very_small_size(tmp_path, dat
     each trains, ends within one of its steps past the budget with its equal-cost evaluation,
     and has its row in the study's table."""
     out = tmp_path / "study"
-    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "12", "--total-batch", "128",
-             "--budget-steps", "24", "--inc-steps", "24", "--val-tokens", "128"]
-    sweep.main(["--regimes", ",".join(sweep.REGIMES), "--seeds", "1", "--out", str(out), "--jobs", "2", "--", *extra])
-    budget = 24 * full_step_flops(GPTConfig(block_size=32, n_layer=12, n_head=2, n_embd=32), 128, 32)
+    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "12",
+             "--total-batch", "128", "--budget-steps", "24", "--inc-steps", "24",
+             "--val-tokens", "128"]
+    sweep.main(["--regimes", ",".join(sweep.REGIMES), "--seeds", "1", "--out", str(out),
+                "--jobs", "2", "--", *extra])
+    budget = 24 * full_step_flops(GPTConfig(block_size=32, n_layer=12, n_head=2, n_embd=32),
+                                  128, 32)
     table = capsys.readouterr().out
     for regime in sweep.REGIMES:
         steps, evals = read_log(out / regime / "seed1")
         last_step = steps[-1]["flops"] - steps[-2]["flops"]
-        assert budget <= steps[-1]["flops"] < budget + last_step and evals[-1].get("equal_cost"), regime
+        assert (budget <= steps[-1]["flops"] < budget + last_step
+                and evals[-1].get("equal_cost")), regime
         assert f"| {regime} | 1 |" in table, regime
 
 
@@ -2216,41 +2377,48 @@ def test_sweep_passes_sigterm_to_its_runs_which_checkpoint_and_resume(tmp_path, 
     train side by side (--jobs 2): both get it too, save a checkpoint and stop, rather than run on
     orphaned, and no further run starts; the same command then resumes both and finishes."""
     out = tmp_path / "study"
-    cmd = [sys.executable, str(HERE / "sweep.py"), "--regimes", "baseline", "--seeds", "1,2,3", "--out", str(out),
-           "--jobs", "2", "--", "--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--max-steps", "100",
-           "--val-tokens", "256", "--eval-every", "100"]
+    cmd = [sys.executable, str(HERE / "sweep.py"), "--regimes", "baseline", "--seeds", "1,2,3",
+           "--out", str(out), "--jobs", "2", "--", "--preset", "tiny", "--data-dir", str(data),
+           *SWEEP_TOY, "--max-steps", "100", "--val-tokens", "256", "--eval-every", "100"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     logs = [out / "baseline" / f"seed{seed}" / "log.jsonl" for seed in (1, 2)]
     deadline = time.time() + 120
-    while not all(log.exists() and log.read_text().count('"loss"') >= 3 for log in logs) and time.time() < deadline:
+    while (not all(log.exists() and log.read_text().count('"loss"') >= 3 for log in logs)
+           and time.time() < deadline):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "stopped: run the same command again" in stderr, (stdout, stderr)
+    assert (proc.returncode == 130
+            and "stopped: run the same command again" in stderr), (stdout, stderr)
     for seed in (1, 2):
-        assert f"baseline seed {seed}: stopped (exit 0), resumable from its last checkpoint" in stdout, stdout
+        assert (f"baseline seed {seed}: stopped (exit 0), resumable from its last checkpoint"
+                in stdout), stdout
         steps, _ = read_log(out / "baseline" / f"seed{seed}")
         assert (out / "baseline" / f"seed{seed}" / "ckpt.pt").exists() and len(steps) < 100
     assert "seed 3: starting" not in stdout
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     for seed in (1, 2, 3):
-        assert f"baseline seed {seed}: {'resuming' if seed < 3 else 'starting'} (100 steps)" in res.stdout
+        assert (f"baseline seed {seed}: {'resuming' if seed < 3 else 'starting'} (100 steps)"
+                in res.stdout)
         steps, evals = read_log(out / "baseline" / f"seed{seed}")
         assert [r["step"] for r in steps] == list(range(1, 101)) and evals[-1]["step"] == 100
 
 
 @pytest.mark.slow
-def test_sweep_nproc_launches_each_run_with_torchrun_and_matches_one_process(tmp_path, data, capsys, monkeypatch):
+def test_sweep_nproc_launches_each_run_with_torchrun_and_matches_one_process(tmp_path, data,
+                                                                             capsys, monkeypatch):
     """--nproc 2: the run is DDP on two CPU processes (gloo), and its losses are those of the same
     run in one process (the batch is split across ranks, not changed)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "2", "--max-steps", "3"]
+    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "2",
+             "--max-steps", "3"]
     losses = {}
     for nproc in (1, 2):
         out = tmp_path / f"nproc{nproc}"
-        sweep.main(["--regimes", "baseline", "--seeds", "1", "--out", str(out), "--nproc", str(nproc), "--", *extra])
+        sweep.main(["--regimes", "baseline", "--seeds", "1", "--out", str(out),
+                    "--nproc", str(nproc), "--", *extra])
         assert "[1/1] baseline seed 1: done" in capsys.readouterr().out
         assert f"device: cpu x {nproc}" in (out / "baseline" / "seed1" / "train.out").read_text()
         losses[nproc] = [r["loss"] for r in read_log(out / "baseline" / "seed1")[0]]
@@ -2258,24 +2426,29 @@ def test_sweep_nproc_launches_each_run_with_torchrun_and_matches_one_process(tmp
 
 
 @pytest.mark.slow
-def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data, capsys, monkeypatch):
+def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data, capsys,
+                                                                  monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "study"
-    # seed 1 left a log but stopped before its first checkpoint: it cannot resume, and is not deleted
-    write_log(out / "baseline" / "seed1" / "log.jsonl", [step_rec(1, 10), {"step": 1, "val_loss": 5.0}])
+    # seed 1 left a log but stopped before its first checkpoint: it cannot resume, and is not
+    # deleted
+    write_log(out / "baseline" / "seed1" / "log.jsonl",
+              [step_rec(1, 10), {"step": 1, "val_loss": 5.0}])
     extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--max-steps", "2"]
     with pytest.raises(SystemExit) as e:
         sweep.main(["--regimes", "baseline", "--seeds", "1,2", "--out", str(out), "--", *extra])
     captured = capsys.readouterr()
     assert e.value.code == 1
-    assert "[1/2] baseline seed 1: FAILED:" in captured.out and "delete the folder to run it again" in captured.out
+    assert ("[1/2] baseline seed 1: FAILED:" in captured.out
+            and "delete the folder to run it again" in captured.out)
     assert "[2/2] baseline seed 2: done" in captured.out and "| baseline | 2 |" in captured.out
     assert captured.err.splitlines() == ["failed: baseline seed 1"]
     assert (out / "baseline" / "seed1" / "log.jsonl").exists()
 
     for argv, message in [
             (["--regimes", "baseline,inc5"], "--regimes: unknown inc5"),
-            (["--regimes", "baseline", "--seeds", "1,x"], "--seeds 1,x: give comma-separated whole numbers"),
+            (["--regimes", "baseline", "--seeds", "1,x"],
+             "--seeds 1,x: give comma-separated whole numbers"),
             (["--regimes", "baseline", "--seeds", "1,1"], "must not repeat"),
             (["--regimes", "apollo", "--out", str(tmp_path / "new")], "add baseline to --regimes"),
             (["--regimes", "baseline", "--", "--seed", "3"], "--seed after --"),
@@ -2324,12 +2497,14 @@ def test_sample_same_seed_same_text_and_exactly_max_new_tokens():
     model, enc = tiny_gpt(), data_mod.tokenizer(data_mod.GPT2_META)
     args = dict(SAMPLE_DEFAULTS, num_samples=3, max_new_tokens=8, device="cpu")
     first = sample(model, enc, **args)
-    assert sample(model, enc, **args) == first and sample(model, enc, **{**args, "seed": 7}) != first
+    assert (sample(model, enc, **args) == first
+            and sample(model, enc, **{**args, "seed": 7}) != first)
     assert len(first) == 3 and all(text.startswith(args["prompt"]) for text in first)
     assert model.training  # its mode is kept
     # generate: the prompt kept, exactly max_new_tokens more, never a padding token
     idx = tokens(0, 200)  # (2, 200): longer than block_size 128, so the context is cropped
-    out = generate(model.eval(), idx, 5, 50, 1.0, torch.Generator().manual_seed(0), vocab=enc.vocab_size)
+    out = generate(model.eval(), idx, 5, 50, 1.0, torch.Generator().manual_seed(0),
+                   vocab=enc.vocab_size)
     assert out.shape == (2, 205) and torch.equal(out[:, :200], idx) and out.max() < enc.vocab_size
     with torch.no_grad():  # top-1 is greedy: the argmax of the last 128 tokens' next-token logits
         greedy = generate(model, idx, 1, 1, 1.0, torch.Generator())[:, -1]
@@ -2339,14 +2514,15 @@ def test_sample_same_seed_same_text_and_exactly_max_new_tokens():
 def test_sample_cli_follows_the_checkpoints_eval_plan(tmp_path, capsys):
     model, shared = tiny_gpt(), Plan((0, 0, 1, 1))
     ckpt = save_checkpoint_with_plan(model, shared, tmp_path / "ckpt.pt")
-    argv = ["--checkpoint", str(ckpt), "--prompt", "ROMEO:", "--num-samples", "2", "--max-new-tokens", "6",
-            "--seed", "3", "--device", "cpu"]
+    argv = ["--checkpoint", str(ckpt), "--prompt", "ROMEO:", "--num-samples", "2",
+            "--max-new-tokens", "6", "--seed", "3", "--device", "cpu"]
     sample_main(argv)
     printed = capsys.readouterr().out
     sample_main(argv)
     assert capsys.readouterr().out == printed  # same seed, same text
     enc = data_mod.tokenizer(data_mod.GPT2_META)
-    args = dict(prompt="ROMEO:", num_samples=2, max_new_tokens=6, top_k=50, temperature=1.0, seed=3, device="cpu")
+    args = dict(prompt="ROMEO:", num_samples=2, max_new_tokens=6, top_k=50, temperature=1.0,
+                seed=3, device="cpu")
     texts = sample(model, enc, plan=shared, **args)
     assert printed == "".join(f"sample {i}: {t}\n" for i, t in enumerate(texts))
     assert sample(model, enc, **args) != texts  # the full plan writes otherwise
@@ -2374,20 +2550,24 @@ def test_sample_every_shows_samples_in_training_and_changes_no_number(tmp_path, 
     printed = capsys.readouterr().out
     assert [(r["loss"], r["norm"]) for r in steps] == [(r["loss"], r["norm"]) for r in plain]
     assert [r["val_loss"] for r in evals] == [r["val_loss"] for r in plain_evals]
-    weights = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in ("plain", "sampled")]
+    weights = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"]
+               for run in ("plain", "sampled")]
     assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
     # at steps 0 and 2, and after the last step; in log.jsonl too
     assert printed.count(f"sample 0: {SAMPLE_DEFAULTS['prompt']}") == 3 and "sample 3: " in printed
-    logged = [json.loads(line) for line in (tmp_path / "sampled" / "log.jsonl").read_text().splitlines()]
+    logged = [json.loads(line)
+              for line in (tmp_path / "sampled" / "log.jsonl").read_text().splitlines()]
     samples = [r for r in logged if "samples" in r]
-    assert [r["step"] for r in samples] == [0, 2, 4] and all(len(r["samples"]) == 4 for r in samples)
+    assert ([r["step"] for r in samples] == [0, 2, 4]
+            and all(len(r["samples"]) == 4 for r in samples))
     # --sample-every changes no number, so a run may resume with another one
     run_train(tmp_path / "plain", data, "--max-steps", "4", "--sample-every", "3", "--resume")
     assert "sample 0: " in capsys.readouterr().out
 
 
 def hf_model(folder):
-    """The exported folder as lm-eval-harness loads it: AutoModelForCausalLM, nothing left to initialise."""
+    """The exported folder as lm-eval-harness loads it: AutoModelForCausalLM, nothing left to
+    initialise."""
     from transformers import AutoModelForCausalLM
     hf, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -2399,7 +2579,8 @@ def hf_model(folder):
 def test_export_logits_match_transformers_and_round_trip(kind, tmp_path, data, capsys):
     if kind == "random":
         model = tiny_gpt()
-        with torch.no_grad():  # at std 0.02 GELU's inputs are too small for its tanh and erf forms to differ
+        # at std 0.02 GELU's inputs are too small for its tanh and erf forms to differ
+        with torch.no_grad():
             for p in model.transformer.h.parameters():
                 p.mul_(10 if p.dim() == 2 else 1)
         ckpt = save_checkpoint_with_plan(model, Plan((0, 1)), tmp_path / "ckpt.pt")
@@ -2407,17 +2588,20 @@ def test_export_logits_match_transformers_and_round_trip(kind, tmp_path, data, c
         run_train(tmp_path, data, "--max-steps", "3")
         ckpt = tmp_path / "ckpt.pt"
     else:  # Apollo stopped in its second stage: 2 unique blocks evaluated at depth 4
-        killed_run(tmp_path, data, 6, "--regime", "apollo", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.5",
-                   "--max-steps", "20")
+        killed_run(tmp_path, data, 6, "--regime", "apollo", "--grow-layers", "1,2,4",
+                   "--grow-at", "0.25,0.5", "--max-steps", "20")
         ckpt = tmp_path / "ckpt.pt"
     model, plan = load_model(ckpt)
-    assert plan == (Plan((0, 0, 1, 1)) if kind == "shared" else Plan(tuple(range(model.config.n_layer))))
+    assert plan == (Plan((0, 0, 1, 1)) if kind == "shared"
+                    else Plan(tuple(range(model.config.n_layer))))
     export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")])
     assert capsys.readouterr().out.endswith("loads it\n")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hf")) == ["hf"]  # no temp folder left
+    # no temp folder left
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hf")) == ["hf"]
     hf = hf_model(tmp_path / "hf")
     cfg = model.config
-    assert (hf.config.n_layer, hf.config.vocab_size, hf.config.n_positions) == (len(plan.blocks), 50257, cfg.block_size)
+    assert ((hf.config.n_layer, hf.config.vocab_size, hf.config.n_positions)
+            == (len(plan.blocks), 50257, cfg.block_size))
     idx = torch.randint(0, 50257, (2, cfg.block_size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(idx, plan=plan)[0][..., :50257]  # (2, T, 50257)
@@ -2438,7 +2622,8 @@ def test_export_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys)
         assert err.startswith("error: ") and err.count("\n") == 1
         return err
 
-    gated = save_checkpoint_with_plan(tiny_gpt(), Plan((0, 1), gates=(1.0, 0.5)), tmp_path / "gated.pt")
+    gated = save_checkpoint_with_plan(tiny_gpt(), Plan((0, 1), gates=(1.0, 0.5)),
+                                      tmp_path / "gated.pt")
     assert "MSG's gates were opening" in error_of(gated, tmp_path / "a")
     assert "no checkpoint at" in error_of(tmp_path / "nowhere.pt", tmp_path / "b")
     plain = save_checkpoint_with_plan(tiny_gpt(), Plan((0, 1)), tmp_path / "plain.pt")
@@ -2449,4 +2634,5 @@ def test_export_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "gated.pt", "plain.pt"]
     (tmp_path / "empty").mkdir()  # an empty folder is replaced by the export
     export_main(["--checkpoint", str(plain), "--out", str(tmp_path / "empty")])
-    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "model.safetensors"]
+    assert (sorted(p.name for p in (tmp_path / "empty").iterdir())
+            == ["config.json", "model.safetensors"])
