@@ -11,11 +11,13 @@ it for sample.py. A folder without meta.json is GPT-2's (llm.c's shards).
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import requests
 import tiktoken
+import tiktoken.load
 import torch
 
 MAGIC = 20240520
@@ -50,10 +52,17 @@ def write_shard(path, tokens):
     # real name
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
-        header.tofile(f)
-        tokens.astype("<u2", copy=False).tofile(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            header.tofile(f)
+            tokens.astype("<u2", copy=False).tofile(f)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, Ctrl-C: no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a write error names no file by itself
+            raise OSError(f"could not write {path} ({e.strerror or e}): free space, or give "
+                          "another --out") from None
+        raise
 
 
 def read_shard(path):
@@ -87,11 +96,26 @@ def shards_ok(paths):
     return True
 
 
+# NAME_train_000001.bin, NAME_val_000000.bin (llm.c's NAME_val.bin too): the split is in the name
+SHARD_NAME = re.compile(r"(?P<name>.+)_(?P<split>train|val)(_\d+)?\.bin")
+
+
 def list_shards(data_dir):
-    """(train shards, val shards) of a folder."""
-    files = sorted(Path(data_dir).glob("*.bin"))
-    train = [f for f in files if "val" not in f.name]
-    val = [f for f in files if "val" in f.name]
+    """(train shards, val shards) of a folder of one dataset, each known by its name (SHARD_NAME);
+    a .bin file of another name, or a second dataset's shards, is refused."""
+    train, val, names = [], [], set()
+    for f in sorted(Path(data_dir).glob("*.bin")):
+        match = SHARD_NAME.fullmatch(f.name)
+        if not match:
+            raise ValueError(f"{f} is not named as a shard (NAME_train_NNNNNN.bin or "
+                             f"NAME_val_NNNNNN.bin), so its split is unknown: move it out of "
+                             f"{data_dir}")
+        names.add(match["name"])
+        (val if match["split"] == "val" else train).append(f)
+    if len(names) > 1:
+        raise ValueError(f"{data_dir} holds the shards of {len(names)} datasets "
+                         f"({', '.join(sorted(names))}): one folder a dataset, so move all but "
+                         "one into folders of their own")
     if not train or not val:
         raise FileNotFoundError(f"no train and val shards in {data_dir}: run `python "
                                 f"prepare_fineweb.py --out {data_dir}` (or --text FILE) first")
@@ -106,9 +130,9 @@ def check_vocab(path, tokens, vocab_size):
     bad = int(tokens.max())  # one pass over what may be a 100M-token shard
     if bad >= vocab_size:
         raise ValueError(f"{path} holds token id {bad} (first at position "
-                         f"{int((tokens == bad).argmax())}), outside the model's vocabulary of "
-                         f"{vocab_size}: it was made with another tokenizer; re-make the shards "
-                         "with prepare_fineweb.py")
+                         f"{int((tokens == bad).argmax())}), outside its tokenizer's vocabulary "
+                         f"of {vocab_size} (meta.json; GPT-2's where there is none): it was made "
+                         "with another tokenizer; re-make the shards with prepare_fineweb.py")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +171,21 @@ def gpt2_encoding():
     in $TIKTOKEN_CACHE_DIR (or a temp folder); offline, say which files and where they go."""
     try:
         return tiktoken.get_encoding("gpt2")
+    except (requests.RequestException, OSError, ValueError) as e:
+        raise DataError(f"tiktoken could not load GPT-2's BPE files (vocab.bpe, encoder.json: "
+                        f"{type(e).__name__}); offline, copy tiktoken's cache of them from a "
+                        "machine with internet and point TIKTOKEN_CACHE_DIR at it") from None
+
+
+GPT2_BPE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+
+
+def gpt2_bpe_files():
+    """(encoder.json, vocab.bpe) as bytes: GPT-2's BPE files as tiktoken downloads and caches them,
+    which Hugging Face's GPT-2 tokenizer reads as vocab.json and merges.txt."""
+    try:
+        return tuple(tiktoken.load.read_file_cached(GPT2_BPE + name)
+                     for name in ("encoder.json", "vocab.bpe"))
     except (requests.RequestException, OSError, ValueError) as e:
         raise DataError(f"tiktoken could not load GPT-2's BPE files (vocab.bpe, encoder.json: "
                         f"{type(e).__name__}); offline, copy tiktoken's cache of them from a "
@@ -285,7 +324,7 @@ class ShardLoader:
 
 def open_shards(data_dir, B, T, rank, world, seed, val_tokens, vocab_size):
     """The training loader and the validation set of a shard folder, for rank `rank` of `world`,
-    their token ids checked against the model's vocabulary."""
+    their token ids checked against the tokenizer's vocabulary (the model's may be padded)."""
     train_files, val_files = list_shards(data_dir)
     return (ShardLoader(train_files, B, T, rank, world, seed, vocab_size),
             ValSet(val_files, val_tokens, B, T, vocab_size))
@@ -301,18 +340,21 @@ class ValSet:
         for f, tokens in zip(val_files, shards):
             check_vocab(f, tokens, vocab_size)
         self.tokens = np.concatenate(shards)  # uint16
-        usable = n_tokens or len(self.tokens) - 1  # a batch reads one token past its end
-        self.B, self.T, self.n = B, T, usable // (B * T)
-        where = ", ".join(str(f) for f in val_files)
+        # the tokens of the whole batches the split holds (a batch reads one token past its end)
+        whole = (len(self.tokens) - 1) // (B * T) * (B * T)
+        batch = f"one batch of --batch-size {B} x --seq-len {T} = {B * T} tokens"
+        if whole == 0:
+            raise ValueError(f"the validation split ({max(0, len(self.tokens) - 1)} tokens) is "
+                             f"less than {batch}: lower --batch-size or --seq-len")
+        self.B, self.T, self.n = B, T, (n_tokens or whole) // (B * T)
         if self.n == 0:
-            what = (f"--val-tokens {n_tokens}" if n_tokens
-                    else f"the validation split ({usable} tokens)")
-            raise ValueError(f"{what} is less than one batch of --batch-size {B} x --seq-len {T} "
-                             f"= {B * T} tokens: raise --val-tokens or lower the batch")
-        if self.n * B * T + 1 > len(self.tokens):
+            raise ValueError(f"--val-tokens {n_tokens} is less than {batch}: use --val-tokens "
+                             f"{B * T} or more, up to {whole}")
+        if self.n * B * T > whole:
+            where = ", ".join(str(f) for f in val_files)
             raise ValueError(f"--val-tokens {n_tokens} needs {self.n * B * T + 1} validation "
                              f"tokens in batches of {B}x{T}; {where} holds {len(self.tokens)}: "
-                             "lower --val-tokens")
+                             f"use --val-tokens {whole} or less (0: the whole split)")
 
     def __len__(self):
         return self.n

@@ -1,19 +1,19 @@
-"""Export a train.py checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors),
-which transformers loads and lm-eval-harness evaluates.
+"""Export a train.py checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors and
+the tokenizer), which transformers loads and lm-eval-harness evaluates.
 
     python export.py --checkpoint out/ckpt.pt --out out/hf
-    python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('out/hf')"
-    lm_eval --model hf --model_args pretrained=out/hf,tokenizer=gpt2 --tasks hellaswag
+    python -c "from transformers import pipeline; print(pipeline('text-generation', 'out/hf')('A'))"
+    lm_eval --model hf --model_args pretrained=out/hf --tasks hellaswag
 
 The folder holds the model as the checkpoint is evaluated: its eval plan unrolled, so a
 weight-shared (Apollo) checkpoint becomes a plain GPT-2 of full depth whose layer j is a copy of the
 block at plan position j; the vocabulary cut from the padded 50,304 to GPT-2's 50,257 tokens; the
 head tied to the token embedding. MSG's gates have no GPT-2 equivalent, so a checkpoint saved while
-they were opening is refused. Writing the folder needs safetensors, not transformers; the tokenizer
-is GPT-2's own, not written here (tokenizer=gpt2 above). A byte- or char-level checkpoint exports
-too, at its own vocabulary and without GPT-2's end-of-text token; its tokenizer (meta.json's record,
-copied into the folder as nanogrow_tokenizer.json) has no Hugging Face form here: build one to use
-it there.
+they were opening is refused. Beside the weights, the tokenizer the model was trained with, so that
+AutoTokenizer and pipeline load it from the folder: GPT-2's vocab.json and merges.txt (tiktoken's
+own files), or for a byte- or char-level model a tokenizer.json that maps each byte or character to
+its id (and the data's tokenizer record, nanogrow_tokenizer.json). Writing the folder needs
+safetensors, not transformers.
 """
 import json
 import os
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import runfolder
 from cli import Parser, one_line_errors
-from data import EOT, GPT2_META
+from data import EOT, GPT2_META, gpt2_bpe_files
 from model import CONV1D_WEIGHTS
 
 # GPT-2's tokenizer; the rows above it pad the matmuls, no token uses them
@@ -62,6 +62,48 @@ def hf_state_dict(model, plan, vocab):
     return {k: v.detach().contiguous().clone() for k, v in ours.items()}
 
 
+def hf_tokenizer(meta, block_size):
+    """{file name: bytes} of the Hugging Face tokenizer for the tokenizer record `meta`: GPT-2's
+    BPE files as tiktoken has them; for byte and char a tokenizer.json (the `tokenizers` format):
+    byte, GPT-2's byte-level alphabet with no merges, so byte b is token b; char, one word a
+    character (the pattern [\\s\\S] splits off every one, newlines too), an unknown one refused."""
+    config = {"model_max_length": block_size}
+    if meta["tokenizer"] == "gpt2":
+        encoder, merges = gpt2_bpe_files()
+        return {"vocab.json": encoder, "merges.txt": merges, "tokenizer_config.json": json.dumps(
+            {**config, "tokenizer_class": "GPT2Tokenizer"}).encode()}
+    if meta["tokenizer"] == "byte":
+        alphabet = byte_alphabet()
+        level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                 "use_regex": False}
+        model = {"type": "BPE", "vocab": {alphabet[b]: b for b in range(256)}, "merges": [],
+                 "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False}
+        pre, decoder = level, level
+    else:
+        model = {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(meta["chars"])},
+                 "unk_token": "[UNK]"}  # not in the vocabulary: an unknown character is an error
+        pre = {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
+               "invert": False}
+        decoder = {"type": "Fuse"}  # the characters joined as they are, no spaces between
+    tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+                 "normalizer": None, "pre_tokenizer": pre, "post_processor": None,
+                 "decoder": decoder, "model": model}
+    return {"tokenizer.json": json.dumps(tokenizer, ensure_ascii=False).encode(),
+            "tokenizer_config.json": json.dumps(
+                {**config, "tokenizer_class": "PreTrainedTokenizerFast"}).encode(),
+            "nanogrow_tokenizer.json": (json.dumps(meta, indent=1) + "\n").encode()}
+
+
+def byte_alphabet():
+    """GPT-2's map of the 256 byte values to printable characters (its byte-level BPE's alphabet):
+    the printable Latin-1 bytes map to themselves, the others to the characters from 256 on."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
 def export(checkpoint, out):
     """Write the checkpoint's model to the folder `out` (absent or empty), atomically: into a
     folder beside it, renamed into place when complete. Returns (depth, unique blocks, tokenizer
@@ -83,10 +125,12 @@ def export(checkpoint, out):
     tmp.mkdir(parents=True)
     config = hf_config(model.config, len(plan.blocks), vocab, EOT if gpt2 else None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if not gpt2:  # what a Hugging Face tokenizer for this model must reproduce
-        (tmp / "nanogrow_tokenizer.json").write_text(json.dumps(meta, indent=1) + "\n")
+    for name, content in hf_tokenizer(meta, model.config.block_size).items():
+        (tmp / name).write_bytes(content)
     save_file(hf_state_dict(model, plan, vocab), tmp / "model.safetensors",
               metadata={"format": "pt"})
+    # safetensors writes for its owner only: give the weights the mode of the folder's other files
+    os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
     os.replace(tmp, out)  # a folder replaces an empty one in a single rename
     return len(plan.blocks), len(set(plan.blocks)), meta
 
@@ -99,12 +143,9 @@ def main(argv=None):
     with one_line_errors():
         depth, unique, meta = export(args.checkpoint, args.out)
     shared = f" ({unique} unique blocks unrolled)" if unique < depth else ""
-    print(f"{args.out}: GPT-2 with {depth} layers{shared}; "
-          f"GPT2LMHeadModel.from_pretrained({str(args.out)!r}) loads it")
-    if meta["tokenizer"] != "gpt2":
-        print(f"its tokenizer is {meta['tokenizer']}-level ({meta['vocab_size']} tokens, "
-              "recorded in nanogrow_tokenizer.json), not GPT-2's: "
-              "build a Hugging Face tokenizer for it separately")
+    print(f"{args.out}: GPT-2 with {depth} layers{shared} and its {meta['tokenizer']} tokenizer "
+          f"({meta['vocab_size']} tokens); pipeline('text-generation', {str(args.out)!r}) "
+          "loads both")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ step, what trains (step_plan) and what each micro-batch runs (plan, a model.Plan
 
 train.py runs a Schedule; cost.py sums its FLOPs. Nothing here reads flags or global state.
 """
+import itertools
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -104,8 +105,17 @@ def scale_layers(layers, L):
 def growth_stages(layers_spec, at_spec, L, max_steps):
     """Growth regimes: stage k has layers[k] unique blocks from step round(at[k-1]·max_steps), from
     the comma-separated --grow-layers (scaled to L) and --grow-at."""
-    layers = [int(x) for x in layers_spec.split(",")]
-    at = [float(x) for x in at_spec.split(",")]
+    try:
+        layers = [int(x) for x in layers_spec.split(",")]
+        at = [float(x) for x in at_spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--grow-layers {layers_spec} --grow-at {at_spec}: give whole numbers "
+                         "and fractions, comma-separated, e.g. --grow-layers 1,3,6,12 --grow-at "
+                         "0.05,0.1,0.25") from None
+    bounds = [0.0, *at, 1.0]
+    if any(not b > a for a, b in zip(bounds, bounds[1:])):  # not: NaN fails too
+        raise ValueError(f"--grow-at {at_spec}: the fractions must increase strictly, above 0 "
+                         "and below 1")
     if len(at) != len(layers) - 1:
         raise ValueError(f"--grow-at needs {len(layers) - 1} fractions for "
                          f"{len(layers)} layer counts")
@@ -113,12 +123,18 @@ def growth_stages(layers_spec, at_spec, L, max_steps):
     if layers[-1] != L:
         raise ValueError(f"--grow-layers {layers_spec} must end at the model's {L} layers")
     at = [([0.0] + at)[i] for i in keep][1:]
-    starts = [0] + [round(f * max_steps) for f in at]
-    if any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= max_steps:
-        raise ValueError(f"--grow-at {at} must increase strictly and stay below 1")
+
+    def starts(steps):  # each stage's first step, or None when two fall on one step
+        s = [0] + [round(f * steps) for f in at]
+        return s if all(b > a for a, b in zip(s, s[1:] + [steps])) else None
+
+    if starts(max_steps) is None:
+        enough = next(n for n in itertools.count(max_steps + 1) if starts(n))
+        raise ValueError(f"--max-steps {max_steps} is too few for stages that start at --grow-at "
+                         f"{at_spec} of it (two would share a step): give at least {enough}")
     if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0:
         raise ValueError(f"--grow-layers {layers} must increase strictly from 0 or more")
-    return [Stage(s, u) for s, u in zip(starts, layers)]
+    return [Stage(s, u) for s, u in zip(starts(max_steps), layers)]
 
 
 @dataclass(frozen=True)

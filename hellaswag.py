@@ -79,7 +79,8 @@ def load_examples(split="val", data_file=None, limit=None, cache_dir=CACHE_DIR):
         data_file = (Path(data_dir) / f"hellaswag_{split}.jsonl" if data_dir
                      else download_split(split, cache_dir))
     if not Path(data_file).is_file():
-        raise DataError(f"{data_file}: no such file")
+        what = "is a folder, not a file" if Path(data_file).is_dir() else "no such file"
+        raise DataError(f"{data_file}: {what}: give a hellaswag_{split}.jsonl file")
     examples = []
     # bytes: json.loads decodes them, so bad UTF-8 gets a line number too
     with open(data_file, "rb") as f:
@@ -273,8 +274,6 @@ def main(argv=None):
         parser.error(f"--batch-size {args.batch_size}: must be 1 or more")
     if (args.checkpoint is None) == (args.model is None):
         parser.error("give exactly one of --checkpoint PATH or --model NAME")
-    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
-        parser.error(f"checkpoint not found: {args.checkpoint}")
 
     try:
         with one_line_errors():  # a missing or bad file, a failed download, a checkpoint

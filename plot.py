@@ -195,7 +195,10 @@ def baseline_budget(base):
 
 def run_row(run, label, budget, target):
     """One run's results:
-    final_val_loss     the last evaluation's val loss
+    final_val_loss     the val loss of the evaluation after the last step
+    stopped            where the run stopped before its end (its last step; no final evaluation
+                       follows it), None for a run that ended; its last evaluation is then in
+                       last_eval, (step, val loss)
     budget_val_loss    val loss at the baseline's budget: the run's equal-cost evaluation, else its
                        last evaluation within `budget` FLOPs
     flops_to_baseline  FLOPs at the first evaluation at or below `target` (a val loss)
@@ -208,14 +211,23 @@ def run_row(run, label, budget, target):
     if not at_budget and budget is not None:
         at_budget = [e for e in evals if e["flops"] <= budget][-1:]
     reached = [e for e in evals if e["val_loss"] <= target] if target is not None else []
+    stop = stopped(run)
     return {
         "run": label,
-        "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "final_val_loss": evals[-1]["val_loss"] if evals and not stop else None,
+        "stopped": stop, "last_eval": (evals[-1]["step"], evals[-1]["val_loss"]) if evals else None,
         "budget_val_loss": at_budget[0]["val_loss"] if at_budget else None,
         "flops_to_baseline": reached[0]["flops"] if reached else None,
         "total_flops": run["steps"][-1]["flops"],
         "train_seconds": sum(r["dt"] for r in run["steps"]),
     }
+
+
+def stopped(run):
+    """The last step of a run that stopped before its end, else None: a run that ends evaluates
+    after its last step, so its last evaluation is at its last step."""
+    last = run["steps"][-1]["step"]
+    return last if not run["evals"] or run["evals"][-1]["step"] < last else None
 
 
 def duration(seconds):
@@ -235,10 +247,15 @@ def table(rows):
              "| FLOPs to baseline's final val loss | training FLOPs | training time |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        final = fmt(r["final_val_loss"], ".4f")
+        if r["stopped"] is not None:
+            final = f"stopped at step {r['stopped']}" + (
+                f" (last: {r['last_eval'][1]:.4f} at step {r['last_eval'][0]})"
+                if r["last_eval"] else "")
         to_base = fmt(r["flops_to_baseline"], ".3e")
         if r["flops_to_baseline"] is None and has_target:
             to_base = "not reached"
-        lines.append(f"| {r['run']} | {fmt(r['final_val_loss'], '.4f')} "
+        lines.append(f"| {r['run']} | {final} "
                      f"| {fmt(r['budget_val_loss'], '.4f')} "
                      f"| {to_base} | {r['total_flops']:.3e} | {duration(r['train_seconds'])} |")
     return "\n".join(lines)
@@ -298,6 +315,11 @@ def study_summary(runs, labels):
         raise ValueError("no runs of a regime named baseline: a study is measured against it")
     if not all(run["evals"] for run in base):
         raise ValueError("a baseline run has no evaluations: its final val loss is the target")
+    for run in base:
+        if stopped(run) is not None:
+            raise ValueError(f"a baseline run stopped at step {stopped(run)}, before its final "
+                             "evaluation, which is the target: finish it (run the same sweep "
+                             "again), then summarize")
     target = mean_sd([run["evals"][-1]["val_loss"] for run in base])[0]
     baseline_flops = mean_sd([run["steps"][-1]["flops"] for run in base])[0]
     budget = baseline_budget(base[0])

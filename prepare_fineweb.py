@@ -144,8 +144,14 @@ def download(url, dest, *, sha256=None, size=None, timeout=30, retries=5, backof
         dest.unlink()  # a stale or damaged copy
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    _retrying(lambda: _fetch_rest(url, part, size, timeout, desc or dest.name), url, retries,
-              backoff)
+    try:
+        _retrying(lambda: _fetch_rest(url, part, size, timeout, desc or dest.name), url, retries,
+                  backoff)
+    except requests.RequestException:  # an OSError too, but the network's, not the disk's
+        raise
+    except OSError as e:  # a full disk: name the file; what arrived is kept and resumes
+        raise OSError(f"could not write {part} ({e.strerror or e}): free space and run again, "
+                      "the download resumes where it stopped") from None
     problem = _mismatch(part, sha256, size)
     if problem:
         part.unlink()
@@ -224,6 +230,22 @@ def text_pieces(text, size):
         start = end
 
 
+def check_unmixed(out_dir, names, meta):
+    """Refuse to write shards `names` made with tokenizer record `meta` into a folder that holds
+    other shards, or these made with another tokenizer: one folder, one dataset. The same text
+    again (its own shards, the same tokenizer) is re-made in place."""
+    others = sorted(p.name for p in Path(out_dir).glob("*.bin") if p.name not in names)
+    if others:
+        raise DataError(f"{out_dir} already holds other shards ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}): one folder a dataset, so give "
+                        "this text its own --out (or --name, into a folder of its own)")
+    old = read_meta(out_dir)
+    if any((Path(out_dir) / n).exists() for n in names) and old != meta:
+        raise DataError(f"{out_dir} holds these shards made with the {old['tokenizer']} tokenizer "
+                        f"(meta.json), not {meta['tokenizer']}: give this one its own --out, or "
+                        "delete the folder to re-make them")
+
+
 def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokenizer_name="gpt2"):
     """Tokenize one text file (one document) into a val shard (its last val_frac) and a train shard,
     `piece` characters at a time, with a progress bar; meta.json records the tokenizer."""
@@ -239,6 +261,9 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokeniz
     if not text.strip():
         raise DataError(f"{text_path} is empty: nothing to tokenize")
     meta = text_meta(tokenizer_name, text)
+    out_dir = Path(out_dir)
+    val, train = out_dir / shard_name(name, 0), out_dir / shard_name(name, 1)
+    check_unmixed(out_dir, {val.name, train.name}, meta)
     enc = tokenizer(meta)
     tokens = [] if enc.eot is None else [enc.eot]
     with tqdm(total=len(text), unit="char", unit_scale=True,
@@ -249,8 +274,6 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokeniz
             bar.set_postfix_str(f"{len(tokens):,} tokens", refresh=False)
     tokens = np.array(tokens, dtype=np.uint16)
     n_train = int(len(tokens) * (1 - val_frac))
-    out_dir = Path(out_dir)
-    val, train = out_dir / shard_name(name, 0), out_dir / shard_name(name, 1)
     write_shard(val, tokens[n_train:])
     write_shard(train, tokens[:n_train])
     write_meta(out_dir, meta)
@@ -274,8 +297,15 @@ def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE
             try:
                 download(url, text, retries=retries, desc="tinyshakespeare")
             except DownloadError as e:
-                raise DownloadError(f"could not download Tiny Shakespeare ({e}); "
-                                    f"save {TINYSHAKESPEARE_URL} as {text} and run again") from None
+                also = ""
+                if tokenizer_name == "gpt2":  # offline, say everything that is missing at once
+                    try:
+                        gpt2_encoding()
+                    except DataError as missing:
+                        also = f"; and {missing}"
+                raise DownloadError(f"could not download Tiny Shakespeare ({e}); save "
+                                    f"{TINYSHAKESPEARE_URL} as {text}{also}; then run again"
+                                    ) from None
         tokenize_text(text, data_dir, "tinyshakespeare", tokenizer_name=tokenizer_name)
     return data_dir
 
@@ -463,6 +493,10 @@ def main(argv=None):
     except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # shards are written under a temporary name, downloads as .part
+        print("error: stopped; no half-written shard was kept (a partial download resumes): run "
+              "the same command again", file=sys.stderr)
+        return 130
     tokens = sum(len(read_shard(p)) for p in paths)
     print(f"{len(paths)} shards, {tokens:,} tokens in {paths[0].parent}")
     return 0

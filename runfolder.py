@@ -61,9 +61,13 @@ def save(path, state, model, opt, loader, config, tokenizer, eval_plan):
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as RuntimeError
-            raise OSError(f"could not write {path} ({' '.join(str(e).split())[:200]}); the "
-                          "previous checkpoint is intact: free space or use another --out, then "
-                          "--resume") from None
+            why = " ".join(str(e).split())[:200]
+            if path.exists():
+                raise OSError(f"could not write {path} ({why}); the previous checkpoint is "
+                              "intact: free space, then --resume") from None
+            raise OSError(f"could not write {path} ({why}); this run had no checkpoint yet, so "
+                          f"nothing to resume: free space, delete {path.with_name('log.jsonl')} "
+                          "and run the same command again") from None
         raise
 
 
@@ -71,6 +75,10 @@ def read(path, device="cpu"):
     """A train.py checkpoint as plain data, or a ValueError with one line saying what is wrong
     with the file: missing, truncated, random bytes, some other program's, or an older format."""
     fix = "point at a ckpt.pt written by train.py (or delete this one to start over)"
+    if Path(path).is_dir():
+        inside = Path(path) / "ckpt.pt"
+        raise ValueError(f"{path} is a folder, not a checkpoint: "
+                         + (f"point at {inside}" if inside.is_file() else fix))
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint at {path}: {fix}")
     try:
@@ -102,6 +110,9 @@ def resume(path, config, schedule, schedule_of, model, opt, loader):
     refused, naming the flags; so is a new --max-steps that moves a stage start of a growth
     regime before the saved step. schedule_of(saved config) -> the Schedule it ran."""
     if not path.exists():
+        log = path.with_name("log.jsonl")
+        if log.exists():
+            raise FileNotFoundError(no_checkpoint_yet(log))
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume to start")
     ckpt = read(path)
     then = ckpt["config"]
@@ -110,6 +121,10 @@ def resume(path, config, schedule, schedule_of, model, opt, loader):
     if diff:
         raise ValueError(f"{path} was made with other flags ({'; '.join(diff)}): these change "
                          "steps already taken; resume with the same values or use another --out")
+    if config["max_steps"] < ckpt["step"]:
+        raise ValueError(f"--max-steps {config['max_steps']} is below step {ckpt['step']}, which "
+                         f"this run has reached: give --max-steps {ckpt['step']} or more to go on "
+                         "(its log and checkpoint stay as they are)")
     if then["max_steps"] != config["max_steps"]:
         ran = schedule_of(then)
         moved = [s for s in range(ckpt["step"]) if ran.step_plan(s) != schedule.step_plan(s)]
@@ -149,29 +164,51 @@ def claim(out, resuming):
     would mix with it), and a second process while the first still runs. The lock is an flock on
     OUT/lock, which the kernel drops when its process dies, so a killed run never leaves it stuck.
     Returns the open lock file; keep it for the run's lifetime."""
+    lock = hold(out / "lock", "run")
+    if not resuming and (out / "ckpt.pt").exists():
+        lock.close()
+        raise ValueError(f"--out {out} holds an earlier run (its ckpt.pt): continue it with "
+                         "--resume, or choose another --out")
+    if not resuming and (out / "log.jsonl").exists():
+        lock.close()
+        raise ValueError(no_checkpoint_yet(out / "log.jsonl"))
+    return lock
+
+
+def hold(path, what):
+    """An exclusive flock on `path` (a folder's lock file, made with the folder), with this
+    process's pid written in it; a ValueError naming the holder's pid if another process has it.
+    The kernel drops the lock when its process dies. Keep the returned file open while it holds."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / "lock", "a+")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a+")
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot use it as the run's folder ({e.strerror}): choose "
-                         "another --out") from None
+        raise ValueError(f"--out {path.parent}: cannot use it as the {what}'s folder "
+                         f"({e.strerror}): choose another --out") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
         pid = lock.read().strip() or "?"
         lock.close()
-        raise ValueError(f"--out {out} is in use by another run (pid {pid}): wait for it to end, "
-                         "or use another --out") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    earlier = [name for name in ("log.jsonl", "ckpt.pt") if (out / name).exists()]
-    if earlier and not resuming:
+        raise ValueError(f"--out {path.parent} is in use by another {what} (pid {pid}): wait for "
+                         "it to end, or use another --out") from None
+    try:
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+    except OSError as e:  # a full disk
         lock.close()
-        raise ValueError(f"--out {out} holds an earlier run ({', '.join(earlier)}): continue it "
-                         "with --resume, or choose another --out (or delete the folder)")
+        raise OSError(f"could not write {path} ({e.strerror}): free space, or use another "
+                      "--out") from None
     return lock
+
+
+def no_checkpoint_yet(log):
+    """What to do with a folder whose run stopped before its first checkpoint."""
+    return (f"{log} is the log of a run that stopped before its first checkpoint, so there is "
+            f"nothing to resume: delete it to start again in {log.parent} (it holds only that "
+            "run's log), or choose another --out")
 
 
 class Log:
@@ -179,7 +216,7 @@ class Log:
     line torn by a crash or a full disk is cut away first, so the next record starts a line."""
 
     def __init__(self, path, master):
-        self.file = None
+        self.file, self.path = None, path
         if not master:
             return
         if path.exists():
@@ -194,8 +231,12 @@ class Log:
 
     def record(self, **fields):
         if self.file:
-            self.file.write(json.dumps(fields) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(fields) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: say which file
+                raise OSError(f"could not write {self.path} ({e.strerror}): free space, then "
+                              "--resume from the last checkpoint") from None
 
     def print(self, text):
         if self.file:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import config
 import plot
-from cli import Parser
+from cli import Parser, one_line_errors
+from runfolder import hold, no_checkpoint_yet
 
 HERE = Path(__file__).resolve().parent
 
@@ -183,7 +184,13 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
     """Every (seed, regime) run not yet finished, in that order, `jobs` at once; returns the runs
     that failed, in that order. Call it from the main thread: it handles SIGINT and SIGTERM."""
     plans = [(regime, seed, *train_flags(regime, seed, extra))
-             for seed in seeds for regime in regimes]
+             for seed in seeds for regime in regimes]  # every run's flags checked first
+    with hold(Path(out) / "sweep.lock", "sweep"):  # one sweep a folder at a time
+        return run_all(plans, out, jobs, nproc)
+
+
+def run_all(plans, out, jobs, nproc):
+    """sweep's runs, the folder held."""
     runs = Runs(launcher(nproc), run_env(jobs))
 
     def attempt(i, regime, seed, flags, max_steps):
@@ -195,8 +202,7 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
             return False
         resume = (folder / "ckpt.pt").exists()
         if (folder / "log.jsonl").exists() and not resume:
-            say(f"{head}: FAILED: {folder} holds a log but no checkpoint "
-                "(stopped before its first): delete the folder to run it again")
+            say(f"{head}: FAILED: {no_checkpoint_yet(folder / 'log.jsonl')}")
             return True
         say(f"{head}: {'resuming' if resume else 'starting'} ({max_steps} steps) in {folder}")
         t0 = time.time()
@@ -242,14 +248,9 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
 
 def main(argv=None):
     args, extra = parse_args(argv)
-    try:
+    # train.py refusing a run's flags, or the data not to be had, is one line
+    with one_line_errors("stopped: run the same command again to go on"):
         failed = sweep(args.regimes, args.seeds, extra, args.out, args.jobs, args.nproc)
-    except ValueError as e:  # train.py refused a run's flags
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("stopped: run the same command again to go on", file=sys.stderr)
-        sys.exit(130)
     try:
         print(plot.write_study(args.out))
         print(f"wrote {Path(args.out) / 'study.md'} and {Path(args.out) / 'study.png'}")

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import requests
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.distributed as dist
@@ -764,7 +765,7 @@ def test_baseline_unreadable_checkpoint_is_one_line(tmp_path, data, capsys, dama
 def test_baseline_one_run_per_folder(tmp_path, data, capsys):
     run_train(tmp_path, data, "--max-steps", "2")
     err = train_error(tmp_path, data, capsys, "--max-steps", "2", out=".")
-    assert "holds an earlier run (log.jsonl, ckpt.pt): continue it with --resume" in err
+    assert "holds an earlier run (its ckpt.pt): continue it with --resume" in err
     # a second process while the first runs is refused; killing the first leaves no stale lock
     cmd = [sys.executable, "-u", str(HERE / "train.py"), "--preset", "tiny",
            "--data-dir", str(data), "--out", str(tmp_path / "busy"), *TOY,
@@ -782,7 +783,8 @@ def test_baseline_one_run_per_folder(tmp_path, data, capsys):
         first.kill()
         first.wait()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "holds an earlier run" in again.stderr  # it got past the lock
+    # it got past the lock: the killed run had no checkpoint yet, and its log is named
+    assert again.returncode == 2 and "stopped before its first checkpoint" in again.stderr
 
 
 def test_baseline_checkpoint_write_failure_keeps_the_last_good_one(tmp_path, data, capsys,
@@ -1729,7 +1731,7 @@ def test_data_hellaswag_refused_in_one_line_for_a_char_run(char_run, tmp_path, c
 
 def test_data_export_of_a_char_checkpoint_records_its_tokenizer(char_run, tmp_path, capsys):
     export_main(["--checkpoint", str(char_run / "out" / "ckpt.pt"), "--out", str(tmp_path / "hf")])
-    assert "build a Hugging Face tokenizer for it separately" in capsys.readouterr().out
+    assert "its char tokenizer (58 tokens)" in capsys.readouterr().out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["vocab_size"] == 58 and config["bos_token_id"] is None
             and config["eos_token_id"] is None)
@@ -1743,7 +1745,11 @@ def test_data_token_ids_outside_the_vocabulary_name_the_shard(tmp_path, data, ca
                          np.r_[np.arange(4000), 60_000, np.arange(96)])
     err = train_error(tmp_path, data, capsys, "--max-steps", "40", data_dir=bad)
     assert "toy_train_000002.bin holds token id 60000 (first at position 4000)" in err
-    assert "vocabulary of 50304" in err
+    assert "outside its tokenizer's vocabulary of 50257" in err
+    # an id of the padded embedding's rows, past GPT-2's 50,257 tokens: no word, refused too
+    data_mod.write_shard(bad / "toy_train_000002.bin", np.r_[np.arange(4000), 50_300])
+    err = train_error(tmp_path, data, capsys, "--max-steps", "40", data_dir=bad, out="y")
+    assert "holds token id 50300" in err and "vocabulary of 50257" in err
 
 
 def prepare_error(capsys, *argv):
@@ -1916,7 +1922,8 @@ def test_hellaswag_cli_errors_are_one_line(tmp_path, capsys):
     cases = [
         ([], "exactly one of --checkpoint"),
         (["--checkpoint", str(ckpt), "--model", "gpt2"], "exactly one of --checkpoint"),
-        (["--checkpoint", str(ckpt)], "checkpoint not found"),
+        (["--checkpoint", str(ckpt)], "no checkpoint at"),
+        (["--checkpoint", str(tmp_path)], "is a folder, not a checkpoint"),
     ]
     for argv, message in cases:
         assert message in one_line_error(hs_main, argv, capsys)
@@ -2103,12 +2110,12 @@ def test_plot_hellaswag_panel_and_summary(hand_runs, capsys):
 
     rows = plot.summarize(runs, labels)
     assert rows == [
-        dict(run="baseline", final_val_loss=4.0, budget_val_loss=6.0, flops_to_baseline=40,
-             total_flops=40, train_seconds=2.0),
-        dict(run="inc", final_val_loss=3.9, budget_val_loss=5.0, flops_to_baseline=24,
-             total_flops=24, train_seconds=1.0),
-        dict(run="slow", final_val_loss=8.0, budget_val_loss=8.0, flops_to_baseline=None,
-             total_flops=20, train_seconds=1.0)]
+        dict(run="baseline", final_val_loss=4.0, stopped=None, last_eval=(4, 4.0),
+             budget_val_loss=6.0, flops_to_baseline=40, total_flops=40, train_seconds=2.0),
+        dict(run="inc", final_val_loss=3.9, stopped=None, last_eval=(4, 3.9),
+             budget_val_loss=5.0, flops_to_baseline=24, total_flops=24, train_seconds=1.0),
+        dict(run="slow", final_val_loss=8.0, stopped=None, last_eval=(2, 8.0),
+             budget_val_loss=8.0, flops_to_baseline=None, total_flops=20, train_seconds=1.0)]
     plot.main([str(p) for p in hand_runs] + ["--table"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and lines[0].startswith("| run | final val loss |")
@@ -2439,11 +2446,16 @@ def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data
         sweep.main(["--regimes", "baseline", "--seeds", "1,2", "--out", str(out), "--", *extra])
     captured = capsys.readouterr()
     assert e.value.code == 1
-    assert ("[1/2] baseline seed 1: FAILED:" in captured.out
-            and "delete the folder to run it again" in captured.out)
+    log = out / "baseline" / "seed1" / "log.jsonl"
+    assert (f"[1/2] baseline seed 1: FAILED: {log} is the log of a run that stopped before its "
+            "first checkpoint, so there is nothing to resume: delete it" in captured.out)
     assert "[2/2] baseline seed 2: done" in captured.out and "| baseline | 2 |" in captured.out
     assert captured.err.splitlines() == ["failed: baseline seed 1"]
-    assert (out / "baseline" / "seed1" / "log.jsonl").exists()
+    assert log.exists()
+    log.unlink()  # the advice, taken: the same command runs seed 1 and skips seed 2
+    sweep.main(["--regimes", "baseline", "--seeds", "1,2", "--out", str(out), "--", *extra])
+    captured = capsys.readouterr().out
+    assert "[1/2] baseline seed 1: done" in captured and "seed 2: finished earlier" in captured
 
     for argv, message in [
             (["--regimes", "baseline,inc5"], "--regimes: unknown inc5"),
@@ -2460,6 +2472,202 @@ def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data
         err = capsys.readouterr().err.splitlines()
         assert e.value.code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Every refusal leads somewhere: each test takes the advice its message gives and checks that the
+# next command proceeds
+
+
+def test_baseline_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(
+        tmp_path, data, capsys):
+    """Bad data stops the first run after its step-0 evaluation, before any checkpoint: the same
+    command, and --resume, both name the log to delete; deleting it, the command runs."""
+    bad = make_shards(tmp_path / "bad", n_train=1)
+    data_mod.write_shard(bad / "toy_train_000001.bin", np.r_[np.arange(4000), 60_000, 7])
+    assert "holds token id 60000" in train_error(tmp_path, data, capsys, "--max-steps", "2",
+                                                 data_dir=bad)
+    log = tmp_path / "x" / "log.jsonl"
+    for flags in ([], ["--resume"]):  # once the data is fixed, either way
+        err = train_error(tmp_path, data, capsys, "--max-steps", "2", *flags)
+        assert f"{log} is the log of a run that stopped before its first checkpoint" in err, err
+        assert "delete it to start again" in err
+    log.unlink()
+    steps, _ = run_train(tmp_path / "x", data, "--max-steps", "2")
+    assert [r["step"] for r in steps] == [1, 2]
+
+
+def test_baseline_a_full_disk_at_the_first_checkpoint_says_there_is_none(tmp_path, data, capsys,
+                                                                         monkeypatch):
+    def full_disk(obj, path):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(runfolder.torch, "save", full_disk)
+        err = train_error(tmp_path, data, capsys, "--max-steps", "2")
+    assert "this run had no checkpoint yet" in err and "intact" not in err
+    assert f"delete {tmp_path / 'x' / 'log.jsonl'} and run the same command again" in err
+    (tmp_path / "x" / "log.jsonl").unlink()
+    steps, _ = run_train(tmp_path / "x", data, "--max-steps", "2")  # space freed: it runs
+    assert steps[-1]["step"] == 2 and (tmp_path / "x" / "ckpt.pt").exists()
+
+
+def test_baseline_val_tokens_advice_is_a_value_that_works(tmp_path, data, capsys):
+    """The validation split holds 2,049 tokens: 2,048 in whole 4 x 32 batches."""
+    too_many = train_error(tmp_path, data, capsys, "--max-steps", "1", "--val-tokens", "4096")
+    most = int(re.search(r"use --val-tokens (\d+) or less", too_many).group(1))
+    too_few = train_error(tmp_path, data, capsys, "--max-steps", "1", "--val-tokens", "100")
+    least = int(re.search(r"use --val-tokens (\d+) or more", too_few).group(1))
+    assert (least, most) == (128, 2048)
+    for n in (least, most):
+        _, evals = run_train(tmp_path / str(n), data, "--max-steps", "1", "--val-tokens", str(n))
+        assert len(evals) == 2
+    err = train_error(tmp_path, data, capsys, "--max-steps", "1", "--seq-len", "1024",
+                      "--batch-size", "4", "--total-batch", "4096")
+    assert "validation split (2048 tokens) is less than one batch" in err
+    assert "lower --batch-size or --seq-len" in err and "--val-tokens" not in err
+
+
+def test_baseline_resuming_below_the_step_reached_is_refused_with_the_step(tmp_path, data, capsys):
+    run_train(tmp_path, data, "--max-steps", "4")
+    err = train_error(tmp_path, data, capsys, "--max-steps", "2", "--resume", out=".")
+    assert "--max-steps 2 is below step 4, which this run has reached" in err
+    steps, _ = run_train(tmp_path, data, "--max-steps", "4", "--resume")  # the advice: 4 or more
+    assert steps[-1]["step"] == 4
+
+
+def test_growth_too_few_steps_for_the_stages_names_the_steps_needed(tmp_path, data, capsys):
+    flags = ["--regime", "apollo", "--grow-layers", "1,2,4", "--grow-at", "0.25,0.3"]
+    err = train_error(tmp_path, data, capsys, *flags, "--max-steps", "8")
+    assert "--max-steps 8 is too few for stages that start at --grow-at 0.25,0.3" in err
+    enough = int(re.search(r"give at least (\d+)", err).group(1))
+    steps, _ = run_train(tmp_path / "ok", data, *flags, "--max-steps", str(enough))
+    assert len({r["unique_layers"] for r in steps}) == 3  # three stages, each with a step
+    assert "must increase strictly" in train_error(tmp_path, data, capsys, "--regime", "apollo",
+                                                   "--grow-layers", "1,2,4", "--grow-at",
+                                                   "0.5,0.25")
+
+
+def test_data_folders_never_mix(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 50)
+    folder = tmp_path / "data"
+    assert pf.main(["--text", str(text), "--out", str(folder)]) == 0
+    assert pf.main(["--text", str(text), "--out", str(folder)]) == 0  # the same text: re-made
+    other = tmp_path / "b.txt"
+    other.write_text("Now is the winter of our discontent.\n" * 50)
+    err = prepare_error(capsys, "--text", str(other), "--out", str(folder))
+    assert "already holds other shards (a_train_000001.bin, a_val_000000.bin)" in err
+    err = prepare_error(capsys, "--text", str(text), "--out", str(folder), "--tokenizer", "char")
+    assert "made with the gpt2 tokenizer (meta.json), not char" in err
+    assert data_mod.read_meta(folder) == data_mod.GPT2_META  # untouched
+    assert pf.main(["--text", str(other), "--out", str(tmp_path / "b")]) == 0  # its own --out
+    # a shard is known by its name, not by "val" anywhere in it
+    named = tmp_path / "named"
+    data_mod.write_shard(named / "interval_val_000000.bin", np.arange(10))
+    data_mod.write_shard(named / "interval_train_000001.bin", np.arange(10))
+    train, val = data_mod.list_shards(named)
+    assert [f.name for f in train] == ["interval_train_000001.bin"]
+    assert [f.name for f in val] == ["interval_val_000000.bin"]
+    data_mod.write_shard(named / "notes.bin", np.arange(10))
+    with pytest.raises(ValueError, match="notes.bin is not named as a shard"):
+        data_mod.list_shards(named)
+    (named / "notes.bin").unlink()
+    data_mod.write_shard(named / "other_train_000001.bin", np.arange(10))
+    with pytest.raises(ValueError, match=r"holds the shards of 2 datasets \(interval, other\)"):
+        data_mod.list_shards(named)
+
+
+def test_data_every_missing_input_at_once_offline(tmp_path, monkeypatch):
+    def offline(name):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(data_mod.tiktoken, "get_encoding", offline)
+    with pytest.raises(DownloadError) as e:
+        pf.prepare_tinyshakespeare(tmp_path, url=dead_url(), retries=0)
+    assert "could not download Tiny Shakespeare" in str(e.value)
+    assert "GPT-2's BPE files" in str(e.value) and "TIKTOKEN_CACHE_DIR" in str(e.value)
+
+
+def test_data_a_failed_write_names_its_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_mod.os, "replace", full)
+    with pytest.raises(OSError, match=r"could not write .*x_val_000000.bin \(No space left"):
+        data_mod.write_shard(tmp_path / "x_val_000000.bin", np.arange(10))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_ctrl_c_while_tokenizing_is_one_line_and_keeps_nothing_half_written(
+        tmp_path, capsys, monkeypatch):
+    text = tmp_path / "a.txt"
+    text.write_text("To be, or not to be.\n" * 50)
+
+    def interrupted(path, tokens):
+        raise KeyboardInterrupt  # as if during the tokenizing or the write
+
+    monkeypatch.setattr(pf, "write_shard", interrupted)
+    argv = ["--text", str(text), "--out", str(tmp_path / "d"), "--tokenizer", "byte"]
+    assert pf.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run the same command again" in err
+    monkeypatch.undo()
+    assert pf.main(argv) == 0
+    assert not [p for p in (tmp_path / "d").iterdir() if p.suffix == ".tmp"]
+    def cut_short(path, mode):  # the temporary file begun, then Ctrl-C
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(data_mod, "open", cut_short, raising=False)
+        with pytest.raises(KeyboardInterrupt):
+            data_mod.write_shard(tmp_path / "e" / "x_val_000000.bin", np.arange(3))
+    assert list((tmp_path / "e").iterdir()) == []
+
+
+def test_sweep_a_second_sweep_on_one_folder_is_refused_at_start(tmp_path, data, capsys):
+    out = tmp_path / "study"
+    with runfolder.hold(out / "sweep.lock", "sweep"):  # a sweep running there
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["--regimes", "baseline", "--seeds", "1", "--out", str(out), "--",
+                        "--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--max-steps",
+                        "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"--out {out} is in use by another sweep (pid {os.getpid()})" in err
+    assert not (out / "baseline").exists()  # nothing started, nothing called stale
+
+
+def test_sample_a_folder_for_a_checkpoint_points_at_the_file(tmp_path, capsys):
+    save_plain_checkpoint(tiny_gpt(), tmp_path / "ckpt.pt")
+    err = one_line_error(sample_main, ["--checkpoint", str(tmp_path), "--device", "cpu",
+                                       "--max-new-tokens", "2"], capsys)
+    assert f"{tmp_path} is a folder, not a checkpoint: point at {tmp_path / 'ckpt.pt'}" in err
+    sample_main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu",
+                 "--max-new-tokens", "2"])
+    assert "sample 0:" in capsys.readouterr().out
+
+
+def test_export_into_a_folder_it_cannot_make_is_one_line(tmp_path, capsys):
+    ckpt = save_plain_checkpoint(tiny_gpt(), tmp_path / "ckpt.pt")
+    (tmp_path / "file").write_text("not a folder")
+    err = one_line_error(export_main, ["--checkpoint", str(ckpt), "--out",
+                                       str(tmp_path / "file" / "hf")], capsys)
+    assert err.startswith("error: ") and "Not a directory" in err
+
+
+def test_plot_a_stopped_run_has_no_final_val_loss(tmp_path, capsys):
+    stopped = write_log(tmp_path / "stopped" / "log.jsonl", [
+        {"step": 0, "val_loss": 9.0}, step_rec(1, 10), step_rec(2, 20),
+        {"step": 2, "val_loss": 7.0}, step_rec(3, 30)])
+    run = plot.read_log(stopped)
+    row = plot.run_row(run, "stopped", None, None)
+    assert row["final_val_loss"] is None and row["stopped"] == 3 and row["last_eval"] == (2, 7.0)
+    assert "| stopped | stopped at step 3 (last: 7.0000 at step 2) |" in plot.table([row])
+    with pytest.raises(ValueError, match="a baseline run stopped at step 3"):
+        plot.study_summary([run], ["baseline"])
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2595,7 +2803,7 @@ def test_export_logits_match_transformers_and_round_trip(kind, tmp_path, data, c
     assert plan == (Plan((0, 0, 1, 1)) if kind == "shared"
                     else Plan(tuple(range(model.config.n_layer))))
     export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")])
-    assert capsys.readouterr().out.endswith("loads it\n")
+    assert capsys.readouterr().out.endswith("loads both\n")
     # no temp folder left
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hf")) == ["hf"]
     hf = hf_model(tmp_path / "hf")
@@ -2612,6 +2820,31 @@ def test_export_logits_match_transformers_and_round_trip(kind, tmp_path, data, c
         back.load_state_dict(convert_hf_state_dict(hf.state_dict()))
         assert torch.allclose(back.eval()(idx)[0], ours, atol=1e-5, rtol=0)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2", "byte", "char"])
+def test_export_folder_works_with_autotokenizer_and_pipeline(name, tmp_path, capsys):
+    """The exported folder carries its tokenizer: AutoTokenizer encodes as the data's tokenizer
+    does, and pipeline("text-generation", folder) continues a prompt as this model does."""
+    from transformers import AutoTokenizer, pipeline
+    meta = data_mod.text_meta(name, SHAKESPEARE.read_text(encoding="utf-8"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304 if name == "gpt2" else meta["vocab_size"],
+                          n_layer=2, n_head=2, n_embd=32))
+    ckpt = save_checkpoint_with_plan(model, Plan((0, 1)), tmp_path / "ckpt.pt", tokenizer=meta)
+    export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")])
+    assert f"its {name} tokenizer" in capsys.readouterr().out
+    ours, theirs = data_mod.tokenizer(meta), AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "ROMEO:\nIs the day so young?  What, ho!"
+    assert theirs.encode(text) == ours.encode(text) and theirs.decode(ours.encode(text)) == text
+    ids = torch.tensor([ours.encode("ROMEO:")])  # (1, T)
+    with torch.no_grad():
+        for _ in range(4):  # greedy, over the tokenizer's own tokens
+            logits = model.eval()(ids)[0][0, -1, :ours.vocab_size]  # (V,)
+            ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+    generate = pipeline("text-generation", str(tmp_path / "hf"))
+    made = generate("ROMEO:", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert made == ours.decode(ids[0].tolist())
 
 def test_export_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
     def error_of(ckpt, out):
@@ -2635,4 +2868,7 @@ def test_export_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys)
     (tmp_path / "empty").mkdir()  # an empty folder is replaced by the export
     export_main(["--checkpoint", str(plain), "--out", str(tmp_path / "empty")])
     assert (sorted(p.name for p in (tmp_path / "empty").iterdir())
-            == ["config.json", "model.safetensors"])
+            == ["config.json", "merges.txt", "model.safetensors", "tokenizer_config.json",
+                "vocab.json"])
+    modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "empty").iterdir()}
+    assert len(modes) == 1  # the weights readable as the config is

@@ -285,9 +285,9 @@ def assemble(flags):
         raise ValueError(f"--total-batch {flags.total_batch} must be a multiple of batch-size x "
                          f"seq-len x world = {B * T * world}")
     cfg = flags.model_config()  # the data's vocabulary; a preset's folder is made on first use
+    meta = read_meta(flags.data_dir)  # token ids are checked against its tokenizer's vocabulary
     loader, val = open_shards(flags.data_dir, B, T, rank, world, flags.seed, flags.val_tokens,
-                              cfg.vocab_size)
-    meta = read_meta(flags.data_dir)
+                              meta["vocab_size"])
     examples = hellaswag.for_training(flags.hellaswag_every, flags.hellaswag_limit, meta,
                                       flags.data_dir, rank, world)
     model, loss_model = build_model(flags, cfg, device)
