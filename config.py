@@ -80,8 +80,8 @@ class Config:
     min_lr: float = option(6e-5, "learning rate at the end of the decay", lo=0)
     warmup: int = option(715, "linear warmup steps", lo=0)
     max_steps: int = option(19073, "optimizer steps in all", lo=1)
-    schedule: str = option("cosine", "cosine: warmup then cosine to --min-lr; constant: --lr "
-                           "throughout (the authors'); wsd: warmup, constant, decay",
+    schedule: str = option("cosine", "cosine: warmup then cosine to --min-lr; constant: warmup "
+                           "then --lr (the authors': --warmup 0); wsd: warmup, constant, decay",
                            choices=("cosine", "constant", "wsd"))
     decay_frac: float = option(0.2, "wsd: the last share of the steps that decays", lo=0, hi=1)
     decay_shape: str = option("linear", "wsd: lr - (lr - min_lr) * progress, or * sqrt(progress)",

@@ -276,44 +276,54 @@ def batch_at(tokens, start, B, T):
 
 
 class ShardLoader:
-    """(B, T) batches from the training shards. The shard order is reshuffled every epoch from the
-    seed; each micro-step consumes one window of B·T·world tokens, and rank r takes slice r of it,
-    so the ranks together read every token once per epoch (a shard's tail shorter than one window
-    is skipped). The position is three integers, saved in checkpoints."""
+    """(B, T) batches from the training shards, in an order drawn from the seed: each epoch the
+    shards in a new order, and within each shard its B·T-token windows in a new order, so two seeds
+    read different windows at every step and no run's score depends on where in the text it is.
+    Global micro-batch g reads the g-th window of that order, and rank r's micro-step m is global
+    micro-batch m·world + r: the same tokens on 1 GPU or 8. A shard moves on only at a step's
+    start, when fewer windows than one step's (per_step, every rank's micro-batches) remain; those
+    are skipped. The position is three integers, saved in checkpoints."""
 
-    def __init__(self, files, B, T, rank, world, seed, vocab_size=None):
-        (self.files, self.B, self.T,
-         self.rank, self.world, self.seed) = files, B, T, rank, world, seed
+    def __init__(self, files, B, T, rank, world, seed, vocab_size=None, per_step=None):
+        self.files, self.B, self.T = files, B, T
+        self.rank, self.world, self.seed = rank, world, seed
         self.vocab_size = vocab_size  # token ids are checked against it as each shard is loaded
-        self.window = B * T * world
-        self.epoch, self.shard, self.pos = 0, 0, 0
-        self._cached = None  # (path, tokens)
+        self.per_step = per_step or world  # windows of one optimizer step, over every rank
+        self.epoch, self.shard, self.pos = 0, 0, 0  # pos: windows of this shard taken, all ranks
+        self._cached = None  # ((path, epoch), tokens, window order)
 
     def order(self, epoch):
         files = list(self.files)
         random.Random(self.seed * 100_003 + epoch).shuffle(files)
         return files
 
-    def tokens(self):
+    def current(self):
+        """The current shard's tokens and its window order this epoch (a permutation of its
+        windows' indices)."""
         path = self.order(self.epoch)[self.shard]
-        if self._cached is None or self._cached[0] != path:
+        if self._cached is None or self._cached[0] != (path, self.epoch):
             tokens = read_shard(path)
-            if len(tokens) < self.window + 1:
-                raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than one window of "
-                                 f"{self.window + 1}: lower --batch-size or --seq-len")
+            windows = (len(tokens) - 1) // (self.B * self.T)  # the targets read one token on
+            if windows < self.per_step:
+                raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than one step's "
+                                 f"{self.per_step} windows of {self.B}x{self.T} (+1): lower "
+                                 "--total-batch, --batch-size or --seq-len")
             check_vocab(path, tokens, self.vocab_size)
-            self._cached = (path, tokens)
-        return self._cached[1]
+            order = np.random.default_rng([self.seed, self.epoch, self.shard]).permutation(windows)
+            self._cached = ((path, self.epoch), tokens, order)
+        return self._cached[1:]
 
     def next_batch(self):
-        if self.pos + self.window + 1 > len(self.tokens()):
+        tokens, order = self.current()
+        if self.pos % self.per_step == 0 and self.pos + self.per_step > len(order):
             self.pos = 0
             self.shard += 1
             if self.shard == len(self.files):
                 self.epoch, self.shard = self.epoch + 1, 0
-        start = self.pos + self.rank * self.B * self.T
-        self.pos += self.window
-        return batch_at(self.tokens(), start, self.B, self.T)
+            tokens, order = self.current()
+        start = int(order[self.pos + self.rank]) * self.B * self.T
+        self.pos += self.world
+        return batch_at(tokens, start, self.B, self.T)
 
     def state_dict(self):
         return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
@@ -322,11 +332,12 @@ class ShardLoader:
         self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
 
 
-def open_shards(data_dir, B, T, rank, world, seed, val_tokens, vocab_size):
-    """The training loader and the validation set of a shard folder, for rank `rank` of `world`,
-    their token ids checked against the tokenizer's vocabulary (the model's may be padded)."""
+def open_shards(data_dir, B, T, rank, world, seed, val_tokens, vocab_size, per_step=None):
+    """The training loader (per_step windows a step) and the validation set of a shard folder,
+    for rank `rank` of `world`, their token ids checked against the tokenizer's vocabulary (the
+    model's may be padded)."""
     train_files, val_files = list_shards(data_dir)
-    return (ShardLoader(train_files, B, T, rank, world, seed, vocab_size),
+    return (ShardLoader(train_files, B, T, rank, world, seed, vocab_size, per_step),
             ValSet(val_files, val_tokens, B, T, vocab_size))
 
 

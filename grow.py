@@ -47,10 +47,12 @@ REGIMES = {
     # new blocks start as the identity: their residual output projections are zero
     "zero": dict(grow_op="zero", grow_layers="3,6,12", grow_at="0.1,0.25"),
     # late expansion (Bu 2025): 0 blocks (embeddings, final norm and head) for most of the run, one
-    # expansion to full depth at 80% of the steps, under a warmup-stable-decay LR;
-    # --grow-layers 1,12 starts from one block, and --grow-op copy-top then copies it into every
-    # new slot
-    "late": dict(grow_layers="0,12", grow_at="0.8", schedule="wsd"),
+    # expansion to full depth at 80% of the steps, inside the stable phase of a warmup-stable-decay
+    # LR that decays to 0 over the last 10%, so the new blocks train at the peak LR first;
+    # --grow-layers 1,12 starts from one block, which the new slots copy (copy-top; from 0 blocks
+    # there is nothing to copy and they start from their own init)
+    "late": dict(grow_layers="0,12", grow_at="0.8", grow_op="copy-top", schedule="wsd",
+                 decay_frac=0.1, min_lr=0.0),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -104,10 +106,11 @@ def scale_layers(layers, L):
 
 def growth_stages(layers_spec, at_spec, L, max_steps):
     """Growth regimes: stage k has layers[k] unique blocks from step round(at[k-1]·max_steps), from
-    the comma-separated --grow-layers (scaled to L) and --grow-at."""
+    the comma-separated --grow-layers (scaled to L) and --grow-at. One layer count and no fraction
+    is the full depth throughout: a growth regime's own baseline, all its other settings kept."""
     try:
         layers = [int(x) for x in layers_spec.split(",")]
-        at = [float(x) for x in at_spec.split(",")]
+        at = [float(x) for x in at_spec.split(",")] if at_spec else []  # "": no growth
     except ValueError:
         raise ValueError(f"--grow-layers {layers_spec} --grow-at {at_spec}: give whole numbers "
                          "and fractions, comma-separated, e.g. --grow-layers 1,3,6,12 --grow-at "
@@ -221,9 +224,10 @@ def build_schedule(regime, n_layer, max_steps, inc_steps, seed, *, stages, phase
     else:
         layout = growth_stages(grow_layers, grow_at, L, max_steps)
         continual = None
-        if layout[0].layers == 0 and grow_op not in ("random", "zero", "msg"):
-            raise ValueError(f"--grow-op {grow_op} copies blocks, and a model of 0 blocks "
-                             "has none: use random, zero or msg, or start from 1 block")
+        if layout[0].layers == 0 and grow_op in ("stack", "interp"):
+            raise ValueError(f"--grow-op {grow_op} builds the model from its blocks, and a model "
+                             "of 0 blocks has none: use random, copy-top, zero or msg, or start "
+                             "from 1 block")
     entered = [replace(st, grow_op=grow_op, rewarm=rewarm, ramp=msg_ramp if grow_op == "msg" else 0,
                        optimizer=continual_optimizer if i == continual else growth_optimizer)
                for i, st in enumerate(layout[1:], 1)]
@@ -323,8 +327,8 @@ def growth_map(u, u2, op):
     if op == "stack":  # StackBERT / G_stack: 3 -> 6 gives [0,1,2,0,1,2]
         return [j % u for j in range(u2)]
     # MSLT: the new top blocks copy the current top ones, 3 -> 5 gives [0,1,2,1,2]
-    if op == "copy-top":
-        return list(range(u)) + [(u - new + i) % u for i in range(new)]
+    if op == "copy-top":  # from 0 blocks there is nothing to copy: the new slots keep their init
+        return list(range(u)) + [(u - new + i) % u if u else None for i in range(new)]
     if op in ("random", "zero", "msg"):  # keep the new slots' own initialisation
         return list(range(u)) + [None] * new
     raise ValueError(f"unknown growth operator {op!r}")

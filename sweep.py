@@ -51,9 +51,13 @@ REGIMES = {
     "gstack": ["--regime", "gstack"],
     "msg": ["--regime", "msg"],
     "zero": ["--regime", "zero"],
-    "late0": ["--regime", "late"],  # Bu 2025: 0 blocks, one expansion at 80%, WSD
-    "late1": ["--regime", "late", "--grow-layers", "1,12"],
-    "baseline-wsd": ["--schedule", "wsd"],  # the baseline on late expansion's schedule
+    # Bu 2025: 0 blocks, one expansion at 80% inside WSD's stable phase, decay to 0 over the last 10%
+    "late0": ["--regime", "late"],
+    "late1": ["--regime", "late", "--grow-layers", "1,12"],  # the one block copied
+    "late1-random": ["--regime", "late", "--grow-layers", "1,12", "--grow-op", "random"],
+    **{f"late0-at{tau}": ["--regime", "late", "--grow-at", tau] for tau in ("0.5", "0.7", "0.9")},
+    # the late regime without its expansion: full depth throughout, every other setting the same
+    "baseline-wsd": ["--regime", "late", "--grow-layers", "12", "--grow-at", ""],
 }
 EVALS_PER_RUN = 50  # resolves "FLOPs to the baseline's val loss" to about 2% of a run
 SWEEP_OWNS = ("--out", "--seed", "--resume")  # set per run by the sweep

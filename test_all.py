@@ -427,7 +427,10 @@ def test_baseline_lr_schedule_at_known_steps():
     mid = 715 + (19073 - 715) // 2
     assert lr(mid) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
     assert lr(19073) == pytest.approx(6e-5) and lr(30000) == pytest.approx(6e-5)
-    assert lr(5000, schedule="constant") == 6e-4 and lr(0, schedule="constant") == 6e-4
+    assert lr(5000, schedule="constant") == 6e-4 and lr(0, schedule="constant", warmup=0) == 6e-4
+    # constant honours the warmup: a linear ramp, then the peak for good
+    assert [lr(s, schedule="constant", warmup=4) for s in (0, 3, 4, 19073)] == [
+        6e-4 / 4, 6e-4, 6e-4, 6e-4]
     # a rewarm ramps linearly from the stage's start and leaves the schedule alone after it
     assert lr(5000, stage_start=5000, rewarm=100) == lr(5000) / 100
     assert lr(5049, stage_start=5000, rewarm=100) == lr(5049) * 50 / 100
@@ -445,14 +448,14 @@ def test_baseline_loader_two_ranks_read_every_token_once(tmp_path):
     B, T = 2, 64
     seen = []
     loaders = [data_mod.ShardLoader(files, B, T, rank, 2, seed=3) for rank in range(2)]
-    for _ in range(8):  # 1024 inputs per shard / (2·64·2) = 4 windows per shard
+    for _ in range(8):  # 1024 inputs per shard / (2·64) = 8 windows per shard, 2 ranks
         for ld in loaders:
             x, y = ld.next_batch()
             assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
             seen += x.flatten().tolist()
     expected = list(range(0, 1024)) + list(range(2000, 3024))
     assert sorted(seen) == expected  # every token once, none twice
-    assert loaders[0].state_dict() == {"epoch": 0, "shard": 1, "pos": 1024}
+    assert loaders[0].state_dict() == {"epoch": 0, "shard": 1, "pos": 8}
     loaders[0].next_batch()
     assert loaders[0].state_dict()["epoch"] == 1
     # shard order differs between epochs (seeded), the same for every rank
@@ -470,8 +473,37 @@ def test_baseline_loader_refuses_bad_shards(tmp_path):
         data_mod.ShardLoader([bad], 2, 8, 0, 1, 0).next_batch()
     small = tmp_path / "y_train_000001.bin"
     data_mod.write_shard(small, np.arange(10))
-    with pytest.raises(ValueError, match="fewer than one window"):
+    with pytest.raises(ValueError, match="fewer than one step's 1 windows of 2x8"):
         data_mod.ShardLoader([small], 2, 8, 0, 1, 0).next_batch()
+
+
+def loader_windows(files, seed, world, per_step, steps, B=2, T=8):
+    """The first token of each window the loaders read, in global micro-batch order: step by
+    step, rank by rank within each micro-step, as the ranks of one run read them together."""
+    loaders = [data_mod.ShardLoader(files, B, T, r, world, seed, per_step=per_step)
+               for r in range(world)]
+    read = []
+    for _ in range(steps * per_step // world):
+        read += [int(ld.next_batch()[0][0, 0]) for ld in loaders]
+    return read
+
+
+def test_baseline_seeds_set_the_data_order_and_ranks_share_it(tmp_path):
+    """Each seed reads the windows in its own order, within and across shards; one epoch reads
+    every window once; 2 ranks read, together, exactly the windows of one process, also where a
+    shard's tail is skipped (41 windows of 16 tokens: a 4-window step leaves 1 over)."""
+    files = [tmp_path / f"a_train_00000{i}.bin" for i in (1, 2)]
+    for i, f in enumerate(files):  # a token is its position: window starts are multiples of 16
+        data_mod.write_shard(f, np.arange(i * 1000, i * 1000 + 41 * 16 + 1))
+    one = loader_windows(files, seed=1, world=1, per_step=4, steps=20)
+    assert loader_windows(files, seed=1, world=2, per_step=4, steps=20) == one
+    assert loader_windows(files, seed=1, world=4, per_step=4, steps=20) == one
+    epoch = one[:80]  # 10 steps of 4 windows from each shard; the 41st window is skipped
+    assert len(set(epoch)) == 80 and {w % 1000 % 16 for w in epoch} == {0}
+    assert epoch != sorted(epoch)  # not in file order
+    other = loader_windows(files, seed=2, world=1, per_step=4, steps=20)
+    assert sum(a != b for a, b in zip(one, other)) > 70  # two seeds: different windows each step
+    assert one[80:] != epoch  # the next epoch, a new order
 
 
 def test_baseline_run_learns_and_logs(tmp_path, data):
@@ -1025,7 +1057,7 @@ def test_incremental_startup_summary_matches_the_run(tmp_path, data, capsys):
 def test_incremental_the_authors_exact_recipe_is_what_the_run_records(tmp_path, data):
     """README's command for the released code's settings: constant LR, no clipping, fp32, fresh
     AdamW for continual training."""
-    recipe = ["--schedule", "constant", "--grad-clip", "0", "--precision", "fp32",
+    recipe = ["--schedule", "constant", "--warmup", "0", "--grad-clip", "0", "--precision", "fp32",
               "--continual-optimizer", "fresh"]
     steps, _ = run_train(tmp_path, data, "--stages", "2", "--inc-steps", "8", "--max-steps", "10",
                          *recipe)
@@ -1253,8 +1285,7 @@ def test_late_expansion_zero_blocks_forward_and_flops():
 def test_late_expansion_boundary_and_flops_column_match_the_cost_model(tmp_path, data):
     late = growth_schedule("late", L=4, steps=10)
     assert ([(s.start, s.layers, s.grow_op) for s in late.stages]
-            == [(0, 0, "random"), (8, 4, "random")])
-    assert config.resolve({"regime": "late"}).schedule == "wsd"  # the regime's own LR schedule
+            == [(0, 0, "random"), (8, 4, "copy-top")])  # from 0 blocks copy-top has nothing to copy
     steps, _ = run_train(tmp_path, data, "--regime", "late", "--max-steps", "10", "--warmup", "2")
     assert [r["unique_layers"] for r in steps] == [0] * 8 + [4] * 2
     assert all(r["depth"] == [r["unique_layers"]] * 2 for r in steps)
@@ -1262,11 +1293,47 @@ def test_late_expansion_boundary_and_flops_column_match_the_cost_model(tmp_path,
     expected = sum(r["steps"] * r["step_flops"]
                    for r in grow.schedule_phases(cfg, late, 10, 256, 32))
     assert steps[-1]["flops"] == expected
-    # WSD: stable, then decay
-    assert [r["lr"] for r in steps][2:8] == [3e-3] * 6 and steps[-1]["lr"] < 3e-3
-    assert "--grow-op stack copies blocks" in str(pytest.raises(ValueError, growth_schedule, "late",
-                                                                grow_op="stack").value)
+    assert "--grow-op stack builds the model from its blocks" in str(
+        pytest.raises(ValueError, growth_schedule, "late", grow_op="stack").value)
     assert [s.layers for s in growth_schedule("late", L=24).stages] == [0, 24]
+
+
+def test_late_expansion_is_bus_recipe_at_known_steps():
+    """Bu 2025 by default: WSD decaying to 0 over the last 10%, the expansion at 0.8 T inside the
+    stable phase, so the new blocks train at the peak LR before the decay."""
+    flags = config.resolve({"regime": "late", "preset": "char"})
+    assert (flags.schedule, flags.decay_frac, flags.min_lr, flags.grow_at) == ("wsd", 0.1, 0.0,
+                                                                               "0.8")
+    T = 1000
+    expansion = flags.build_schedule(T).stages[1].start
+    lr = [train.get_lr(s, flags.lr, flags.min_lr, flags.warmup, T, flags.schedule,
+                       flags.decay_frac, flags.decay_shape) for s in range(T + 1)]
+    last_peak = max(s for s in range(T) if lr[s] == flags.lr)  # the decay starts after it
+    assert (expansion, last_peak) == (800, 900)  # expansion before the decay
+    assert set(lr[expansion:last_peak + 1]) == {flags.lr}  # the peak LR between them
+    assert lr[flags.warmup - 1] == flags.lr and lr[0] < flags.lr  # a short warmup (50 of 1000)
+    assert lr[T] == 0.0 and 0 < lr[T - 1] < lr[last_peak + 1] < flags.lr  # down to 0 at the end
+    # the WSD baseline it is compared with: every flag the same, but no expansion
+    base = config.resolve({**dict(zip(["regime", "grow_layers", "grow_at"],
+                                      ["late", "12", ""])), "preset": "char"})
+    differ = {k for k, v in dataclasses.asdict(base).items() if getattr(flags, k) != v}
+    assert differ == {"grow_layers", "grow_at"}
+    assert [s.layers for s in base.build_schedule(T).stages] == [12]
+    assert sweep.REGIMES["baseline-wsd"] == ["--regime", "late", "--grow-layers", "12",
+                                              "--grow-at", ""]
+
+
+def test_late_expansion_from_one_block_copies_it():
+    schedule = growth_schedule("late", L=4, grow_layers="1,4")
+    assert [(s.layers, s.grow_op) for s in schedule.stages] == [(1, "random"), (4, "copy-top")]
+    model = small_model()
+    block0 = {k: v.clone() for k, v in model.transformer.h[0].state_dict().items()}
+    grow.grow(model.transformer.h, 1, 4, schedule.stages[1].grow_op)
+    for j in range(4):
+        for k, v in model.transformer.h[j].state_dict().items():
+            assert torch.equal(v, block0[k]), (j, k)
+    random = growth_schedule("late", L=4, grow_layers="1,4", grow_op="random")
+    assert random.stages[1].grow_op == "random"
 
 
 def test_growth_regimes_are_data_and_stages_carry_their_boundary_actions():

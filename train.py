@@ -52,15 +52,15 @@ def get_lr(step, lr, min_lr, warmup, max_steps, schedule, decay_frac=0.2, decay_
     """The learning rate at `step`, rewarmed linearly over `rewarm` steps from the start of the
     stage the step is in.
     cosine    linear warmup, then cosine from lr to min_lr at max_steps
-    constant  lr throughout (the authors' code)
+    constant  linear warmup, then lr throughout (the authors' code: --warmup 0)
     wsd       warmup-stable-decay: linear warmup, lr, then over the last decay_frac of the steps a
               decay to min_lr, linear or "sqrt" (1 - sqrt of the decay's progress); until the
               decay starts the LR does not depend on the run's length, which suits late growth"""
     decay_start = max(warmup, max_steps - round(decay_frac * max_steps))
-    if schedule == "constant":
-        rate = lr
-    elif step < warmup:
+    if step < warmup:
         rate = lr * (step + 1) / warmup
+    elif schedule == "constant":
+        rate = lr
     elif schedule == "wsd":
         progress = min(1.0, max(0, step - decay_start) / max(1, max_steps - decay_start))
         rate = lr - (lr - min_lr) * (progress if decay_shape == "linear" else math.sqrt(progress))
@@ -287,7 +287,7 @@ def assemble(flags):
     cfg = flags.model_config()  # the data's vocabulary; a preset's folder is made on first use
     meta = read_meta(flags.data_dir)  # token ids are checked against its tokenizer's vocabulary
     loader, val = open_shards(flags.data_dir, B, T, rank, world, flags.seed, flags.val_tokens,
-                              meta["vocab_size"])
+                              meta["vocab_size"], per_step=flags.total_batch // (B * T))
     examples = hellaswag.for_training(flags.hellaswag_every, flags.hellaswag_limit, meta,
                                       flags.data_dir, rank, world)
     model, loss_model = build_model(flags, cfg, device)
