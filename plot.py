@@ -202,6 +202,8 @@ def run_row(run, label, budget, target):
     budget_val_loss    val loss at the baseline's budget: the run's equal-cost evaluation, else its
                        last evaluation within `budget` FLOPs
     flops_to_baseline  FLOPs at the first evaluation at or below `target` (a val loss)
+    flops_to_stay      FLOPs at the first evaluation from which every later one is at or below
+                       `target`: a dip that comes back up does not count
     total_flops        training FLOPs of the whole run
     train_seconds      the sum of the step times (evaluation excluded)
     A value is None where it doesn't exist: no evaluations, no budget or target, a loss not
@@ -211,6 +213,11 @@ def run_row(run, label, budget, target):
     if not at_budget and budget is not None:
         at_budget = [e for e in evals if e["flops"] <= budget][-1:]
     reached = [e for e in evals if e["val_loss"] <= target] if target is not None else []
+    stays = []
+    for e in reversed(evals if target is not None else []):  # the run's last stretch below it
+        if e["val_loss"] > target:
+            break
+        stays.insert(0, e)
     stop = stopped(run)
     return {
         "run": label,
@@ -218,6 +225,7 @@ def run_row(run, label, budget, target):
         "stopped": stop, "last_eval": (evals[-1]["step"], evals[-1]["val_loss"]) if evals else None,
         "budget_val_loss": at_budget[0]["val_loss"] if at_budget else None,
         "flops_to_baseline": reached[0]["flops"] if reached else None,
+        "flops_to_stay": stays[0]["flops"] if stays and not stop else None,
         "total_flops": run["steps"][-1]["flops"],
         "train_seconds": sum(r["dt"] for r in run["steps"]),
     }
@@ -295,24 +303,29 @@ def mean_sd(values):
     return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None)
 
 
-def study_summary(runs, labels):
-    """Per regime (label), over its runs (seeds), measured against the runs labelled "baseline":
-    {"target": the mean of the baseline runs' final val loss, "baseline_flops": their mean training
-    FLOPs, "budget": the baseline's equal-cost FLOPs (the same for every baseline seed: full depth
-    costs the same each step; the first one's is taken), "last_fifth": (step, the baseline runs'
-    mean val loss there) at their last evaluation within 80% of the run and past half of it, for
-    whether the baseline has converged; None where the runs have none there or differ in that step,
-    "regimes": one dict per regime:
+def study_summary(runs, labels, baseline="baseline"):
+    """Per regime (label), over its runs (seeds), measured against the runs labelled `baseline`:
+    {"baseline": its label, "target": the mean of the baseline runs' final val loss,
+    "baseline_flops": their mean training FLOPs, "budget": the baseline's equal-cost FLOPs (the
+    same for every baseline seed: full depth costs the same each step; the first one's is taken),
+    "last_fifth": (step, the baseline runs' mean val loss there) at their last evaluation within
+    80% of the run and past half of it, for whether the baseline has converged; None where the
+    runs have none there or differ in that step,
+    "regimes": one dict per regime, each value (mean, sd) over its runs unless said:
         regime, n
-        budget_val_loss  (mean, sd) of the val loss at the budget (run_row's budget_val_loss)
-        flops_ratio      (mean, sd) of the FLOPs to reach the target / baseline_flops, over the runs
-                         that reached it
-        not_reached      how many of the n runs never reached the target
-        train_seconds    (mean, sd) of the training time (step times summed)}"""
+        budget_val_loss  the val loss at the budget (equal FLOPs: run_row's budget_val_loss)
+        final_val_loss   the val loss after the last step (equal steps, when the runs are as long)
+        final_gap        (final val loss - target) / target
+        flops            training FLOPs / baseline_flops
+        flops_ratio      FLOPs at the first evaluation at or below the target / baseline_flops,
+                         over the runs that reached it; not_reached, how many never did
+        stay_ratio       FLOPs from which every evaluation is at or below the target /
+                         baseline_flops, over the runs that stay there; not_stayed, how many don't
+        train_seconds    the training time (step times summed)}"""
     groups = group(runs, labels)
-    base = groups.get("baseline")
+    base = groups.get(baseline)
     if not base:
-        raise ValueError("no runs of a regime named baseline: a study is measured against it")
+        raise ValueError(f"no runs of a regime named {baseline}: a study is measured against it")
     if not all(run["evals"] for run in base):
         raise ValueError("a baseline run has no evaluations: its final val loss is the target")
     for run in base:
@@ -333,42 +346,60 @@ def study_summary(runs, labels):
     regimes = []
     for label, members in groups.items():
         rows = [run_row(run, label, budget, target) for run in members]
-        reached = [r["flops_to_baseline"] / baseline_flops for r in rows
-                   if r["flops_to_baseline"] is not None]
+
+        def over(key, scale=1.0, shift=0.0):
+            return [(r[key] - shift) / scale for r in rows if r[key] is not None]
+
+        reached, stays = over("flops_to_baseline", baseline_flops), over("flops_to_stay",
+                                                                          baseline_flops)
         regimes.append({
             "regime": label, "n": len(rows),
-            "budget_val_loss": mean_sd([r["budget_val_loss"] for r in rows
-                                        if r["budget_val_loss"] is not None]),
-            "flops_ratio": mean_sd(reached),
-            "not_reached": len(rows) - len(reached),
+            "budget_val_loss": mean_sd(over("budget_val_loss")),
+            "final_val_loss": mean_sd(over("final_val_loss")),
+            "final_gap": mean_sd(over("final_val_loss", target, target)),
+            "flops": mean_sd(over("total_flops", baseline_flops)),
+            "flops_ratio": mean_sd(reached), "not_reached": len(rows) - len(reached),
+            "stay_ratio": mean_sd(stays), "not_stayed": len(rows) - len(stays),
             "train_seconds": mean_sd([r["train_seconds"] for r in rows]),
         })
-    return {"target": target, "baseline_flops": baseline_flops, "budget": budget,
-            "last_fifth": last_fifth, "regimes": regimes}
+    return {"baseline": baseline, "target": target, "baseline_flops": baseline_flops,
+            "budget": budget, "last_fifth": last_fifth, "regimes": regimes}
 
 
 def study_table(summary):
     """study_summary as a markdown table, each cell mean ± sd (the mean alone for one run), and a
     line saying what the columns measure."""
-    def cell(mean_and_sd, fmt):
+    def cell(mean_and_sd, fmt, sd_fmt=None):
         mean, sd = mean_and_sd
-        return "–" if mean is None else fmt(mean) + ("" if sd is None else f" ± {fmt(sd)}")
+        return "–" if mean is None else fmt(mean) + ("" if sd is None else
+                                                     f" ± {(sd_fmt or fmt)(sd)}")
 
-    lines = ["| regime | n | val loss at baseline budget "
-             "| FLOPs to baseline's final val loss (× baseline's) | training time |",
-             "|---|---:|---:|---:|---:|"]
+    def reach(r, ratio, missed):
+        text = cell(r[ratio], lambda v: f"{v:.3f}") if r[missed] < r["n"] else ""
+        return text + (("; " if text else "") + f"{r[missed]} of {r['n']} never" if r[missed]
+                       else "")
+
+    lines = ["| regime | n | val loss at baseline budget | final val loss | gap to baseline "
+             "| training FLOPs (× baseline's) | FLOPs to reach baseline's final (×) "
+             "| ... and stay there (×) | training time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["regimes"]:
-        to_base = cell(r["flops_ratio"], lambda v: f"{v:.3f}") if r["not_reached"] < r["n"] else ""
-        if r["not_reached"]:
-            to_base += ("; " if to_base else "") + f"not reached, {r['not_reached']} of {r['n']}"
         lines.append(f"| {r['regime']} | {r['n']} "
                      f"| {cell(r['budget_val_loss'], lambda v: f'{v:.4f}')} "
-                     f"| {to_base} | {cell(r['train_seconds'], duration)} |")
-    lines += ["", f"Mean ± sample standard deviation (n − 1) over seeds. Budget: the baseline's "
-              f"{summary['budget']:.3e} FLOPs. Target: the mean final val loss of the baseline's "
-              f"seeds, {summary['target']:.4f}, reached at the first evaluation at or below it; "
-              "its FLOPs are a ratio to the baseline's mean training FLOPs, "
-              f"{summary['baseline_flops']:.3e}, over the runs that reached it."]
+                     f"| {cell(r['final_val_loss'], lambda v: f'{v:.4f}')} "
+                     f"| {cell(r['final_gap'], lambda v: f'{v:+.2%}', lambda v: f'{v:.2%}')} "
+                     f"| {cell(r['flops'], lambda v: f'{v:.3f}')} "
+                     f"| {reach(r, 'flops_ratio', 'not_reached')} "
+                     f"| {reach(r, 'stay_ratio', 'not_stayed')} "
+                     f"| {cell(r['train_seconds'], duration)} |")
+    lines += ["", f"Mean ± sample standard deviation (n − 1) over seeds, against "
+              f"{summary['baseline']}. Budget: its {summary['budget']:.3e} FLOPs (equal-FLOPs "
+              f"comparisons read the budget column; equal-steps ones the final val loss, its gap "
+              f"and the FLOPs ratio). Target: the mean final val loss of its seeds, "
+              f"{summary['target']:.4f}: the FLOPs at the first evaluation at or below it, and "
+              "from which every later one stays at or below it, as ratios to its mean training "
+              f"FLOPs, {summary['baseline_flops']:.3e}, over the runs that do (\"never\": how "
+              "many do not)."]
     if summary["last_fifth"]:
         step, loss = summary["last_fifth"]
         lines[-1] += (" Over the last fifth of its run the baseline's mean val loss went from "
@@ -399,39 +430,71 @@ def regime_curve(runs):
     return grid, losses.mean(axis=0), sd
 
 
-def make_study_figure(runs, labels):
-    """One panel: per regime, the mean val loss against cumulative training FLOPs with a ±1 sd band
-    (regime_curve), and its runs' equal-cost evaluations (mean FLOPs, mean val loss) as a large
-    marker."""
-    fig = new_figure((10, 6))
-    ax = fig.subplots()
+# the study figure's panels: a family of regimes each, drawn beside its reference
+FAMILIES = [("incremental (Li et al.)", lambda r: r.startswith("inc"), "baseline"),
+            ("Apollo, stacking, G_stack", lambda r: r in ("apollo", "stack", "gstack"), "baseline"),
+            ("MSG, zero-init", lambda r: r in ("msg", "zero"), "baseline"),
+            ("late expansion (Bu)", lambda r: r.startswith("late"), "baseline-wsd")]
+
+
+def families(labels, baseline="baseline"):
+    """[(title, regimes)] of the study figure's panels: each family present with its reference
+    (the late family's is baseline-wsd where the study has it), the regimes of no family in one
+    panel of their own; one panel when nothing groups."""
+    present = list(dict.fromkeys(labels))
+    panels, placed = [], {baseline}
+    for title, member, reference in FAMILIES:
+        regimes = [r for r in present if member(r)]
+        if regimes:
+            ref = reference if reference in present else baseline
+            panels.append((title, [ref] + regimes))
+            placed |= {ref, *regimes}
+    rest = [r for r in present if r not in placed]
+    if rest or not panels:
+        panels.append(("other regimes" if panels else "every regime", [baseline] + rest))
+    return panels
+
+
+def make_study_figure(runs, labels, baseline="baseline"):
+    """A panel per family of regimes (families): per regime, the mean val loss against cumulative
+    training FLOPs with a ±1 sd band (regime_curve), and its runs' equal-cost evaluations (mean
+    FLOPs, mean val loss) as a large marker. A regime keeps its color in every panel."""
     groups = group(runs, labels)
-    for (label, members), color in zip(groups.items(), line_colors(len(groups))):
-        flops, mean, sd = regime_curve(members)
-        ax.plot(flops, mean, "o-", ms=2, color=color, label=f"{label} (n={len(members)})")
-        ax.fill_between(flops, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
-        marked = [e for run in members for e in run["evals"] if e.get("equal_cost")]
-        if marked:
-            ax.scatter([mean_sd([e["flops"] for e in marked])[0]],
-                       [mean_sd([e["val_loss"] for e in marked])[0]],
-                       s=90, color=color, zorder=3)
-    ax.set_xlabel("training FLOPs (cumulative)")
-    ax.set_ylabel("validation loss (mean ± 1 sd over seeds)")
-    ax.grid(alpha=0.3)
-    zoom_past_start(ax)
-    ax.legend(handles=ax.lines + [equal_cost_key("equal cost (mean over seeds)")])
+    colors = dict(zip(groups, line_colors(len(groups))))
+    panels = families(labels, baseline)
+    fig = new_figure((10, 5 * len(panels)))
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (title, regimes) in zip(axes, panels):
+        for label in regimes:
+            members, color = groups.get(label, []), colors.get(label)
+            if not members:
+                continue
+            flops, mean, sd = regime_curve(members)
+            ax.plot(flops, mean, "o-", ms=2, color=color, label=f"{label} (n={len(members)})")
+            ax.fill_between(flops, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
+            marked = [e for run in members for e in run["evals"] if e.get("equal_cost")]
+            if marked:
+                ax.scatter([mean_sd([e["flops"] for e in marked])[0]],
+                           [mean_sd([e["val_loss"] for e in marked])[0]],
+                           s=90, color=color, zorder=3)
+        ax.set_title(title)
+        ax.set_xlabel("training FLOPs (cumulative)")
+        ax.set_ylabel("validation loss (mean ± 1 sd over seeds)")
+        ax.grid(alpha=0.3)
+        zoom_past_start(ax)
+        ax.legend(handles=ax.lines + [equal_cost_key("equal cost (mean over seeds)")])
     return fig
 
 
-def write_study(folder):
-    """FOLDER/study.md (the table) and FOLDER/study.png (the figure) from the runs in it; returns
-    the table."""
+def write_study(folder, baseline="baseline"):
+    """FOLDER/study.md (the table) and FOLDER/study.png (the figure) from the runs in it, measured
+    against the regime `baseline`; returns the table."""
     runs, labels = study_runs(folder)
-    text = study_table(study_summary(runs, labels))
+    text = study_table(study_summary(runs, labels, baseline))
     tmp = Path(folder) / "study.md.tmp"
     tmp.write_text(text + "\n")
     os.replace(tmp, Path(folder) / "study.md")
-    save_figure(make_study_figure(runs, labels), Path(folder) / "study.png")
+    save_figure(make_study_figure(runs, labels, baseline), Path(folder) / "study.png")
     return text
 
 
@@ -446,6 +509,9 @@ def parse_args(argv=None):
                    help="the x axis of every panel")
     p.add_argument("--labels", help="comma-separated run labels (default: the folder names)")
     p.add_argument("--table", action="store_true", help="print a markdown table of the results")
+    p.add_argument("--baseline", default="baseline",
+                   help="--study: the regime the others are measured against (e.g. baseline-wsd "
+                        "for late expansion)")
     args = p.parse_args(argv)
     if bool(args.logs) == bool(args.study):
         p.error("give run logs or --study DIR, one of them")
@@ -462,8 +528,8 @@ def main(argv=None):
     try:
         if args.study:
             runs, labels = study_runs(args.study)
-            tabulate, draw = (lambda: study_table(study_summary(runs, labels)),
-                              lambda: make_study_figure(runs, labels))
+            tabulate, draw = (lambda: study_table(study_summary(runs, labels, args.baseline)),
+                              lambda: make_study_figure(runs, labels, args.baseline))
         else:
             labels = args.labels.split(",") if args.labels else [run_label(p) for p in args.logs]
             if len(labels) != len(args.logs):

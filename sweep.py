@@ -51,7 +51,8 @@ REGIMES = {
     "gstack": ["--regime", "gstack"],
     "msg": ["--regime", "msg"],
     "zero": ["--regime", "zero"],
-    # Bu 2025: 0 blocks, one expansion at 80% inside WSD's stable phase, decay to 0 over the last 10%
+    # Bu 2025: 0 blocks, one expansion at 80% inside WSD's stable phase, then a decay to 0 over
+    # the last 10%
     "late0": ["--regime", "late"],
     "late1": ["--regime", "late", "--grow-layers", "1,12"],  # the one block copied
     "late1-random": ["--regime", "late", "--grow-layers", "1,12", "--grow-op", "random"],
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="1,2,3", help="comma-separated whole numbers")
     p.add_argument("--out", required=True, help="the study's folder: OUT/REGIME/seedN per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (CPU cores shared among them)")
+    p.add_argument("--baseline", default="baseline",
+                   help="the regime the others are measured against (baseline-wsd for late "
+                        "expansion at equal steps)")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (GPUs) per run, launched with torchrun")
     args = p.parse_args(own)
@@ -94,8 +98,8 @@ def parse_args(argv=None):
     if taken:
         p.error(f"{', '.join(taken)} after --: "
                 "the sweep sets --out, --seed and --resume for each run")
-    if "baseline" not in args.regimes and not (Path(args.out) / "baseline").is_dir():
-        p.error("a study is measured against the baseline: add baseline to --regimes")
+    if args.baseline not in args.regimes and not (Path(args.out) / args.baseline).is_dir():
+        p.error(f"a study is measured against its baseline: add {args.baseline} to --regimes")
     return args, extra
 
 
@@ -256,7 +260,7 @@ def main(argv=None):
     with one_line_errors("stopped: run the same command again to go on"):
         failed = sweep(args.regimes, args.seeds, extra, args.out, args.jobs, args.nproc)
     try:
-        print(plot.write_study(args.out))
+        print(plot.write_study(args.out, args.baseline))
         print(f"wrote {Path(args.out) / 'study.md'} and {Path(args.out) / 'study.png'}")
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"no summary: {e}", file=sys.stderr)

@@ -2178,11 +2178,14 @@ def test_plot_hellaswag_panel_and_summary(hand_runs, capsys):
     rows = plot.summarize(runs, labels)
     assert rows == [
         dict(run="baseline", final_val_loss=4.0, stopped=None, last_eval=(4, 4.0),
-             budget_val_loss=6.0, flops_to_baseline=40, total_flops=40, train_seconds=2.0),
+             budget_val_loss=6.0, flops_to_baseline=40, flops_to_stay=40, total_flops=40,
+             train_seconds=2.0),
         dict(run="inc", final_val_loss=3.9, stopped=None, last_eval=(4, 3.9),
-             budget_val_loss=5.0, flops_to_baseline=24, total_flops=24, train_seconds=1.0),
+             budget_val_loss=5.0, flops_to_baseline=24, flops_to_stay=24, total_flops=24,
+             train_seconds=1.0),
         dict(run="slow", final_val_loss=8.0, stopped=None, last_eval=(2, 8.0),
-             budget_val_loss=8.0, flops_to_baseline=None, total_flops=20, train_seconds=1.0)]
+             budget_val_loss=8.0, flops_to_baseline=None, flops_to_stay=None, total_flops=20,
+             train_seconds=1.0)]
     plot.main([str(p) for p in hand_runs] + ["--table"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and lines[0].startswith("| run | final val loss |")
@@ -2298,11 +2301,14 @@ def test_plot_study_means_deviations_and_not_reached_counts(study):
 
     lines = plot.study_table(summary).splitlines()
     assert lines[0].startswith("| regime | n | val loss at baseline budget |")
-    assert lines[2] == ("| baseline | 2 | 6.1000 ± 0.1414 | 1.000; not reached, 1 of 2 "
+    assert lines[2] == ("| baseline | 2 | 6.1000 ± 0.1414 | 4.1000 ± 0.1414 | +0.00% ± 3.45% "
+                        "| 1.000 ± 0.000 | 1.000; 1 of 2 never | 1.000; 1 of 2 never "
                         "| 3.0 s ± 1.4 s |")
-    assert lines[3] == ("| inc | 3 | 4.7000 ± 0.2000 | 0.900 ± 0.141; not reached, 1 of 3 "
-                        "| 2.0 s ± 1.0 s |")
-    assert lines[4] == "| slow | 1 | 8.0000 | not reached, 1 of 1 | 1.0 s |"
+    assert lines[3] == ("| inc | 3 | 4.7000 ± 0.2000 | 4.0167 ± 0.2021 | -2.03% ± 4.93% "
+                        "| 1.000 ± 0.000 | 0.900 ± 0.141; 1 of 3 never "
+                        "| 0.900 ± 0.141; 1 of 3 never | 2.0 s ± 1.0 s |")
+    assert lines[4] == ("| slow | 1 | 8.0000 | 8.0000 | +95.12% | 0.500 | 1 of 1 never "
+                        "| 1 of 1 never | 1.0 s |")
     assert "sample standard deviation (n − 1)" in lines[-1] and "4.1000" in lines[-1]
     assert "last fifth" not in lines[-1]
     lines = plot.study_table({**summary, "last_fifth": (3, 5.0)}).splitlines()
@@ -2322,12 +2328,17 @@ def test_plot_study_curves_bands_and_equal_cost_marks(study):
     assert flops.tolist() == [5, 10, 15, 20] and mean == pytest.approx([8.5, 6.5, 5.0, 4.0])
     assert plot.regime_curve([a])[2].tolist() == [0, 0, 0]
 
-    ax, = plot.make_study_figure(runs, labels).axes
-    assert [line.get_label() for line in ax.lines] == ["baseline (n=2)", "inc (n=3)", "slow (n=1)"]
+    # a panel a family, the baseline in each
+    family, other = plot.make_study_figure(runs, labels).axes
+    assert [line.get_label() for line in family.lines] == ["baseline (n=2)", "inc (n=3)"]
+    assert [line.get_label() for line in other.lines] == ["baseline (n=2)", "slow (n=1)"]
+    assert family.lines[0].get_color() == other.lines[0].get_color()
     from matplotlib.collections import PathCollection, PolyCollection
-    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 3  # a band per regime
-    marks = [c.get_offsets().tolist() for c in ax.collections if isinstance(c, PathCollection)]
-    assert marks == [[[20, pytest.approx(6.1)]], [[24, pytest.approx(4.7)]]]  # slow has no mark
+    assert sum(isinstance(c, PolyCollection) for c in family.collections) == 2  # a band a regime
+    marks = [c.get_offsets().tolist() for c in family.collections
+             if isinstance(c, PathCollection)]
+    assert marks == [[[20, pytest.approx(6.1)]], [[24, pytest.approx(4.7)]]]
+    assert len([c for c in other.collections if isinstance(c, PathCollection)]) == 1  # slow: none
 
 
 def test_plot_study_cli_and_bad_input(study, tmp_path, capsys):
@@ -2722,6 +2733,40 @@ def test_export_into_a_folder_it_cannot_make_is_one_line(tmp_path, capsys):
     err = one_line_error(export_main, ["--checkpoint", str(ckpt), "--out",
                                        str(tmp_path / "file" / "hf")], capsys)
     assert err.startswith("error: ") and "Not a directory" in err
+
+
+def test_plot_stays_below_ignores_a_dip_and_equal_steps_report_gap_and_flops(tmp_path):
+    """A run that dips below the target and comes back up reaches it first at the dip, but stays
+    at or below it only from its last stretch down there. At equal steps the table gives the final
+    gap and the FLOPs ratio against the chosen baseline (here late expansion's baseline-wsd)."""
+    base = [{"step": 0, "val_loss": 9.0}, step_rec(1, 10), step_rec(2, 20),
+            {"step": 2, "val_loss": 5.0}, step_rec(3, 30), step_rec(4, 40),
+            {"step": 4, "val_loss": 4.0}]
+    dip = [{"step": 0, "val_loss": 9.0}, step_rec(1, 5), {"step": 1, "val_loss": 3.9},
+           step_rec(2, 10), {"step": 2, "val_loss": 4.5}, step_rec(3, 15),
+           {"step": 3, "val_loss": 4.0}, step_rec(4, 20), {"step": 4, "val_loss": 3.8}]
+    for seed in (1, 2):
+        write_log(tmp_path / "baseline-wsd" / f"seed{seed}" / "log.jsonl", base)
+        write_log(tmp_path / "late0" / f"seed{seed}" / "log.jsonl", dip)
+    runs, labels = plot.study_runs(tmp_path)
+    row = plot.run_row(runs[-1], "late0", 40, 4.0)
+    assert (row["flops_to_baseline"], row["flops_to_stay"]) == (5, 15)
+    summary = plot.study_summary(runs, labels, baseline="baseline-wsd")
+    late = next(r for r in summary["regimes"] if r["regime"] == "late0")
+    assert late["final_gap"][0] == pytest.approx(-0.05) and late["flops"] == (0.5, 0.0)
+    assert (late["flops_ratio"], late["stay_ratio"]) == ((0.125, 0.0), (0.375, 0.0))
+    text = plot.study_table(summary)
+    assert ("| late0 | 2 | 3.8000 ± 0.0000 | 3.8000 ± 0.0000 | -5.00% ± 0.00% | 0.500 ± 0.000 "
+            "| 0.125 ± 0.000 | 0.375 ± 0.000 |") in text and "against baseline-wsd" in text
+    with pytest.raises(ValueError, match="no runs of a regime named baseline"):
+        plot.study_summary(runs, labels)
+    assert plot.families(["baseline", "inc4", "apollo", "baseline-wsd", "late0", "mine"]) == [
+        ("incremental (Li et al.)", ["baseline", "inc4"]),
+        ("Apollo, stacking, G_stack", ["baseline", "apollo"]),
+        ("late expansion (Bu)", ["baseline-wsd", "late0"]), ("other regimes", ["baseline", "mine"])]
+    assert plot.families(["baseline", "inc12"]) == [("incremental (Li et al.)",
+                                                     ["baseline", "inc12"])]
+    assert len(plot.make_study_figure(runs, labels, "baseline-wsd").axes) == 1
 
 
 def test_plot_a_stopped_run_has_no_final_val_loss(tmp_path, capsys):
