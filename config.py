@@ -67,7 +67,7 @@ class Config:
     msg_ramp: int = option(None, "MSG: steps over which a new block's gate goes 0 -> 1; unset: "
                            "as long as --warmup", lo=0)
     rewarm: int = option(0, "linear LR rewarm steps after each stage start; -1: as long as "
-                         "--warmup", lo=0)
+                         "--warmup", lo=-1)
     # ---- model and optimization ----------------------------------------------------------------
     n_layer: int = option(12, "blocks of the full model, L", lo=1)
     n_head: int = option(12, "attention heads", lo=1)
@@ -209,6 +209,12 @@ def check(cfg, given):
         raise ValueError(f"--msg-ramp only applies to --grow-op msg, not {cfg.grow_op}")
     if cfg.phase1_mode == "none" and "phase1_frac" in given:
         raise ValueError("--phase1-frac cannot go with --phase1-mode none (there is no phase 1)")
+    if "share" in given and cfg.depth == "unique":
+        raise ValueError(f"--share {cfg.share} only applies where blocks are shared: with "
+                         "--depth lvps, uniform or full, not unique")
+    for name in ("out", "data_dir"):
+        if not getattr(cfg, name).strip():
+            raise ValueError(f"{flag(name)} '': give a folder's name")
     if cfg.hellaswag_every == 0 and cfg.hellaswag_limit is not None:
         raise ValueError("--hellaswag-limit needs --hellaswag-every N (HellaSwag is off)")
 

@@ -715,9 +715,12 @@ def parse_args(argv=None):
     elif args.split:
         wrong, mode = given - {"split", "model", "seq-len", "json"} - shape, "--split"
     else:
-        wrong = given & ({"device"} | shape | ({"stages", "cost", "phase1-mode"}
-                                               if args.regime != "incremental"
-                                               else {"ranks", "accum"}))
+        for flags, needs in ((shape, "--split"), ({"device"}, "--measure or --bench-loss")):
+            if given & flags:  # say what they need rather than what they cannot go with
+                p.error(f"{', '.join('--' + f for f in sorted(given & flags))} only goes with "
+                        f"{needs}")
+        wrong = given & ({"stages", "cost", "phase1-mode"} if args.regime != "incremental"
+                         else {"ranks", "accum"})
         mode = "--regime " + args.regime
     if wrong:
         p.error(f"{', '.join('--' + f for f in sorted(wrong))} cannot go with {mode}")
@@ -737,9 +740,11 @@ def check(args):
     for flag, value in {"--ranks": args.ranks, "--accum": args.accum}.items():
         if value < 1:
             raise ValueError(f"{flag} {value} must be 1 or more")
-    if args.batch_tokens % (args.ranks * args.accum * args.seq_len):
-        raise ValueError(f"--batch-tokens {args.batch_tokens} must split into --ranks x --accum "
-                         f"micro-batches of whole --seq-len {args.seq_len} sequences")
+    parts = args.ranks * args.accum if args.regime != "incremental" else 1  # growth: per rank
+    if args.batch_tokens % (parts * args.seq_len):
+        raise ValueError(f"--batch-tokens {args.batch_tokens} must split into "
+                         + ("--ranks x --accum micro-batches of " if parts > 1 else "")
+                         + f"whole --seq-len {args.seq_len} sequences")
     if not 0 < args.mfu <= 1:  # NaN fails this too
         raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
     for flag, value in {"--n-layer": args.n_layer, "--n-embd": args.n_embd,

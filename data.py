@@ -103,6 +103,8 @@ SHARD_NAME = re.compile(r"(?P<name>.+)_(?P<split>train|val)(_\d+)?\.bin")
 def list_shards(data_dir):
     """(train shards, val shards) of a folder of one dataset, each known by its name (SHARD_NAME);
     a .bin file of another name, or a second dataset's shards, is refused."""
+    if Path(data_dir).is_file():
+        raise ValueError(f"--data-dir {data_dir} is a file: give the folder that holds the shards")
     train, val, names = [], [], set()
     for f in sorted(Path(data_dir).glob("*.bin")):
         match = SHARD_NAME.fullmatch(f.name)
@@ -354,6 +356,10 @@ class ValSet:
         # the tokens of the whole batches the split holds (a batch reads one token past its end)
         whole = (len(self.tokens) - 1) // (B * T) * (B * T)
         batch = f"one batch of --batch-size {B} x --seq-len {T} = {B * T} tokens"
+        if whole == 0 and len(self.tokens) < 2:
+            raise ValueError(f"the validation split ({', '.join(str(f) for f in val_files)}) "
+                             f"holds {len(self.tokens)} token(s), too few to evaluate on: make "
+                             "the data from more text (or a larger --val-frac)")
         if whole == 0:
             raise ValueError(f"the validation split ({max(0, len(self.tokens) - 1)} tokens) is "
                              f"less than {batch}: lower --batch-size or --seq-len")

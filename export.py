@@ -116,6 +116,8 @@ def export(checkpoint, out):
                          f"(μ = {plan.gates}), which GPT-2 cannot express: export a checkpoint "
                          "saved after --msg-ramp steps of the last stage")
     out = Path(out)
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: {out.parent} is a file, not a folder: choose another --out")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder: choose another --out")
     gpt2 = meta["tokenizer"] == "gpt2"

@@ -192,7 +192,12 @@ class GPT(nn.Module):
             from transformers import GPT2LMHeadModel
         except ImportError:
             raise SystemExit("GPT.from_pretrained needs transformers: pip install transformers")
-        hf = GPT2LMHeadModel.from_pretrained(name).state_dict()
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name).state_dict()
+        except OSError as e:  # offline, or the hub unreachable: transformers says it in lines
+            raise ValueError(f"could not load OpenAI's {name} weights through transformers "
+                             f"({str(e).splitlines()[0][:120]}): online once, or with them in "
+                             "transformers' cache ($HF_HOME)") from None
         model = cls(GPTConfig(vocab_size=50257, **SIZES[name]))
         model.load_state_dict(convert_hf_state_dict(hf))
         return model

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import Parser
+from cli import Parser, one_line_errors
 
 EMA = 0.9  # per-step loss is noisy; this smooths over ~10 steps, light next to a run's thousands
 STEP_FIELDS = ("step", "loss", "flops", "dt")  # what the figure and table read from a step record
@@ -172,6 +172,11 @@ def zoom_past_start(ax, skip=0.1):
 def save_figure(fig, out):
     """Write beside the target, then rename: a reader never sees a half-written image."""
     out = Path(out)
+    if out.is_dir() or not out.suffix:
+        raise ValueError(f"--out {out}: give an image file's name, e.g. {out / 'runs.png'} (its "
+                         "ending, .png, .pdf or .svg, picks the format)")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: {out.parent} is a file, not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp" + out.suffix)  # keeps the extension that picks the format
     fig.savefig(tmp, dpi=120)
@@ -525,7 +530,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with one_line_errors():
         if args.study:
             runs, labels = study_runs(args.study)
             tabulate, draw = (lambda: study_table(study_summary(runs, labels, args.baseline)),
@@ -542,9 +547,6 @@ def main(argv=None):
         if args.out:
             save_figure(draw(), args.out)
             print(f"wrote {args.out}")
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -241,9 +241,11 @@ def check_unmixed(out_dir, names, meta):
                         "this text its own --out (or --name, into a folder of its own)")
     old = read_meta(out_dir)
     if any((Path(out_dir) / n).exists() for n in names) and old != meta:
-        raise DataError(f"{out_dir} holds these shards made with the {old['tokenizer']} tokenizer "
-                        f"(meta.json), not {meta['tokenizer']}: give this one its own --out, or "
-                        "delete the folder to re-make them")
+        what = (f"the {old['tokenizer']} tokenizer, not {meta['tokenizer']}"
+                if old["tokenizer"] != meta["tokenizer"] else
+                f"another text's {old['tokenizer']} vocabulary")
+        raise DataError(f"{out_dir} holds these shards made with {what} (meta.json): give this "
+                        "one its own --out, or delete the folder to re-make them")
 
 
 def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokenizer_name="gpt2"):
@@ -274,6 +276,14 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokeniz
             bar.set_postfix_str(f"{len(tokens):,} tokens", refresh=False)
     tokens = np.array(tokens, dtype=np.uint16)
     n_train = int(len(tokens) * (1 - val_frac))
+    for path, part in ((val, tokens[n_train:]), (train, tokens[:n_train])):
+        try:
+            other = path.exists() and not np.array_equal(read_shard(path), part)
+        except ValueError:  # a damaged shard of this name: re-made
+            other = False
+        if other:
+            raise DataError(f"{path} holds another text's tokens under this name: give this "
+                            "text its own --out (or --name), or delete the folder to replace it")
     write_shard(val, tokens[n_train:])
     write_shard(train, tokens[:n_train])
     write_meta(out_dir, meta)
@@ -479,6 +489,11 @@ def main(argv=None):
         source = "--text" if args.text else "--source " + chosen
         parser.error(f"{', '.join('--' + f for f in wrong)} cannot go with {source}")
     endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+    if not re.match(r"https?://", endpoint):
+        parser.error(f"HF_ENDPOINT={endpoint!r}: give the hub's address, e.g. "
+                     f"{DEFAULT_ENDPOINT}, or unset it")
+    if args.out is not None and (not str(args.out).strip() or args.out.is_file()):
+        parser.error(f"--out {str(args.out)!r}: give a folder for the shards")
 
     try:
         if args.text:

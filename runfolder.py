@@ -25,7 +25,7 @@ FORMAT = 2  # 2: every key below, always; 1 (unnumbered): older runs, whose keys
 # flags that may differ when resuming: they change neither the math nor the data order, or only
 # steps not yet taken (a change of --max-steps that moves a stage boundary already crossed is
 # refused: see resume)
-RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "eval_every", "hellaswag_every",
+RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "eval_every", "val_tokens", "hellaswag_every",
                      "hellaswag_limit", "sample_every", "compile", "device", "bench", "peak_flops",
                      "max_steps", "lr", "min_lr", "schedule", "grad_clip", "decay_frac",
                      "decay_shape"}
@@ -75,6 +75,9 @@ def read(path, device="cpu"):
     """A train.py checkpoint as plain data, or a ValueError with one line saying what is wrong
     with the file: missing, truncated, random bytes, some other program's, or an older format."""
     fix = "point at a ckpt.pt written by train.py (or delete this one to start over)"
+    if not Path(path).exists():
+        raise ValueError(f"no checkpoint at {path}: give the ckpt.pt of a train.py run (train.py "
+                         "writes OUT/ckpt.pt)")
     if Path(path).is_dir():
         inside = Path(path) / "ckpt.pt"
         raise ValueError(f"{path} is a folder, not a checkpoint: "
@@ -206,9 +209,9 @@ def hold(path, what):
 
 def no_checkpoint_yet(log):
     """What to do with a folder whose run stopped before its first checkpoint."""
-    return (f"{log} is the log of a run that stopped before its first checkpoint, so there is "
-            f"nothing to resume: delete it to start again in {log.parent} (it holds only that "
-            "run's log), or choose another --out")
+    return (f"{log} is the log of a run that stopped before its first checkpoint (or whose "
+            "checkpoint was removed), so there is nothing to resume: delete it to start again in "
+            f"{log.parent} (it holds only that run's log), or choose another --out")
 
 
 class Log:

@@ -98,6 +98,12 @@ def parse_args(argv=None):
     if taken:
         p.error(f"{', '.join(taken)} after --: "
                 "the sweep sets --out, --seed and --resume for each run")
+    # a flag that defines some regime would make every regime of the study that one
+    defining = {f for flags in REGIMES.values() for f in flags if f.startswith("--")}
+    redefined = [f for f in extra if f.split("=")[0] in defining]
+    if redefined:
+        p.error(f"{', '.join(redefined)} after --: that flag defines the regimes "
+                "(sweep.REGIMES); pick regimes with --regimes instead")
     if args.baseline not in args.regimes and not (Path(args.out) / args.baseline).is_dir():
         p.error(f"a study is measured against its baseline: add {args.baseline} to --regimes")
     return args, extra

@@ -2526,7 +2526,8 @@ def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data
     assert e.value.code == 1
     log = out / "baseline" / "seed1" / "log.jsonl"
     assert (f"[1/2] baseline seed 1: FAILED: {log} is the log of a run that stopped before its "
-            "first checkpoint, so there is nothing to resume: delete it" in captured.out)
+            "first checkpoint (or whose checkpoint was removed), so there is nothing to resume: "
+            "delete it" in captured.out)
     assert "[2/2] baseline seed 2: done" in captured.out and "| baseline | 2 |" in captured.out
     assert captured.err.splitlines() == ["failed: baseline seed 1"]
     assert log.exists()
@@ -2637,7 +2638,7 @@ def test_data_folders_never_mix(tmp_path, capsys):
     err = prepare_error(capsys, "--text", str(other), "--out", str(folder))
     assert "already holds other shards (a_train_000001.bin, a_val_000000.bin)" in err
     err = prepare_error(capsys, "--text", str(text), "--out", str(folder), "--tokenizer", "char")
-    assert "made with the gpt2 tokenizer (meta.json), not char" in err
+    assert "made with the gpt2 tokenizer, not char (meta.json)" in err
     assert data_mod.read_meta(folder) == data_mod.GPT2_META  # untouched
     assert pf.main(["--text", str(other), "--out", str(tmp_path / "b")]) == 0  # its own --out
     # a shard is known by its name, not by "val" anywhere in it
@@ -2732,7 +2733,7 @@ def test_export_into_a_folder_it_cannot_make_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     err = one_line_error(export_main, ["--checkpoint", str(ckpt), "--out",
                                        str(tmp_path / "file" / "hf")], capsys)
-    assert err.startswith("error: ") and "Not a directory" in err
+    assert err.startswith("error: ") and "file is a file, not a folder" in err
 
 
 def test_plot_stays_below_ignores_a_dip_and_equal_steps_report_gap_and_flops(tmp_path):
@@ -2768,6 +2769,45 @@ def test_plot_stays_below_ignores_a_dip_and_equal_steps_report_gap_and_flops(tmp
                                                      ["baseline", "inc12"])]
     assert len(plot.make_study_figure(runs, labels, "baseline-wsd").axes) == 1
 
+
+def test_sweep_of_a_new_user_bad_inputs_found_and_fixed(tmp_path, data, capsys, monkeypatch):
+    """Cases a new-user sweep of every script found misleading or silently wrong, each now one
+    line that names the real cause."""
+    def train_err(*flags, data_dir=None):
+        return train_error(tmp_path, data, capsys, "--max-steps", "1", *flags, data_dir=data_dir)
+
+    assert "--rewarm -2: must be a whole number -1 or more" in train_err("--rewarm", "-2")
+    assert "only applies where blocks are shared" in train_err("--share", "cyclic")
+    assert "--out '': give a folder's name" in one_line_error(
+        train.main, ["--preset", "tiny", "--data-dir", str(data), "--out", "", *TOY], capsys)
+    (tmp_path / "file").write_text("not a folder")
+    assert "is a file: give the folder" in train_err(data_dir=tmp_path / "file")
+    err = one_line_error(sweep.main, ["--regimes", "baseline,inc4-freeze", "--out",
+                                      str(tmp_path / "s"), "--", "--stages", "2"], capsys)
+    assert "--stages after --: that flag defines the regimes" in err
+    assert "--n-layer only goes with --split" in one_line_error(cost_main, ["--n-layer", "4"],
+                                                                capsys)
+    cost_main(["--batch-tokens", "1024"])  # incremental: no ranks to split over
+    assert "Incremental training" in capsys.readouterr().out
+    log = write_log(tmp_path / "run" / "log.jsonl", [step_rec(1, 10), {"step": 1, "val_loss": 5.0}])
+    for out, message in [(tmp_path, "give an image file's name"),
+                         (tmp_path / "file" / "fig.png", "is a file, not a folder")]:
+        assert message in one_line_error(plot.main, [str(log), "--out", str(out)], capsys)
+    ckpt = save_plain_checkpoint(tiny_gpt(), tmp_path / "ckpt.pt")
+    assert "is a file, not a folder" in one_line_error(
+        export_main, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "file" / "hf")], capsys)
+    # prepare_fineweb: another text under the same name, a file for --out, HF_ENDPOINT no URL
+    for i, words in enumerate(["To be, or not to be.\n", "Now is the winter.\n"]):
+        (tmp_path / f"t{i}").mkdir()
+        (tmp_path / f"t{i}" / "input.txt").write_text(words * 40)
+    folder = str(tmp_path / "d")
+    assert pf.main(["--text", str(tmp_path / "t0" / "input.txt"), "--out", folder]) == 0
+    assert "holds another text's tokens under this name" in prepare_error(
+        capsys, "--text", str(tmp_path / "t1" / "input.txt"), "--out", folder)
+    assert "give a folder for the shards" in prepare_error(
+        capsys, "--text", str(tmp_path / "t0" / "input.txt"), "--out", str(tmp_path / "file"))
+    monkeypatch.setenv("HF_ENDPOINT", "notaurl")
+    assert "HF_ENDPOINT='notaurl': give the hub's address" in prepare_error(capsys, "--shards", "0")
 
 def test_plot_a_stopped_run_has_no_final_val_loss(tmp_path, capsys):
     stopped = write_log(tmp_path / "stopped" / "log.jsonl", [

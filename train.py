@@ -139,9 +139,12 @@ def train_step(run, wrapped, opt, sp, step, lr):
     loss = forward_backward(wrapped, batches, run.device, run.flags.precision)
     loss = devices.all_sum(loss, run.world) / run.world
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopped; "
-                                 f"{run.out / 'ckpt.pt'} holds the last good state (try a lower "
-                                 "--lr, then --resume)")
+        ckpt = run.out / "ckpt.pt"
+        raise FloatingPointError(
+            f"loss is {loss.item()} at step {step}: stopped; " + (
+                f"{ckpt} holds the last good state (try a lower --lr, then --resume)"
+                if ckpt.exists() else f"there is no checkpoint yet: try a lower --lr, after "
+                f"deleting {run.out / 'log.jsonl'}"))
     norm = optimizer_step(run.model, opt, lr, run.flags.grad_clip)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
@@ -308,9 +311,11 @@ def assemble(flags):
 def main(argv=None):
     run = None
     try:
-        with one_line_errors("stopped at once; the last checkpoint is as it was: continue with "
-                             "--resume", "out of memory: lower --batch-size (gradient "
-                             "accumulation keeps --total-batch), --seq-len or the model's size"):
+        with one_line_errors("stopped at once; the last checkpoint, if the run wrote one, is as "
+                             "it was: continue with --resume (if it wrote none: delete its "
+                             "log.jsonl and run again)",
+                             "out of memory: lower --batch-size (gradient accumulation keeps "
+                             "--total-batch), --seq-len or the model's size"):
             flags = parse_args(argv, __doc__)
             run = assemble(flags)
             if flags.bench:
