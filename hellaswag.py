@@ -74,13 +74,16 @@ def load_examples(split="val", data_file=None, limit=None, cache_dir=CACHE_DIR):
 
     Read from data_file if given, else from $NANOGROW_HELLASWAG_DIR if set, else downloaded.
     """
+    data_dir = None
     if data_file is None:
         data_dir = os.environ.get(DATA_DIR_ENV)
         data_file = (Path(data_dir) / f"hellaswag_{split}.jsonl" if data_dir
                      else download_split(split, cache_dir))
     if not Path(data_file).is_file():
         what = "is a folder, not a file" if Path(data_file).is_dir() else "no such file"
-        raise DataError(f"{data_file}: {what}: give a hellaswag_{split}.jsonl file")
+        where = (f" (from ${DATA_DIR_ENV}: point it at the folder that holds it, or unset it to "
+                 "download)" if data_dir else "")
+        raise DataError(f"{data_file}: {what}: give a hellaswag_{split}.jsonl file{where}")
     examples = []
     # bytes: json.loads decodes them, so bad UTF-8 gets a line number too
     with open(data_file, "rb") as f:

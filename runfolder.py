@@ -74,7 +74,8 @@ def save(path, state, model, opt, loader, config, tokenizer, eval_plan):
 def read(path, device="cpu"):
     """A train.py checkpoint as plain data, or a ValueError with one line saying what is wrong
     with the file: missing, truncated, random bytes, some other program's, or an older format."""
-    fix = "point at a ckpt.pt written by train.py (or delete this one to start over)"
+    fix = ("a ckpt.pt written by train.py is needed here: give another, or delete this one (and "
+           "its run's log.jsonl) to start that run over")
     if not Path(path).exists():
         raise ValueError(f"no checkpoint at {path}: give the ckpt.pt of a train.py run (train.py "
                          "writes OUT/ckpt.pt)")

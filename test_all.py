@@ -2809,6 +2809,13 @@ def test_sweep_of_a_new_user_bad_inputs_found_and_fixed(tmp_path, data, capsys, 
     monkeypatch.setenv("HF_ENDPOINT", "notaurl")
     assert "HF_ENDPOINT='notaurl': give the hub's address" in prepare_error(capsys, "--shards", "0")
 
+def test_hellaswag_a_missing_file_names_the_variable_it_came_from(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=rf"\${DATA_DIR_ENV}: point it at the folder"):
+        load_examples("val")
+    monkeypatch.setenv(DATA_DIR_ENV, str(VAL.parent))  # the advice, taken
+    assert len(load_examples("val", limit=3)) == 3
+
 def test_plot_a_stopped_run_has_no_final_val_loss(tmp_path, capsys):
     stopped = write_log(tmp_path / "stopped" / "log.jsonl", [
         {"step": 0, "val_loss": 9.0}, step_rec(1, 10), step_rec(2, 20),
