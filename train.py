@@ -5,8 +5,9 @@ Huang 2024), Apollo and the other growth operators; on a CPU, one GPU, or many w
     python train.py --preset tiny                      # CPU, GPT-2's tokenizer
     torchrun --nproc_per_node=8 train.py --stages 4    # the paper's S = 4 run on FineWeb-Edu
 
-Read top to bottom: the pieces of a run in the order it uses them (data, model and optimizer, the
-learning rate, entering a stage, the training step, evaluation), then the loop, then main. What
+Read top to bottom: the pieces of a run in the order it uses them (the model and its optimizer,
+the learning rate, entering a stage, the training step, evaluation), then the loop, then main
+(which also opens the data, data.open_shards). What
 each step runs and trains comes from grow.py's Schedule; every flag and default is in config.py;
 devices.py starts the processes, data.py reads the shards, runfolder.py keeps the checkpoint and
 the log.
