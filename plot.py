@@ -279,15 +279,18 @@ def table(rows):
 
 
 def study_runs(folder):
-    """The runs of a study folder laid out as REGIME/seedN/log.jsonl: (runs, labels), each run
-    labelled by its regime; baseline first, then the regimes and seeds in name order. A run folder
-    without a log (it never started) is left out."""
-    logs = sorted(Path(folder).glob("*/seed*/log.jsonl"),
-                  key=lambda p: (p.parent.parent.name != "baseline", p.parent.parent.name,
-                                 len(p.parent.name), p.parent.name))  # seed2 before seed10
+    """The runs of a study folder laid out as REGIME/seedN/log.jsonl (sweep.py's --out) or
+    REGIME/seedN.jsonl (its --results: compact logs): (runs, labels), each run labelled by its
+    regime; baseline first, then the regimes and seeds in name order. A run folder without a log
+    (it never started) is left out."""
+    logs = [(p.parent.parent.name, p.parent.name, p)
+            for p in Path(folder).glob("*/seed*/log.jsonl")]
+    logs += [(p.parent.name, p.stem, p) for p in Path(folder).glob("*/seed*.jsonl")]
+    logs.sort(key=lambda r: (r[0] != "baseline", r[0], len(r[1]), r[1]))  # seed2 before seed10
     if not logs:
-        raise FileNotFoundError(f"no runs in {folder}: a study holds REGIME/seedN/log.jsonl")
-    return [read_log(p) for p in logs], [p.parent.parent.name for p in logs]
+        raise FileNotFoundError(f"no runs in {folder}: a study holds REGIME/seedN/log.jsonl "
+                                "(or REGIME/seedN.jsonl)")
+    return [read_log(p) for _, _, p in logs], [regime for regime, _, _ in logs]
 
 
 def group(runs, labels):
@@ -491,15 +494,17 @@ def make_study_figure(runs, labels, baseline="baseline"):
     return fig
 
 
-def write_study(folder, baseline="baseline"):
-    """FOLDER/study.md (the table) and FOLDER/study.png (the figure) from the runs in it, measured
-    against the regime `baseline`; returns the table."""
+def write_study(folder, baseline="baseline", dest=None):
+    """DEST/study.md (the table) and DEST/study.png (the figure) from the runs in FOLDER (DEST
+    by default), measured against the regime `baseline`; returns the table."""
     runs, labels = study_runs(folder)
+    dest = Path(dest or folder)
     text = study_table(study_summary(runs, labels, baseline))
-    tmp = Path(folder) / "study.md.tmp"
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / "study.md.tmp"
     tmp.write_text(text + "\n")
-    os.replace(tmp, Path(folder) / "study.md")
-    save_figure(make_study_figure(runs, labels, baseline), Path(folder) / "study.png")
+    os.replace(tmp, dest / "study.md")
+    save_figure(make_study_figure(runs, labels, baseline), dest / "study.png")
     return text
 
 

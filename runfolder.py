@@ -120,10 +120,9 @@ def resume(path, config, schedule, schedule_of, model, opt, loader):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume to start")
     ckpt = read(path)
     then = ckpt["config"]
-    diff = [f"{flag(k)}: {then.get(k)!r} there, {v!r} here" for k, v in config.items()
-            if k not in RESUMABLE_CHANGES and then.get(k) != v]
+    diff = other_flags(then, config)
     if diff:
-        raise ValueError(f"{path} was made with other flags ({'; '.join(diff)}): these change "
+        raise ValueError(f"{path} was made with other flags ({diff}): these change "
                          "steps already taken; resume with the same values or use another --out")
     if config["max_steps"] < ckpt["step"]:
         raise ValueError(f"--max-steps {config['max_steps']} is below step {ckpt['step']}, which "
@@ -144,6 +143,13 @@ def resume(path, config, schedule, schedule_of, model, opt, loader):
     changed = {k: (then.get(k), v) for k, v in config.items()
                if k not in ("resume", "out") and then.get(k) != v}
     return RunState(**{k: ckpt[k] for k in asdict(RunState())}), changed
+
+
+def other_flags(then, now, may_differ=RESUMABLE_CHANGES):
+    """The flags two runs' configs differ in, those in may_differ aside, as one phrase ("--lr:
+    0.004 there, 0.001 here; ..."), or "" where they agree."""
+    return "; ".join(f"{flag(k)}: {then.get(k)!r} there, {v!r} here" for k, v in now.items()
+                     if k not in may_differ and then.get(k) != v)
 
 
 def start(out, rank, config, schedule, schedule_of, model, opt, loader):

@@ -18,7 +18,16 @@ node. Neither changes a result: every run is seeded and alone in its folder.
 Run the same command again to go on after an interruption (Ctrl-C, or SIGTERM to the sweep, which
 passes it on: the runs in flight save a checkpoint and stop): finished runs are skipped, runs with
 a checkpoint resumed, the rest started; nothing is deleted. A failed run is reported and the
-sweep goes on; it exits 1 at the end if any failed.
+sweep goes on; it exits 1 at the end if any failed. A finished run made with other flags than
+the command's is refused, not mixed into the summary.
+
+--results DIR keeps a compact log of each finished run in DIR/REGIME/seedN.jsonl (results.py),
+small enough to commit, and counts a run found there as finished: a study spread over several
+sittings or machines is the same command each time, the results folder committed between them;
+the summary is then made from DIR. --parts runs the parts of the README's study (results.PARTS),
+each in out/PART with its compact logs in results/PART:
+
+    python sweep.py --parts study,late --jobs 2
 """
 import os
 import signal
@@ -29,10 +38,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 import config
 import plot
+import results
 from cli import Parser, one_line_errors
-from runfolder import hold, no_checkpoint_yet
+from runfolder import hold, no_checkpoint_yet, other_flags, read
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,9 +82,13 @@ def parse_args(argv=None):
     own, extra = ((argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv
                   else (argv, []))
     p = Parser(__doc__)
-    p.add_argument("--regimes", required=True, help=f"comma-separated, of: {', '.join(REGIMES)}")
+    p.add_argument("--regimes", help=f"comma-separated, of: {', '.join(REGIMES)}")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated whole numbers")
-    p.add_argument("--out", required=True, help="the study's folder: OUT/REGIME/seedN per run")
+    p.add_argument("--out", help="the study's folder: OUT/REGIME/seedN per run")
+    p.add_argument("--results", help="keep each finished run's compact log in "
+                   "RESULTS/REGIME/seedN.jsonl, and skip the runs found there")
+    p.add_argument("--parts", help="the README study's parts to run, comma-separated, of: "
+                   f"{', '.join(results.PARTS)} (each sets every flag but --jobs and --nproc)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (CPU cores shared among them)")
     p.add_argument("--baseline", default="baseline",
                    help="the regime the others are measured against (baseline-wsd for late "
@@ -80,6 +96,10 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (GPUs) per run, launched with torchrun")
     args = p.parse_args(own)
+    if args.parts:
+        return parts_args(p, args, own, extra)
+    if not args.regimes or not args.out:
+        p.error("give --regimes and --out (or --parts)")
     if args.jobs < 1 or args.nproc < 1:
         p.error(f"--jobs {args.jobs} --nproc {args.nproc}: give whole numbers of at least 1")
     if args.jobs > 1 and args.nproc > 1:
@@ -106,7 +126,27 @@ def parse_args(argv=None):
                 "(sweep.REGIMES); pick regimes with --regimes instead")
     if args.baseline not in args.regimes and not (Path(args.out) / args.baseline).is_dir():
         p.error(f"a study is measured against its baseline: add {args.baseline} to --regimes")
-    return args, extra
+    args.studies = [(args.regimes, args.seeds, extra, args.out, args.results, args.baseline)]
+    return args
+
+
+def parts_args(p, args, own, extra):
+    """--parts: the studies of results.PARTS, each (regimes, seeds, flags, out, results,
+    baseline)."""
+    names = args.parts.split(",")
+    unknown = [n for n in names if n not in results.PARTS]
+    if unknown:
+        p.error(f"--parts: unknown {', '.join(unknown)}; known: {', '.join(results.PARTS)}")
+    mixed = [f for f in own if f.split("=")[0] not in ("--parts", "--jobs", "--nproc")
+             and f.startswith("--")]
+    if mixed or extra:
+        p.error(f"--parts sets {', '.join(mixed) or 'the flags after --'} itself: give only "
+                "--parts, --jobs and --nproc")
+    if args.jobs < 1 or args.nproc < 1 or (args.jobs > 1 and args.nproc > 1):
+        p.error(f"--jobs {args.jobs} --nproc {args.nproc}: give one of them, at least 1")
+    args.studies = [(results.PARTS[n]["regimes"], results.SEEDS, results.PARTS[n]["flags"],
+                     f"out/{n}", f"results/{n}", results.PARTS[n]["baseline"]) for n in names]
+    return args
 
 
 def given(extra, name):
@@ -132,6 +172,34 @@ def finished(folder, max_steps):
         return any(e["step"] >= max_steps for e in plot.read_log(folder)["evals"])
     except (FileNotFoundError, ValueError):  # no log yet, or one cut short before its first step
         return False
+
+
+# flags that change no number in a finished run's log, only where and how it ran
+SAME_RESULTS = {"out", "resume", "ckpt_every", "sample_every", "compile", "device", "bench",
+                "peak_flops"}
+
+
+def made_otherwise(folder, dest, flags, max_steps):
+    """Why the finished run in `folder`, or the compact log `dest`, cannot stand for a run of
+    `flags` (it was made with others that change its log), or "" where it can or there is
+    none."""
+    if dest and dest.exists():
+        where, then = dest, results.read_header(dest)["config"]
+    elif finished(folder, max_steps):
+        where, then = folder, read(folder / "ckpt.pt")["config"]
+    else:
+        return ""
+    diff = other_flags(then, vars(config.parse_args(flags)), SAME_RESULTS)
+    return diff and (f"{where} was made with other flags ({diff}): give this study another "
+                     "--out (and --results), or move that run away to run it again")
+
+
+def keep(folder, dest, regime, seed, flags):
+    """The finished run's compact log at dest (results.compact), headed by what it was."""
+    ckpt = read(folder / "ckpt.pt")
+    header = {"regime": regime, "seed": seed, "flags": flags, "torch": torch.__version__,
+              **{k: ckpt[k] for k in ("config", "model_config", "tokenizer")}}
+    results.compact(folder, dest, header)
 
 
 def launcher(nproc):
@@ -194,25 +262,40 @@ def run_env(jobs):
     return env
 
 
-def sweep(regimes, seeds, extra, out, jobs=1, nproc=1):
-    """Every (seed, regime) run not yet finished, in that order, `jobs` at once; returns the runs
-    that failed, in that order. Call it from the main thread: it handles SIGINT and SIGTERM."""
+def sweep(regimes, seeds, extra, out, jobs=1, nproc=1, results_dir=None):
+    """Every (seed, regime) run not yet finished, in that order, `jobs` at once, each finished
+    one's compact log kept in results_dir if given; returns the runs that failed, in that order.
+    Call it from the main thread: it handles SIGINT and SIGTERM."""
     plans = [(regime, seed, *train_flags(regime, seed, extra))
              for seed in seeds for regime in regimes]  # every run's flags checked first
     with hold(Path(out) / "sweep.lock", "sweep"):  # one sweep a folder at a time
-        return run_all(plans, out, jobs, nproc)
+        # a finished run of other flags would be skipped, and its numbers summarized with these
+        clash = [why for regime, seed, flags, max_steps in plans
+                 if (why := made_otherwise(Path(out) / regime / f"seed{seed}", results_dir and
+                                           results.compact_path(results_dir, regime, seed),
+                                           flags, max_steps))]
+        if clash:
+            raise ValueError(clash[0] + (f" (and {len(clash) - 1} more runs)" if clash[1:]
+                                         else ""))
+        return run_all(plans, out, jobs, nproc, results_dir)
 
 
-def run_all(plans, out, jobs, nproc):
+def run_all(plans, out, jobs, nproc, results_dir):
     """sweep's runs, the folder held."""
     runs = Runs(launcher(nproc), run_env(jobs))
 
     def attempt(i, regime, seed, flags, max_steps):
         """One run, or why it can't run; returns whether it failed."""
         folder = Path(out) / regime / f"seed{seed}"
+        dest = results_dir and results.compact_path(results_dir, regime, seed)
         head = f"[{i}/{len(plans)}] {regime} seed {seed}"
+        if dest and dest.exists():
+            say(f"{head}: in {dest}, skipped")
+            return False
         if finished(folder, max_steps):
-            say(f"{head}: finished earlier, skipped")
+            if dest:
+                keep(folder, dest, regime, seed, flags)
+            say(f"{head}: finished earlier, skipped" + (f"; kept in {dest}" if dest else ""))
             return False
         resume = (folder / "ckpt.pt").exists()
         if (folder / "log.jsonl").exists() and not resume:
@@ -230,9 +313,12 @@ def run_all(plans, out, jobs, nproc):
             return False
         if code:
             say(f"{head}: FAILED (exit {code}): {last}")
-        else:
-            say(f"{head}: done in {plot.duration(time.time() - t0)}")
-        return bool(code)
+            return True
+        if dest:
+            keep(folder, dest, regime, seed, flags)
+        say(f"{head}: done in {plot.duration(time.time() - t0)}"
+            + (f"; kept in {dest}" if dest else ""))
+        return False
 
     def interrupt(signum, frame):
         """Ctrl-C reaches the runs too (one process group); SIGTERM (`kill PID`) reaches the sweep
@@ -261,16 +347,18 @@ def run_all(plans, out, jobs, nproc):
 
 
 def main(argv=None):
-    args, extra = parse_args(argv)
-    # train.py refusing a run's flags, or the data not to be had, is one line
-    with one_line_errors("stopped: run the same command again to go on"):
-        failed = sweep(args.regimes, args.seeds, extra, args.out, args.jobs, args.nproc)
-    try:
-        print(plot.write_study(args.out, args.baseline))
-        print(f"wrote {Path(args.out) / 'study.md'} and {Path(args.out) / 'study.png'}")
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"no summary: {e}", file=sys.stderr)
-        failed.append("the summary")
+    args = parse_args(argv)
+    failed = []
+    for regimes, seeds, extra, out, results_dir, baseline in args.studies:
+        # train.py refusing a run's flags, or the data not to be had, is one line
+        with one_line_errors("stopped: run the same command again to go on"):
+            failed += sweep(regimes, seeds, extra, out, args.jobs, args.nproc, results_dir)
+        try:  # the summary of every run in the results folder, or else in the study's
+            print(plot.write_study(results_dir or out, baseline, dest=out))
+            print(f"wrote {Path(out) / 'study.md'} and {Path(out) / 'study.png'}")
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            print(f"no summary of {out}: {e}", file=sys.stderr)
+            failed.append(f"the summary of {out}")
     if failed:
         print(f"failed: {'; '.join(failed)}", file=sys.stderr)
         sys.exit(1)

@@ -47,6 +47,7 @@ import tiktoken  # noqa: E402
 
 import grow  # noqa: E402
 import plot  # noqa: E402
+import results  # noqa: E402
 from hellaswag import (DATA_DIR_ENV, SCORING_TAG, download_split, evaluate,  # noqa: E402
                        load_examples, main as hs_main, predict, render, score_batch)
 import data as data_mod  # noqa: E402
@@ -2551,6 +2552,109 @@ def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data
         err = capsys.readouterr().err.splitlines()
         assert e.value.code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# results/: the study's compact logs, and the README's tables made from them
+
+
+def test_results_compact_log_keeps_evals_boundaries_and_time(tmp_path, data):
+    """A run cut down to about 4 step records still has every evaluation at its FLOPs, the steps
+    either side of each stage and phase boundary, the last step, and the loss and time of every
+    step it stands for: the study's numbers come out of it as out of the whole log."""
+    out = tmp_path / "run"
+    run_train(out, data, "--stages", "2", "--max-steps", "24", "--inc-steps", "16", "--seed", "3")
+    dest = tmp_path / "results" / "inc2" / "seed3.jsonl"
+    results.compact(out, dest, {"regime": "inc2", "seed": 3}, points=4)
+    full, short = plot.read_log(out), plot.read_log(dest)
+    assert results.read_header(dest) == {"regime": "inc2", "seed": 3}
+    assert [(e["step"], e["val_loss"], e["flops"]) for e in short["evals"]] == [
+        (e["step"], e["val_loss"], e["flops"]) for e in full["evals"]]
+    kept = [r["step"] for r in short["steps"]]
+    layout = {r["step"]: (r["stage"], r["phase"]) for r in full["steps"]}
+    crossings = [s for s in range(2, 25) if layout[s] != layout[s - 1]]
+    assert crossings == [5, 9, 13, 17]  # each stage's phases 1 and 2, then continual training
+    assert set(crossings) | {s - 1 for s in crossings} | {4, 8, 12, 16, 20, 24} <= set(kept)
+    assert len(kept) < len(full["steps"])
+    assert sum(r["steps"] for r in short["steps"]) == 24
+    assert sum(r["dt"] for r in short["steps"]) == pytest.approx(sum(r["dt"] for r in
+                                                                     full["steps"]))
+    assert sum(r["loss"] * r["steps"] for r in short["steps"]) == pytest.approx(
+        sum(r["loss"] for r in full["steps"]))
+    assert short["steps"][-1]["flops"] == full["steps"][-1]["flops"]
+    assert plot.run_row(short, "inc2", None, 3.0) == plot.run_row(full, "inc2", None, 3.0) | {
+        "train_seconds": pytest.approx(plot.run_row(full, "inc2", None, 3.0)["train_seconds"])}
+    with pytest.raises(ValueError, match="not a compact log"):
+        results.read_header(out / "log.jsonl")
+
+
+def test_sweep_results_count_as_finished_and_other_flags_are_refused(tmp_path, data, capsys):
+    """--results keeps each finished run's compact log; another sitting (a new --out, nothing of
+    the first left) skips the runs found there and summarizes from them. A study whose finished
+    runs were made with other flags is refused before anything runs, in one line, where skipping
+    them would have put their numbers in this study's table; its advice, taken, runs."""
+    extra = ["--preset", "tiny", "--data-dir", str(data), *SWEEP_TOY, "--n-layer", "2",
+             "--max-steps", "3"]
+    res = tmp_path / "results"
+    sweep.main(["--regimes", "baseline", "--seeds", "1", "--out", str(tmp_path / "a"),
+                "--results", str(res), "--", *extra])
+    printed = capsys.readouterr().out
+    assert "[1/1] baseline seed 1: done" in printed and f"kept in {res}" in printed
+    header = results.read_header(res / "baseline" / "seed1.jsonl")
+    assert header["regime"] == "baseline" and header["config"]["max_steps"] == 3
+    table = printed[printed.index("| regime"):printed.index("wrote")]
+    shutil.rmtree(tmp_path / "a")
+    sweep.main(["--regimes", "baseline", "--seeds", "1", "--out", str(tmp_path / "b"),
+                "--results", str(res), "--", *extra])
+    printed = capsys.readouterr().out
+    assert f"[1/1] baseline seed 1: in {res / 'baseline' / 'seed1.jsonl'}, skipped" in printed
+    assert not (tmp_path / "b" / "baseline").exists() and table in printed
+
+    # other flags than the finished runs': in --results, and in --out alone
+    for argv in (["--out", str(tmp_path / "c"), "--results", str(res)],
+                 ["--out", str(tmp_path / "b")]):
+        if "--results" not in argv:  # a finished run in the out folder, none in results
+            sweep.main([*argv, "--regimes", "baseline", "--seeds", "1", "--", *extra])
+            capsys.readouterr()
+        err = one_line_error(sweep.main, [*argv, "--regimes", "baseline", "--seeds", "1", "--",
+                                          *extra[:-1], "2"], capsys)
+        assert "was made with other flags (--max-steps: 3 there, 2 here): give this study " \
+               "another --out (and --results)" in err
+    sweep.main(["--out", str(tmp_path / "d"), "--results", str(tmp_path / "res2"),
+                "--regimes", "baseline", "--seeds", "1", "--", *extra[:-1], "2"])
+    assert "[1/1] baseline seed 1: done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--parts", "nope"], "--parts: unknown nope; known: study"),
+    (["--parts", "study", "--seeds", "1"], "--parts sets --seeds itself"),
+    (["--parts", "study", "--", "--lr", "1"], "--parts sets the flags after -- itself"),
+    (["--seeds", "1"], "give --regimes and --out (or --parts)")])
+def test_sweep_parts_take_no_other_flags(argv, message, capsys):
+    assert message in one_line_error(sweep.main, argv, capsys)
+
+
+def test_results_readme_tables_are_what_the_committed_logs_give(tmp_path):
+    """Every README block emptied, `python results.py` writes them back byte for byte from
+    results/; and each part's command in the README is the one results.PARTS runs."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    blocks = results.BLOCK.findall(readme)
+    assert {name for _, name, _, _ in blocks} == set(results.BLOCKS)
+    emptied = results.BLOCK.sub(lambda m: m.group(1) + m.group(4), readme)
+    copy = tmp_path / "README.md"
+    copy.write_text(emptied, encoding="utf-8")
+    logs = shutil.copytree(results.RESULTS, tmp_path / "results")  # the figures are written there
+    argv = ["--readme", str(copy), "--results", str(logs)]
+    with pytest.raises(SystemExit) as e:
+        results.main([*argv, "--check"])
+    assert e.value.code == 1
+    results.main(argv)
+    assert copy.read_text(encoding="utf-8") == readme
+    results.main([*argv, "--check"])
+    assert {p.name for p in logs.glob("*.png")} == {f"{name}.png" for name in results.PARTS
+                                                     if results.part_runs(name)}
+    for name in results.PARTS:
+        assert results.part_command(name) in readme
 
 
 # ----------------------------------------------------------------------------------------------
