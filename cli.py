@@ -2,12 +2,20 @@
 fix (a bad flag, a missing file, a full disk) is one line, never a traceback.
 """
 import argparse
+import signal
 import sys
 from contextlib import contextmanager
 
-import torch
+# Every script imports this module first, so that Ctrl-C while the rest load (torch takes a
+# second or two) ends it at once, quietly, as the signal's default does; Parser.parse_args hands
+# Ctrl-C back to Python (KeyboardInterrupt, which one_line_errors makes one line) from there on.
+# A script started in the background ignores SIGINT: that stays.
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-from data import DataError
+import torch  # noqa: E402
+
+from data import DataError  # noqa: E402
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,6 +38,11 @@ class Parser(argparse.ArgumentParser):
                      else str(default).replace("%", "%%"))
             kwargs["help"] = f"{kwargs.get('help', '')} (default: {shown})"
         return super().add_argument(*names, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # set above, while importing
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return super().parse_args(args, namespace)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -16,6 +16,8 @@ train.py's cumulative `flops` column comes from model.step_flops, and the tables
 grow.schedule_phases over the same Schedule train.py runs, so the log and this script agree by
 construction.
 """
+from cli import Parser, one_line_errors  # first: Ctrl-C while the rest load stops quietly
+
 import ctypes
 import json
 import math
@@ -27,7 +29,6 @@ from fractions import Fraction
 
 import devices
 import grow
-from cli import Parser, one_line_errors
 from config import resolve
 from model import (
     PEAK_BF16,

@@ -15,6 +15,8 @@ own files), or for a byte- or char-level model a tokenizer.json that maps each b
 its id (and the data's tokenizer record, nanogrow_tokenizer.json). Writing the folder needs
 safetensors, not transformers.
 """
+from cli import Parser, one_line_errors  # first: Ctrl-C while the rest load stops quietly
+
 import json
 import os
 import shutil
@@ -23,7 +25,6 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import runfolder
-from cli import Parser, one_line_errors
 from data import EOT, GPT2_META, gpt2_bpe_files
 from model import CONV1D_WEIGHTS
 

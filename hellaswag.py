@@ -10,6 +10,8 @@ acc 0.2859 / acc_norm 0.2955 here on the 10,042 val examples, acc_norm 0.3114 in
     python hellaswag.py --model gpt2 --json
     torchrun --nproc_per_node=8 hellaswag.py --checkpoint out/ckpt.pt
 """
+from cli import Parser, one_line_errors  # first: Ctrl-C while the rest load stops quietly
+
 import json
 import os
 import time
@@ -22,7 +24,6 @@ from tqdm import tqdm
 
 import devices
 import runfolder
-from cli import Parser, one_line_errors
 from data import DataError, gpt2_encoding
 from model import GPT, SIZES
 from prepare_fineweb import DownloadError, download

@@ -11,6 +11,8 @@ A run is labelled by its folder name (--labels a,b,... overrides); the run label
 the reference for the table's budget columns. A study's runs are labelled by their regime folder,
 and its table gives each regime's mean ± sd over seeds. matplotlib is needed only for the figures.
 """
+from cli import Parser, one_line_errors  # first: Ctrl-C while the rest load stops quietly
+
 import json
 import math
 import os
@@ -19,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import Parser, one_line_errors
 
 EMA = 0.9  # per-step loss is noisy; this smooths over ~10 steps, light next to a run's thousands
 STEP_FIELDS = ("step", "loss", "flops", "dt")  # what the figure and table read from a step record

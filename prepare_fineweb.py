@@ -11,6 +11,8 @@ The shards and meta.json are data.py's format: a folder made from --text records
 The hub address comes from $HF_ENDPOINT when set, else https://huggingface.co.
 """
 
+from cli import Parser  # first: Ctrl-C while the rest load stops quietly
+
 import fcntl
 import hashlib
 import json
@@ -27,7 +29,6 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from cli import Parser
 from data import (
     EOT,
     TOKENIZERS,

@@ -9,6 +9,8 @@ from those logs alone.
 A README table sits between `<!-- results.py: NAME -->` and `<!-- /results.py -->`; this file
 writes what is between them, so the README and the logs cannot drift apart.
 """
+from cli import Parser, one_line_errors  # first: Ctrl-C while the rest load stops quietly
+
 import json
 import os
 import re
@@ -16,7 +18,6 @@ import sys
 from pathlib import Path
 
 import plot
-from cli import Parser, one_line_errors
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -280,13 +280,14 @@ class Log:
 class StopFlag:
     """While active, the first SIGTERM/SIGINT asks the loop to checkpoint and stop at the end of
     the step, and says so at once; a second one stops at once, leaving the last checkpoint as it
-    was."""
+    was. `signum` keeps the first signal: a stopped run exits 128 + it, as the signal's own death
+    would (130 for Ctrl-C), so `train.py ... && next` does not go on to `next`."""
 
     def __init__(self, announce=True):
         self.announce = announce  # rank 0 speaks for every rank
 
     def __enter__(self):
-        self.set = False
+        self.set, self.signum = False, None
         self.saved = {sig: signal.signal(sig, self.handle)
                       for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
@@ -294,7 +295,7 @@ class StopFlag:
     def handle(self, signum, frame):
         if self.set:
             raise KeyboardInterrupt
-        self.set = True
+        self.set, self.signum = True, signum
         if self.announce:  # os.write: print() is not safe inside a signal handler
             os.write(2, b"stopping after this step, checkpoint follows; Ctrl-C again to stop now\n")
 

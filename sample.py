@@ -10,11 +10,12 @@ tokens: the same seed gives the same text (on the same device). train.py --sampl
 sample() too.
 """
 
+from cli import Parser, one_line_errors  # first: Ctrl-C while the rest load stops quietly
+
 import torch
 from torch.nn import functional as F
 
 import runfolder
-from cli import Parser, one_line_errors
 from data import tokenizer
 from devices import autocast, pick_device
 

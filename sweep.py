@@ -29,6 +29,8 @@ each in out/PART with its compact logs in results/PART:
 
     python sweep.py --parts study,late --jobs 2
 """
+from cli import Parser, one_line_errors  # first: Ctrl-C while the rest load stops quietly
+
 import os
 import signal
 import subprocess
@@ -43,7 +45,6 @@ import torch
 import config
 import plot
 import results
-from cli import Parser, one_line_errors
 from runfolder import hold, no_checkpoint_yet, other_flags, read
 
 HERE = Path(__file__).resolve().parent

@@ -12,7 +12,11 @@ each step runs and trains comes from grow.py's Schedule; every flag and default 
 devices.py starts the processes, data.py reads the shards, runfolder.py keeps the checkpoint and
 the log.
 """
+from cli import one_line_errors  # first: Ctrl-C while the rest load stops quietly
+
 import math
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +28,6 @@ import devices
 import grow
 import hellaswag
 import sample
-from cli import one_line_errors
 from config import Config, parse_args
 from data import ShardLoader, ValSet, open_shards, read_meta, tokenizer
 from fused_loss import FusedLoss
@@ -208,7 +211,7 @@ def show_samples(run, state, log):
 
 def train(run, stop):
     """Enter stages as they come, evaluate and checkpoint on their cadence, and between them one
-    train_step per iteration; stop (checkpointed) when asked."""
+    train_step per iteration; stop (checkpointed) when asked. Returns whether it stopped so."""
     f, schedule, opt = run.flags, run.schedule, run.new_optimizer()
     # where the run stands: step 0, or (--resume) the checkpoint's weights, AdamW, data and RNG
     state, log = start(run.out, run.rank, asdict(f), schedule,
@@ -245,13 +248,15 @@ def train(run, stop):
         if stop_now:
             log.print(f"stopped at step {state.step}; {run.out / 'ckpt.pt'} saved: continue with "
                       "--resume")
-            break
-    else:  # the final evaluation (and samples), after the last step
-        evaluate(run, state, log, state.flops >= run.baseline_cost and not state.equal_cost_done,
-                 f.hellaswag_every > 0)
-        if f.sample_every > 0:
-            show_samples(run, state, log)
+            log.close()
+            return True
+    # the final evaluation (and samples), after the last step
+    evaluate(run, state, log, state.flops >= run.baseline_cost and not state.equal_cost_done,
+             f.hellaswag_every > 0)
+    if f.sample_every > 0:
+        show_samples(run, state, log)
     log.close()
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +330,10 @@ def main(argv=None):
                 run.lock = claim(run.out, flags.resume)  # refuses a folder another run holds
                 print(cost.summary(run))
             with StopFlag(announce=run.rank == 0) as stop:
-                train(run, stop)
+                stopped = train(run, stop)
+            if stopped:  # checkpointed, not finished: exit as the signal would (130 for Ctrl-C)
+                # so `train.py ... && next` stops there; a rank not signalled, as by SIGTERM
+                sys.exit(128 + (stop.signum or signal.SIGTERM))
     finally:  # every rank, however the run ended; in-process callers (tests) get OUT back too
         if run is not None and run.lock is not None:
             run.lock.close()
