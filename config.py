@@ -31,6 +31,9 @@ def option(default, help, lo=None, hi=None, above=False, choices=None):
                                                 choices=choices))
 
 
+MAX_STEPS = 10**9  # 500,000 times GPT-2's 10B-token run: more is a typo, not a plan
+
+
 @dataclass
 class Config:
     # ---- what runs -------------------------------------------------------------------------
@@ -44,7 +47,7 @@ class Config:
     # ---- incremental regime (Li et al.) --------------------------------------------------------
     stages: int = option(1, "S stages that each add layers; 1 = the baseline", lo=1)
     inc_steps: int = option(10000, "steps of the S stages (T_inc); continual training follows",
-                            lo=1)
+                            lo=1, hi=MAX_STEPS)
     phase1_frac: float = option(0.5, "share of each stage spent in phase 1", lo=0, hi=1)
     phase1_mode: str = option("freeze", "phase 1: freeze old blocks (gradients pass through), "
                               "isolate them (no_grad), or none",
@@ -79,7 +82,7 @@ class Config:
     lr: float = option(6e-4, "peak learning rate", lo=0, above=True)
     min_lr: float = option(6e-5, "learning rate at the end of the decay", lo=0)
     warmup: int = option(715, "linear warmup steps", lo=0)
-    max_steps: int = option(19073, "optimizer steps in all", lo=1)
+    max_steps: int = option(19073, "optimizer steps in all", lo=1, hi=MAX_STEPS)
     schedule: str = option("cosine", "cosine: warmup then cosine to --min-lr; constant: warmup "
                            "then --lr (the authors': --warmup 0); wsd: warmup, constant, decay",
                            choices=("cosine", "constant", "wsd"))
@@ -91,7 +94,8 @@ class Config:
                               lo=0)
     budget_steps: int = option(0, "set --max-steps so the run spends what the full-depth "
                                "baseline spends in this many steps (expected FLOPs, as cost.py "
-                               "counts them); equal_cost is marked there; 0 = off", lo=0)
+                               "counts them); equal_cost is marked there; 0 = off", lo=0,
+                               hi=MAX_STEPS)
     seed: int = option(1337, "seeds the weights, the shard order and the depth draws",
                        lo=0, hi=2**32 - 1)
     # ---- data, evaluation, output -------------------------------------------------------------

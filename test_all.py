@@ -677,7 +677,9 @@ NON_NEGATIVE = ["--warmup", "--seed", "--msg-ramp", "--budget-steps", "--val-tok
                             for v in ("-1", "nan", "inf", "x")]
                          + [("--lr", "0"), ("--phase1-frac", "1.5"), ("--seed", str(2**40)),
                             ("--rewarm", "-2"), ("--hellaswag-limit", "0"), ("--preset", "huge"),
-                            ("--regime", "x"), ("--schedule", "x")])
+                            ("--regime", "x"), ("--schedule", "x")]
+                         + [(f, str(10**20)) for f in ("--max-steps", "--inc-steps",
+                                                       "--budget-steps")])
 def test_baseline_flag_sweep_refuses_every_bad_value(tmp_path, data, capsys, flag, value):
     """Zero, negative, malformed and out-of-range values of every numeric flag: refused before any
     work, in one line that names the flag and the value."""
