@@ -65,6 +65,12 @@ def read_log(path):
         if missing:
             raise ValueError(f"{path}:{n}: {kind} record without {', '.join(missing)} "
                              "(not a train.py log?)")
+        for k in needed if "loss" in rec or "val_loss" in rec else ():
+            whole = k == "step"
+            if isinstance(rec[k], bool) or not isinstance(rec[k], int if whole else (int, float)):
+                raise ValueError(f"{path}:{n}: {kind} record whose {k} is {rec[k]!r}, not "
+                                 f"{'a whole number' if whole else 'a number'} "
+                                 "(not a train.py log?)")
         if "loss" in rec:
             steps[rec["step"]] = rec
         elif "val_loss" in rec:

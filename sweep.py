@@ -146,7 +146,8 @@ def parts_args(p, args, own, extra):
     if args.jobs < 1 or args.nproc < 1 or (args.jobs > 1 and args.nproc > 1):
         p.error(f"--jobs {args.jobs} --nproc {args.nproc}: give one of them, at least 1")
     args.studies = [(results.PARTS[n]["regimes"], results.SEEDS, results.PARTS[n]["flags"],
-                     f"out/{n}", f"results/{n}", results.PARTS[n]["baseline"]) for n in names]
+                     f"out/{n}", str(results.RESULTS / n), results.PARTS[n]["baseline"])
+                    for n in names]
     return args
 
 

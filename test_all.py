@@ -2246,7 +2246,12 @@ def test_plot_missing_matplotlib(hand_runs, tmp_path):
                                      "{oops\n",
                                      # no flops
                                      json.dumps({"step": 1, "loss": 3.0, "dt": 0.1}) + "\n",
-                                     "[1, 2]\n"])
+                                     "[1, 2]\n",
+                                     # a field of the wrong type: its line is named
+                                     json.dumps({"step": "1", "loss": 3.0, "flops": 1, "dt": 0.1})
+                                     + "\n",
+                                     json.dumps({"step": 1, "loss": 3.0, "flops": 1, "dt": 0.1})
+                                     + "\n" + json.dumps({"step": 1, "val_loss": "low"}) + "\n"])
 def test_plot_bad_input(tmp_path, capsys, content):
     log = tmp_path / "log.jsonl"
     if content is not None:
@@ -2256,6 +2261,7 @@ def test_plot_bad_input(tmp_path, capsys, content):
     assert e.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(log) in err[0]
+    assert "not a" not in err[0] or re.search(r"log\.jsonl:\d+: ", err[0])  # the line, named
     assert not (tmp_path / "fig.png").exists()
 
 
