@@ -25,6 +25,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import runfolder
+from config import Config
 from data import EOT, GPT2_META, gpt2_bpe_files
 from model import CONV1D_WEIGHTS
 
@@ -105,6 +106,23 @@ def byte_alphabet():
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
+def gates_open(ckpt):
+    """What to do with a checkpoint saved while MSG's gates were opening: go on to the step where
+    they are open, if its run gets there, or train again so that it does."""
+    if "config" not in ckpt:  # a checkpoint made by hand
+        return "export a checkpoint saved after --msg-ramp steps of the last stage"
+    cfg = ckpt["config"]
+    schedule = Config(**cfg).build_schedule()
+    stage = schedule.stages[schedule.stage_index(ckpt["step"])]
+    open_at = stage.start + stage.ramp
+    if open_at <= cfg["max_steps"]:
+        return (f"they are open from step {open_at}: continue the run past it (train.py with its "
+                f"flags and --resume; it stopped at step {ckpt['step']}), then export")
+    return (f"its run ends at step {cfg['max_steps']}, before its last stage's gates open at step "
+            f"{open_at}: train it again with that stage starting {stage.ramp} or more steps before "
+            "the end (a smaller last --grow-at, or a shorter --msg-ramp)")
+
+
 def export(checkpoint, out):
     """Write the checkpoint's model to the folder `out` (absent or empty), atomically: into a
     folder beside it, renamed into place when complete. Returns (depth, unique blocks, tokenizer
@@ -114,8 +132,8 @@ def export(checkpoint, out):
     meta = ckpt["tokenizer"]
     if plan.gates is not None:
         raise ValueError(f"{checkpoint} was saved while MSG's gates were opening "
-                         f"(μ = {plan.gates}), which GPT-2 cannot express: export a checkpoint "
-                         "saved after --msg-ramp steps of the last stage")
+                         f"(μ = {plan.gates}), which GPT-2 cannot express: "
+                         + gates_open(ckpt))
     out = Path(out)
     if out.parent.exists() and not out.parent.is_dir():
         raise ValueError(f"--out {out}: {out.parent} is a file, not a folder: choose another --out")

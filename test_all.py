@@ -3133,6 +3133,31 @@ def test_export_folder_works_with_autotokenizer_and_pipeline(name, tmp_path, cap
     made = generate("ROMEO:", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert made == ours.decode(ids[0].tolist())
 
+def test_export_of_msg_mid_ramp_gives_advice_that_works(tmp_path, data, capsys):
+    """A checkpoint saved while MSG's gates were opening: a run that stopped there is told the step
+    to continue past (resuming to it, the export works); a run that ends before its gates open is
+    told to train again with its last stage earlier (done so, the export works)."""
+    msg = ["--regime", "msg", "--grow-layers", "2,4", "--msg-ramp", "8", "--max-steps", "20"]
+    stopped = tmp_path / "stopped"
+    assert killed_run(stopped, data, 5, *msg, "--grow-at", "0.2") == 5  # gates open 4 -> 12
+    err = one_line_error(export_main, ["--checkpoint", str(stopped / "ckpt.pt"),
+                                       "--out", str(tmp_path / "a")], capsys)
+    assert ("they are open from step 12: continue the run past it (train.py with its flags and "
+            "--resume; it stopped at step 5), then export") in err
+    run_train(stopped, data, *msg, "--grow-at", "0.2", "--resume")
+    export_main(["--checkpoint", str(stopped / "ckpt.pt"), "--out", str(tmp_path / "a")])
+
+    late = tmp_path / "late"
+    run_train(late, data, *msg, "--grow-at", "0.9")  # gates open 18 -> 26, after the end
+    err = one_line_error(export_main, ["--checkpoint", str(late / "ckpt.pt"),
+                                       "--out", str(tmp_path / "b")], capsys)
+    assert ("its run ends at step 20, before its last stage's gates open at step 26: train it "
+            "again with that stage starting 8 or more steps before the end") in err
+    run_train(tmp_path / "again", data, *msg, "--grow-at", "0.6")  # 12 -> 20
+    export_main(["--checkpoint", str(tmp_path / "again" / "ckpt.pt"), "--out", str(tmp_path / "b")])
+    assert (tmp_path / "b" / "model.safetensors").exists()
+
+
 def test_export_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
     def error_of(ckpt, out):
         with pytest.raises(SystemExit) as e:
