@@ -214,6 +214,22 @@ def hold(path, what):
     return lock
 
 
+def holder(path):
+    """The pid written in the lock file `path` while another process holds it (hold), else
+    None."""
+    try:
+        lock = open(path)
+    except FileNotFoundError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.read().strip() or "?"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return None
+
+
 def no_checkpoint_yet(log):
     """What to do with a folder whose run stopped before its first checkpoint."""
     return (f"{log} is the log of a run that stopped before its first checkpoint (or whose "

@@ -45,7 +45,7 @@ import torch
 import config
 import plot
 import results
-from runfolder import hold, no_checkpoint_yet, other_flags, read
+from runfolder import hold, holder, no_checkpoint_yet, other_flags, read
 
 HERE = Path(__file__).resolve().parent
 
@@ -299,6 +299,11 @@ def run_all(plans, out, jobs, nproc, results_dir):
                 keep(folder, dest, regime, seed, flags)
             say(f"{head}: finished earlier, skipped" + (f"; kept in {dest}" if dest else ""))
             return False
+        pid = holder(folder / "lock")
+        if pid:  # e.g. the run of an earlier sweep killed with SIGKILL, going on without it
+            say(f"{head}: FAILED: {folder} is in use by another train.py (pid {pid}), not of this "
+                f"sweep: wait for it to end (or stop it: kill {pid}), then run the sweep again")
+            return True
         resume = (folder / "ckpt.pt").exists()
         if (folder / "log.jsonl").exists() and not resume:
             say(f"{head}: FAILED: {no_checkpoint_yet(folder / 'log.jsonl')}")

@@ -2846,6 +2846,27 @@ def test_sweep_a_second_sweep_on_one_folder_is_refused_at_start(tmp_path, data, 
     assert not (out / "baseline").exists()  # nothing started, nothing called stale
 
 
+def test_sweep_names_a_run_left_going_by_a_killed_sweep_and_goes_on_once_it_ends(tmp_path, data,
+                                                                                  capsys):
+    """A sweep killed with SIGKILL leaves its runs going (their own processes): the next sweep
+    says which process holds the folder, rather than quoting that run's output; once it ends, the
+    same command runs it."""
+    out = tmp_path / "study"
+    argv = ["--regimes", "baseline", "--seeds", "1", "--out", str(out), "--", "--preset", "tiny",
+            "--data-dir", str(data), *SWEEP_TOY, "--max-steps", "2"]
+    (out / "baseline" / "seed1").mkdir(parents=True)
+    with runfolder.hold(out / "baseline" / "seed1" / "lock", "run"):  # the orphan, running
+        with pytest.raises(SystemExit) as e:
+            sweep.main(argv)
+    assert e.value.code == 1
+    assert (f"baseline seed 1: FAILED: {out / 'baseline' / 'seed1'} is in use by another "
+            f"train.py (pid {os.getpid()}), not of this sweep: wait for it to end (or stop it: "
+            f"kill {os.getpid()}), then run the sweep again") in capsys.readouterr().out
+    assert not (out / "baseline" / "seed1" / "train.out").exists()
+    sweep.main(argv)  # it ended: the advice, taken
+    assert "[1/1] baseline seed 1: done" in capsys.readouterr().out
+
+
 def test_sample_a_folder_for_a_checkpoint_points_at_the_file(tmp_path, capsys):
     save_plain_checkpoint(tiny_gpt(), tmp_path / "ckpt.pt")
     err = one_line_error(sample_main, ["--checkpoint", str(tmp_path), "--device", "cpu",
