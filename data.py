@@ -8,6 +8,7 @@ holds meta.json, the tokenizer its shards were made with (gpt2, byte or char, it
 for char its characters): train.py sizes the model's vocabulary from it, and a checkpoint keeps
 it for sample.py. A folder without meta.json is GPT-2's (llm.c's shards).
 """
+import hashlib
 import json
 import os
 import random
@@ -328,10 +329,28 @@ class ShardLoader:
         return batch_at(tokens, start, self.B, self.T)
 
     def state_dict(self):
-        return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
+        return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos,
+                "shards": fingerprint(self.files)}
 
     def load_state_dict(self, state):
+        """The position saved by state_dict, refused where the shards are not those it was saved
+        with (another text made into the same folder): resuming would read other tokens."""
+        then = state.get("shards")  # checkpoints written before it was saved have none
+        if then is not None and then != fingerprint(self.files):
+            folder = Path(self.files[0]).parent
+            raise ValueError(f"the training shards in {folder} are not those this run trained on "
+                             "(their names, sizes or first bytes differ): resume with the data it "
+                             "started on, or start a new run in another --out")
         self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
+
+
+def fingerprint(files):
+    """Each shard's name, size and a hash of its first 64 KiB: cheap, even for 10B tokens, and
+    enough to tell one text's shards from another's."""
+    def first_bytes(f):
+        with open(f, "rb") as fh:
+            return hashlib.sha256(fh.read(1 << 16)).hexdigest()[:16]
+    return [[Path(f).name, os.path.getsize(f), first_bytes(f)] for f in files]
 
 
 def open_shards(data_dir, B, T, rank, world, seed, val_tokens, vocab_size, per_step=None):

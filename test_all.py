@@ -2833,6 +2833,26 @@ def test_data_ctrl_c_while_tokenizing_is_one_line_and_keeps_nothing_half_written
     assert list((tmp_path / "e").iterdir()) == []
 
 
+def test_resume_refuses_other_shards_in_the_same_data_folder(tmp_path, data, capsys):
+    """Another text made into the run's --data-dir between its start and its --resume: refused in
+    one line, rather than training on other tokens from the saved position; the data put back,
+    the run resumes."""
+    folder = tmp_path / "data"
+    shutil.copytree(data, folder)
+    run_train(tmp_path / "run", folder, "--max-steps", "2")
+    saved = {p.name: p.read_bytes() for p in folder.iterdir()}
+    make_shards(folder, seed=7)  # the same names, other tokens
+    argv = ["--preset", "tiny", "--data-dir", str(folder), "--out", str(tmp_path / "run"), *TOY,
+            "--max-steps", "4", "--resume"]
+    err = one_line_error(train.main, argv, capsys)
+    assert (f"the training shards in {folder} are not those this run trained on (their names, "
+            "sizes or first bytes differ): resume with the data it started on") in err
+    for name, content in saved.items():
+        (folder / name).write_bytes(content)
+    train.main(argv)
+    assert read_log(tmp_path / "run")[0][-1]["step"] == 4
+
+
 def test_sweep_a_second_sweep_on_one_folder_is_refused_at_start(tmp_path, data, capsys):
     out = tmp_path / "study"
     with runfolder.hold(out / "sweep.lock", "sweep"):  # a sweep running there
