@@ -277,6 +277,10 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokeniz
             bar.set_postfix_str(f"{len(tokens):,} tokens", refresh=False)
     tokens = np.array(tokens, dtype=np.uint16)
     n_train = int(len(tokens) * (1 - val_frac))
+    if min(n_train, len(tokens) - n_train) < 2:  # a window is a token and the one after it
+        raise DataError(f"{text_path} makes {len(tokens)} tokens: {n_train} to train on and "
+                        f"{len(tokens) - n_train} to validate on, where each needs 2 or more "
+                        f"(and a run's batch many more): give a longer text")
     for path, part in ((val, tokens[n_train:]), (train, tokens[:n_train])):
         try:
             other = path.exists() and not np.array_equal(read_shard(path), part)

@@ -1682,6 +1682,20 @@ def test_data_text_source(tmp_path):
     assert enc.decode(val[-20:].tolist()) in SHAKESPEARE.read_text(encoding="utf-8")[-200:]
 
 
+def test_data_text_too_short_for_both_splits_is_refused_and_writes_nothing(tmp_path, capsys):
+    """Two tokens (the document's start and "hi") cannot make a train and a validation split:
+    refused in one line, no folder; a longer text, as advised, makes both."""
+    (tmp_path / "two.txt").write_text("hi")
+    assert pf.main(["--text", str(tmp_path / "two.txt"), "--out", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (f"{tmp_path / 'two.txt'} makes 2 tokens: 1 to train on and "
+                                     "1 to validate on, where each needs 2 or more") in err
+    assert not (tmp_path / "d").exists()
+    (tmp_path / "two.txt").write_text("hi there, " * 10)
+    assert pf.main(["--text", str(tmp_path / "two.txt"), "--out", str(tmp_path / "d")]) == 0
+    assert all(len(data_mod.read_shard(f)) >= 2 for f in (tmp_path / "d").glob("*.bin"))
+
+
 class FakeTTY(io.StringIO):
     def isatty(self):
         return True
