@@ -38,6 +38,14 @@ PARTS = {
     "late": dict(regimes=["baseline-wsd", "late0", "late1", "late1-random", "late0-at0.5",
                           "late0-at0.7", "late0-at0.9"],
                  flags=CHAR, baseline="baseline-wsd"),
+    # 3. three times the budget: the baselines and the growth regimes closest to them in part 1
+    "long": dict(regimes=["baseline", "baseline-wsd", "inc4-copy-top", "inc4-isolate", "late1"],
+                 flags=CHAR + ["--budget-steps", "9000"], baseline="baseline"),
+    # 4. width 128 (4x the parameters), the same regimes at the same FLOPs per parameter: the
+    # same tokens, so the same 3,000 baseline steps
+    "wide": dict(regimes=["baseline", "baseline-wsd", "inc4-copy-top", "inc4-isolate", "late1"],
+                 flags=CHAR + ["--budget-steps", "3000", "--n-embd", "128", "--n-head", "8"],
+                 baseline="baseline"),
 }
 SEEDS = [1, 2, 3]
 
@@ -116,14 +124,184 @@ def part_runs(name, results=RESULTS):
         return None
 
 
+def reference(regime):
+    """What a regime is measured against: late expansion (which uses WSD) against the same
+    schedule without the expansion, where the part has it; every other regime against the cosine
+    baseline."""
+    return "baseline-wsd" if regime.startswith("late") else "baseline"
+
+
+def summaries(name, results=RESULTS):
+    """{reference: plot.study_summary of the part's runs against it} for each reference the part
+    has runs of ({} where it has none)."""
+    found = part_runs(name, results)
+    if found is None:
+        return {}
+    runs, labels = found
+    return {ref: plot.study_summary(runs, labels, ref) for ref in ("baseline", "baseline-wsd")
+            if ref in labels}
+
+
+def row(name, regime, results=RESULTS):
+    """(the regime's row, its reference's row, the reference's summary) in a part, or None where
+    either has no runs there."""
+    summary = summaries(name, results).get(reference(regime))
+    rows = {r["regime"]: r for r in (summary or {}).get("regimes", [])}
+    if regime not in rows or summary["baseline"] not in rows:
+        return None
+    return rows[regime], rows[summary["baseline"]], summary
+
+
+def compare(r, ref, key="budget_val_loss"):
+    """(difference of means, the larger sd, "ahead" / "behind" / "tie"): a difference no larger
+    than the larger of the two standard deviations is a tie (lower loss is ahead); with one seed
+    of either there is no spread to judge by."""
+    (m, sd), (m_ref, sd_ref) = r[key], ref[key]
+    d = m - m_ref
+    if sd is None or sd_ref is None:
+        return d, None, "one seed: no verdict"
+    spread = max(sd, sd_ref)
+    return d, spread, "tie" if abs(d) <= spread else "ahead" if d < 0 else "behind"
+
+
+def mean_sd(pair, fmt="{:.4f}"):
+    mean, sd = pair
+    return "–" if mean is None else fmt.format(mean) + ("" if sd is None else
+                                                        " ± " + fmt.format(sd))
+
+
+def ratio(r, key, missed):
+    """A FLOPs ratio cell: mean ± sd over the seeds that got there, and how many never did."""
+    text = mean_sd(r[key], "{:.2f}") if r[missed] < r["n"] else ""
+    return text + ("; " if text and r[missed] else "") + (f"{r[missed]} of {r['n']} never"
+                                                          if r[missed] else "")
+
+
+def answer_block(results=RESULTS):
+    """The question itself, from part "study": each regime at equal FLOPs against its reference,
+    and the compute it needs to reach and stay at the reference's final val loss."""
+    lines = ["| regime | against | n | val loss at equal FLOPs | difference | verdict "
+             "| FLOPs to reach the reference's final loss (×) | ... and stay there (×) |",
+             "|---|---|---:|---:|---:|---|---:|---:|"]
+    for regime in PARTS["study"]["regimes"]:
+        found = row("study", regime, results)
+        if found is None or regime == reference(regime):
+            continue
+        r, ref, _ = found
+        d, spread, word = compare(r, ref)
+        lines.append(f"| {regime} | {ref['regime']} {mean_sd(ref['budget_val_loss'])} | {r['n']} "
+                     f"| {mean_sd(r['budget_val_loss'])} | {d:+.4f} | {word} "
+                     f"| {ratio(r, 'flops_ratio', 'not_reached')} "
+                     f"| {ratio(r, 'stay_ratio', 'not_stayed')} |")
+    if len(lines) == 2:
+        return "No runs of part study are in results/study yet."
+    return "\n".join(lines)
+
+
+def scale_block(results=RESULTS):
+    """How the answer moves with the budget (part long) and the model's size (part wide): each
+    regime's difference from its reference at equal FLOPs, in each part that ran it."""
+    names = [n for n in ("study", "long", "wide") if n in PARTS]
+    heads = {"study": "the study's budget", "long": "3× the budget", "wide": "width 128"}
+    lines = ["| regime | " + " | ".join(heads[n] for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    regimes = [r for r in PARTS.get("long", PARTS["study"])["regimes"] if r != reference(r)]
+    for regime in regimes:
+        cells = []
+        for name in names:
+            found = row(name, regime, results)
+            if found is None:
+                cells.append("not run yet")
+                continue
+            d, _, word = compare(*found[:2])
+            cells.append(f"{d:+.4f} ({word}, n = {found[0]['n']})")
+        lines.append(f"| {regime} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# each paper's claim, at the scale it was made at, and what would agree with it here: a regime
+# "ahead" of (or "behind") its reference at equal FLOPs in part study, or, for late expansion,
+# a final val loss within a gap of its reference's at equal steps in part late
+CLAIMS = [
+    ("Li, Fung & Huang 2024", "incremental models trail the baseline at the equal-cost point and "
+     "need about 45% more compute to match it (GPT-2 124M, 10B tokens)",
+     "study", ["inc4-freeze", "inc4-isolate", "inc4-copy-top", "inc12"], "behind"),
+    ("Apollo (Pan et al. 2024)", "47.9% of the compute saved (GPT-Base)", "study", ["apollo"],
+     "ahead"),
+    ("G_stack (Du et al. 2024)", "a 54.6% speed-up (7B)", "study", ["gstack"], "ahead"),
+    ("MSG (Yao et al. 2024)", "a 1.4× speed-up (GPT-2)", "study", ["msg"], "ahead"),
+    ("Bu 2025, late expansion", "at equal steps, a final loss within 0.5% of the baseline's for "
+     "GPT-2 124M (within 0.2% at 7B, where the \"≈80% of compute saved\" headline is made)",
+     "late", ["late0", "late1"], 0.005),
+]
+
+
+def claim_verdict(words, expect):
+    """One verdict from each regime's comparison: agrees or disagrees when all do, cannot tell
+    when all are ties, mixed otherwise."""
+    if any(w.startswith("one seed") for w in words):
+        return "no verdict yet: one seed"
+    if all(w == expect for w in words):
+        return "agrees"
+    if all(w in ("ahead", "behind") and w != expect for w in words):
+        return "disagrees"
+    return "cannot tell: ties" if all(w == "tie" for w in words) else "mixed"
+
+
+def claims_block(results=RESULTS):
+    lines = ["| paper | its claim, at its scale | here (3 seeds each unless said) "
+             "| verdict at this scale |", "| --- | --- | --- | --- |"]
+    for paper, claim, part, regimes, expect in CLAIMS:
+        found = [(regime, row(part, regime, results)) for regime in regimes]
+        found = [(regime, f) for regime, f in found if f is not None]
+        if not found:
+            lines.append(f"| {paper} | {claim} | not run yet (part {part}) | – |")
+            continue
+        cells, words = [], []
+        for regime, (r, ref, _) in found:
+            if isinstance(expect, float):  # a final-loss gap at equal steps
+                gap, sd = r["final_gap"]
+                cells.append(f"{regime} {gap:+.1%} ± {(sd or 0):.1%} (n = {r['n']})")
+                words.append("one seed" if sd is None else "within" if gap + sd <= expect
+                             else "beyond" if gap - sd > expect else "tie")
+            else:
+                d, _, word = compare(r, ref)
+                cells.append(f"{regime} {mean_sd(r['budget_val_loss'])} against "
+                             f"{ref['regime']} {mean_sd(ref['budget_val_loss'])}: {word}"
+                             + (f" (n = {r['n']})" if r["n"] != 3 else ""))
+                words.append(word)
+        if isinstance(expect, float):
+            verdict = claim_verdict(["ahead" if w == "within" else "behind" if w == "beyond"
+                                     else w for w in words], "ahead")
+            sense = f"gap to {found[0][1][1]['regime']} at equal steps; the claim: within "
+            cells.insert(0, sense + f"{expect:.1%}:")
+        else:
+            verdict = claim_verdict(words, expect)
+        lines.append(f"| {paper} | {claim} | {'; '.join(cells)} | {verdict} |")
+    return "\n".join(lines)
+
+
+def progress_block(results=RESULTS):
+    """Where the study stands: per part, its runs in results/ of those it plans, and their
+    training time (the step times summed; evaluation and the machine's other work aside)."""
+    lines = ["| part | runs in results/ | training time of those runs |", "|---|---:|---:|"]
+    for name, part in PARTS.items():
+        found = part_runs(name, results)
+        runs = found[0] if found else []
+        seconds = sum(r["dt"] for run in runs for r in run["steps"])
+        lines.append(f"| {name} | {len(runs)} of {len(part['regimes']) * len(SEEDS)} "
+                     f"| {seconds / 3600:.2f} h |")
+    return "\n".join(lines)
+
+
 def study_block(name, results=RESULTS, baseline=None, regimes=None):
     """A part's summary table (plot.study_table) against `baseline` (the part's own by
     default), over `regimes` (default: all of its runs)."""
     found = part_runs(name, results)
-    if found is None:
-        return f"No runs of this part are in results/{name} yet."
-    runs, labels = found
     baseline = baseline or PARTS[name]["baseline"]
+    if found is None or baseline not in found[1]:
+        return f"No runs of {baseline} in results/{name} yet."
+    runs, labels = found
     keep = [i for i, label in enumerate(labels)
             if regimes is None or label in regimes or label == baseline]
     summary = plot.study_summary([runs[i] for i in keep], [labels[i] for i in keep], baseline)
@@ -137,12 +315,18 @@ def command_block(name):
 BLOCKS = {  # a README block's name -> what goes between its markers
     **{f"command:{name}": (lambda name: lambda results: command_block(name))(name)
        for name in PARTS},
+    "progress": progress_block,
+    "answer": answer_block,
+    "claims": claims_block,
+    "scale": scale_block,
     "table:study": lambda results: study_block(
         "study", results, regimes=[r for r in PARTS["study"]["regimes"]
                                    if not r.startswith("late")]),
     "table:study-late": lambda results: study_block(
         "study", results, baseline="baseline-wsd", regimes=["late0", "late1"]),
     "table:late": lambda results: study_block("late", results),
+    **{f"table:{name}": (lambda name: lambda results: study_block(name, results))(name)
+       for name in ("long", "wide")},
 }
 BLOCK = re.compile(r"(<!-- results\.py: (\S+) -->\n)(.*?)(<!-- /results\.py -->)", re.S)
 
