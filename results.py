@@ -294,6 +294,25 @@ def progress_block(results=RESULTS):
     return "\n".join(lines)
 
 
+def trained_block(results=RESULTS):
+    """Part 1's baselines beside nanoGPT's shakespeare_char figures (from its README), to judge
+    whether the baseline is trained well."""
+    cells = []
+    for ref, schedule in (("baseline", "cosine"), ("baseline-wsd", "WSD")):
+        found = row("study", ref, results)
+        if found:
+            cells.append(f"{mean_sd(found[0]['final_val_loss'], '{:.3f}')} ({schedule}, "
+                         f"n = {found[0]['n']})")
+    return "\n".join([
+        "| run | parameters | tokens seen | val loss |", "| --- | --- | --- | --- |",
+        "| part 1's baseline (`--preset char`) | 0.6M | 3.1M (3 epochs) | "
+        + ("; ".join(cells) or "not run yet") + " |",
+        "| nanoGPT shakespeare_char, its CPU config (4 layers, d 128, no dropout) | 0.8M | 1.5M "
+        "| about 1.88 |",
+        "| nanoGPT shakespeare_char, GPU config (6 layers, d 384, dropout 0.2) | 10.7M | 82M "
+        "| 1.47 |"])
+
+
 def study_block(name, results=RESULTS, baseline=None, regimes=None):
     """A part's summary table (plot.study_table) against `baseline` (the part's own by
     default), over `regimes` (default: all of its runs)."""
@@ -318,6 +337,7 @@ BLOCKS = {  # a README block's name -> what goes between its markers
     "progress": progress_block,
     "answer": answer_block,
     "claims": claims_block,
+    "trained": trained_block,
     "scale": scale_block,
     "table:study": lambda results: study_block(
         "study", results, regimes=[r for r in PARTS["study"]["regimes"]
