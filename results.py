@@ -183,18 +183,22 @@ def answer_block(results=RESULTS):
     lines = ["| regime | against | n | val loss at equal FLOPs | difference | verdict "
              "| FLOPs to reach the reference's final loss (×) | ... and stay there (×) |",
              "|---|---|---:|---:|---:|---|---:|---:|"]
+    verdicts = {}  # verdict -> its regimes
     for regime in PARTS["study"]["regimes"]:
         found = row("study", regime, results)
         if found is None or regime == reference(regime):
             continue
         r, ref, _ = found
         d, spread, word = compare(r, ref)
+        verdicts.setdefault(word, []).append(regime)
         lines.append(f"| {regime} | {ref['regime']} {mean_sd(ref['budget_val_loss'])} | {r['n']} "
                      f"| {mean_sd(r['budget_val_loss'])} | {d:+.4f} | {word} "
                      f"| {ratio(r, 'flops_ratio', 'not_reached')} "
                      f"| {ratio(r, 'stay_ratio', 'not_stayed')} |")
     if len(lines) == 2:
         return "No runs of part study are in results/study yet."
+    lines += ["", "In short: " + "; ".join(f"{word}: {', '.join(regimes)}"
+                                           for word, regimes in sorted(verdicts.items())) + "."]
     return "\n".join(lines)
 
 
