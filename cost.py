@@ -29,7 +29,7 @@ from fractions import Fraction
 
 import devices
 import grow
-from config import resolve
+from config import MAX_STEPS, resolve
 from model import (
     PEAK_BF16,
     SIZES,
@@ -730,6 +730,14 @@ def parse_args(argv=None):
 
 def check(args):
     """A ValueError with a one-line reason for flags that can't work."""
+    limits = {"--steps": (args.steps, MAX_STEPS), "--stages": (args.stages, 10**4),
+              "--seq-len": (args.seq_len, 10**7), "--batch-tokens": (args.batch_tokens, 10**12),
+              "--ranks": (args.ranks, 10**6), "--accum": (args.accum, 10**6),
+              "--n-layer": (args.n_layer, 10**4), "--n-embd": (args.n_embd, 10**6),
+              "--vocab": (args.vocab, 10**7)}
+    for flag, (value, hi) in limits.items():
+        if value is not None and value > hi:  # more is a typo, not a plan
+            raise ValueError(f"{flag} {value}: must be {hi:,} or less")
     sizes = {"--steps": args.steps, "--seq-len": args.seq_len, "--batch-tokens": args.batch_tokens}
     for flag, value in sizes.items():
         if value <= 0:

@@ -14,6 +14,7 @@ from cli import Parser, one_line_errors  # first: Ctrl-C while the rest load sto
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -278,6 +279,10 @@ def main(argv=None):
         parser.error(f"--batch-size {args.batch_size}: must be 1 or more")
     if (args.checkpoint is None) == (args.model is None):
         parser.error("give exactly one of --checkpoint PATH or --model NAME")
+    given = sys.argv[1:] if argv is None else argv
+    if args.data_file and any(a == "--split" or a.startswith("--split=") for a in given):
+        parser.error("--split picks the file to download; --data-file gives the file: one of "
+                     "them")
 
     try:
         with one_line_errors():  # a missing or bad file, a failed download, a checkpoint

@@ -41,7 +41,8 @@ def run_label(path):
 
 def read_log(path):
     """{"steps": step records, "evals": eval records}, each sorted by step. A resumed run may write
-    a step again: the last record wins. Each eval gets "flops", the cumulative training FLOPs after
+    a step again: the last record wins, and what it logged past its checkpoint before it resumed
+    is dropped. Each eval gets "flops", the cumulative training FLOPs after
     the steps before it (eval s runs after s optimizer steps: step record s holds that total)."""
     path = log_path(path)
     if not path.is_file():
@@ -75,6 +76,11 @@ def read_log(path):
             steps[rec["step"]] = rec
         elif "val_loss" in rec:
             evals[rec["step"]] = rec
+        elif rec.get("resumed") and isinstance(rec.get("step"), int):
+            # the run went on from its checkpoint at this step: what it logged past that step
+            # before (a stretch cut off by a stop that saved no checkpoint) never happened
+            steps = {s: r for s, r in steps.items() if s <= rec["step"]}
+            evals = {s: r for s, r in evals.items() if s <= rec["step"]}
     if not steps:
         raise ValueError(f"{path}: no step records")
     flops = {0: 0, **{s: r["flops"] for s, r in steps.items()}}
@@ -532,6 +538,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if bool(args.logs) == bool(args.study):
         p.error("give run logs or --study DIR, one of them")
+    if not args.study and args.baseline != "baseline":
+        p.error("--baseline goes with --study; among run logs the reference is the run labelled "
+                "baseline: name it so with --labels")
     if args.study and (args.labels or args.x != "flops"):
         p.error("--study labels runs by their regime folder and draws against FLOPs: "
                 "drop --labels and --x")

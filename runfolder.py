@@ -71,11 +71,13 @@ def save(path, state, model, opt, loader, config, tokenizer, eval_plan):
         raise
 
 
-def read(path, device="cpu"):
+def read(path, device="cpu", mmap=False, run_own=False):
     """A train.py checkpoint as plain data, or a ValueError with one line saying what is wrong
-    with the file: missing, truncated, random bytes, some other program's, or an older format."""
-    fix = ("a ckpt.pt written by train.py is needed here: give another, or delete this one (and "
-           "its run's log.jsonl) to start that run over")
+    with the file: missing, truncated, random bytes, some other program's, or an older format.
+    mmap leaves the tensors on disk until used. run_own: the checkpoint is the run's own (--resume,
+    a sweep's run), which can be started over; else it was given, and another can be."""
+    fix = ("delete it (and its run's log.jsonl) to start that run over" if run_own else
+           "give the ckpt.pt of a train.py run (train.py writes OUT/ckpt.pt)")
     if not Path(path).exists():
         raise ValueError(f"no checkpoint at {path}: give the ckpt.pt of a train.py run (train.py "
                          "writes OUT/ckpt.pt)")
@@ -86,7 +88,7 @@ def read(path, device="cpu"):
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint at {path}: {fix}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # torch.load raises many kinds: zip, pickle, EOF, unsupported types
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated or "
                          f"not a train.py checkpoint): {fix}") from None
@@ -97,6 +99,12 @@ def read(path, device="cpu"):
                          f"earlier nanogrow; this one reads format {FORMAT}: use the version "
                          "that wrote it, or train again")
     return ckpt
+
+
+def saved_config(path):
+    """The config a checkpoint was saved with, its tensors left on disk (memory-mapped): cheap even
+    for a GPT-2 checkpoint."""
+    return read(path, mmap=True, run_own=True)["config"]
 
 
 def load_model(ckpt, device="cpu"):
@@ -118,7 +126,7 @@ def resume(path, config, schedule, schedule_of, model, opt, loader):
         if log.exists():
             raise FileNotFoundError(no_checkpoint_yet(log))
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume to start")
-    ckpt = read(path)
+    ckpt = read(path, run_own=True)
     then = ckpt["config"]
     diff = other_flags(then, config)
     if diff:

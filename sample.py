@@ -64,11 +64,14 @@ def sample(model, enc, prompt, num_samples, max_new_tokens, top_k, temperature, 
 
 def check(args):
     """A ValueError naming the first flag out of range."""
-    for name in ("num_samples", "max_new_tokens", "top_k"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    for name, hi in (("num_samples", 10**4), ("max_new_tokens", 10**6), ("top_k", 10**7)):
+        if not 1 <= getattr(args, name) <= hi:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a whole "
+                             f"number from 1 to {hi:,}")
     if not args.temperature > 0:
         raise ValueError(f"--temperature {args.temperature} must be above 0")
+    if args.seed < 0:  # as train.py's --seed
+        raise ValueError(f"--seed {args.seed}: must be 0 or more")
 
 
 def main(argv=None):

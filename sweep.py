@@ -45,7 +45,7 @@ import torch
 import config
 import plot
 import results
-from runfolder import hold, holder, no_checkpoint_yet, other_flags, read
+from runfolder import hold, holder, no_checkpoint_yet, other_flags, read, saved_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -181,14 +181,14 @@ SAME_RESULTS = {"out", "resume", "ckpt_every", "sample_every", "compile", "devic
                 "peak_flops"}
 
 
-def made_otherwise(folder, dest, flags, max_steps):
-    """Why the finished run in `folder`, or the compact log `dest`, cannot stand for a run of
-    `flags` (it was made with others that change its log), or "" where it can or there is
-    none."""
+def made_otherwise(folder, dest, flags):
+    """Why the run in `folder` (finished, or to be resumed), or the compact log `dest`, cannot
+    stand for a run of `flags` (it was made with others that change its log: resumed with them, a
+    run would train partly under each), or "" where it can or there is none."""
     if dest and dest.exists():
         where, then = dest, results.read_header(dest)["config"]
-    elif finished(folder, max_steps):
-        where, then = folder, read(folder / "ckpt.pt")["config"]
+    elif (folder / "ckpt.pt").exists():
+        where, then = folder, saved_config(folder / "ckpt.pt")
     else:
         return ""
     diff = other_flags(then, vars(config.parse_args(flags)), SAME_RESULTS)
@@ -198,7 +198,7 @@ def made_otherwise(folder, dest, flags, max_steps):
 
 def keep(folder, dest, regime, seed, flags):
     """The finished run's compact log at dest (results.compact), headed by what it was."""
-    ckpt = read(folder / "ckpt.pt")
+    ckpt = read(folder / "ckpt.pt", mmap=True, run_own=True)
     header = {"regime": regime, "seed": seed, "flags": flags, "torch": torch.__version__,
               **{k: ckpt[k] for k in ("config", "model_config", "tokenizer")}}
     results.compact(folder, dest, header)
@@ -271,11 +271,11 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1, results_dir=None):
     plans = [(regime, seed, *train_flags(regime, seed, extra))
              for seed in seeds for regime in regimes]  # every run's flags checked first
     with hold(Path(out) / "sweep.lock", "sweep"):  # one sweep a folder at a time
-        # a finished run of other flags would be skipped, and its numbers summarized with these
-        clash = [why for regime, seed, flags, max_steps in plans
+        # a run of other flags would be skipped (or resumed), and its numbers summarized with these
+        clash = [why for regime, seed, flags, _ in plans
                  if (why := made_otherwise(Path(out) / regime / f"seed{seed}", results_dir and
                                            results.compact_path(results_dir, regime, seed),
-                                           flags, max_steps))]
+                                           flags))]
         if clash:
             raise ValueError(clash[0] + (f" (and {len(clash) - 1} more runs)" if clash[1:]
                                          else ""))

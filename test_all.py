@@ -791,9 +791,12 @@ def test_baseline_unreadable_checkpoint_is_one_line(tmp_path, data, capsys, dama
     err = train_error(tmp_path, data, capsys, "--max-steps", "4", "--resume", out=".")
     assert str(path) in err and ("not a readable checkpoint" in err
                                  or "not a train.py checkpoint" in err)
+    assert "delete it (and its run's log.jsonl) to start that run over" in err  # the run's own
     err = one_line_error(hs_main, ["--checkpoint", str(path), "--data-file", str(VAL),
                                    "--limit", "4", "--device", "cpu"], capsys)
-    assert str(path) in err
+    # a checkpoint given to read, not the run's own: give another, never delete it
+    assert str(path) in err and "give the ckpt.pt of a train.py run" in err
+    assert "delete" not in err
 
 
 @pytest.mark.slow
@@ -1467,6 +1470,8 @@ def test_cost_incremental_phase_sums_equal_step_by_step_sums(mode):
     ["--steps", "x"],
     # ignored flags
     ["--regime", "apollo", "--stages", "3"], ["--measure", "--steps", "5"], ["--device", "cpu"],
+    # past any plan: a typo
+    ["--steps", str(10**20)], ["--split", "--n-layer", str(10**20), "--n-embd", "64"],
 ])
 def test_cost_bad_input_is_one_line_exit_2(argv, capsys):
     assert "error: " in one_line_error(cost_main, argv, capsys)
@@ -2024,6 +2029,8 @@ def test_hellaswag_cli_errors_are_one_line(tmp_path, capsys):
         (["--checkpoint", str(ckpt), "--model", "gpt2"], "exactly one of --checkpoint"),
         (["--checkpoint", str(ckpt)], "no checkpoint at"),
         (["--checkpoint", str(tmp_path)], "is a folder, not a checkpoint"),
+        (["--checkpoint", str(ckpt), "--data-file", str(bad), "--split", "train"],
+         "--split picks the file to download; --data-file gives the file: one of them"),
     ]
     for argv, message in cases:
         assert message in one_line_error(hs_main, argv, capsys)
@@ -2596,6 +2603,21 @@ def test_sweep_reports_a_failed_run_goes_on_and_refuses_bad_input(tmp_path, data
 # results/: the study's compact logs, and the README's tables made from them
 
 
+def test_plot_drops_what_a_run_logged_past_the_checkpoint_it_resumed_from(tmp_path, capsys):
+    """Stopped at once at step 5 (checkpoint at 3), resumed from 3 to its end at 4: steps 4 and 5
+    of the first stretch, and its evaluation at 4, never happened to the run that finished."""
+    first = [step_rec(s, 10 * s) for s in range(1, 6)] + [{"step": 4, "val_loss": 9.0}]
+    resumed = [{"step": 3, "resumed": True}, step_rec(4, 40, loss=1.0),
+               {"step": 4, "val_loss": 2.0}]
+    write_log(tmp_path / "log.jsonl", first + resumed)
+    run = plot.read_log(tmp_path)
+    assert [r["step"] for r in run["steps"]] == [1, 2, 3, 4] and run["steps"][-1]["loss"] == 1.0
+    assert [(e["step"], e["val_loss"]) for e in run["evals"]] == [(4, 2.0)]
+    assert plot.stopped(run) is None  # it ended at 4, not "stopped at step 5"
+    err = one_line_error(plot.main, [str(tmp_path), "--table", "--baseline", "x"], capsys)
+    assert "--baseline goes with --study" in err
+
+
 def test_results_compact_log_keeps_evals_boundaries_and_time(tmp_path, data):
     """A run cut down to about 4 step records still has every evaluation at its FLOPs, the steps
     either side of each stage and phase boundary, the last step, and the loss and time of every
@@ -2661,6 +2683,13 @@ def test_sweep_results_count_as_finished_and_other_flags_are_refused(tmp_path, d
     sweep.main(["--out", str(tmp_path / "d"), "--results", str(tmp_path / "res2"),
                 "--regimes", "baseline", "--seeds", "1", "--", *extra[:-1], "2"])
     assert "[1/1] baseline seed 1: done" in capsys.readouterr().out
+    # a run to be resumed, made with another --lr: resumed, it would train under both
+    flags, _ = sweep.train_flags("baseline", 1, extra)
+    train.main([*flags, "--out", str(tmp_path / "e" / "baseline" / "seed1"), "--lr", "1e-3"])
+    capsys.readouterr()
+    err = one_line_error(sweep.main, ["--out", str(tmp_path / "e"), "--regimes", "baseline",
+                                      "--seeds", "1", "--", *extra[:-1], "5"], capsys)
+    assert "--lr: 0.001 there, 0.003 here" in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -3079,9 +3108,11 @@ def test_sample_cli_follows_the_checkpoints_eval_plan(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--num-samples", "0"], "--num-samples 0 must be at least 1"),
-    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
-    (["--top-k", "0"], "--top-k 0 must be at least 1"),
+    (["--num-samples", "0"], "--num-samples 0: must be a whole number from 1 to 10,000"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be a whole number from 1"),
+    (["--max-new-tokens", str(10**20)], f"--max-new-tokens {10**20}: must be a whole number"),
+    (["--top-k", "0"], "--top-k 0: must be a whole number from 1"),
+    (["--seed", "-1"], "--seed -1: must be 0 or more"),
     (["--temperature", "0"], "--temperature 0.0 must be above 0"),
     (["--checkpoint", "nowhere/ckpt.pt"], "no checkpoint at nowhere/ckpt.pt"),
 ])
