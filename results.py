@@ -356,7 +356,23 @@ BLOCK = re.compile(r"(<!-- results\.py: (\S+) -->\n)(.*?)(<!-- /results\.py -->)
 
 
 def render(readme, results=RESULTS):
-    """The README text with every block's contents made anew from `results`."""
+    """The README text with every block's contents made anew from `results`; a ValueError where
+    a block is not closed before the next opens (its contents would swallow the text between)
+    or there are none, or `results` holds no compact logs."""
+    opens = [m.start() for m in re.finditer(r"<!-- results\.py: ", readme)]
+    closes = [m.start() for m in re.finditer(r"<!-- /results\.py -->", readme)]
+    if not opens:
+        raise ValueError("the README has no results.py blocks (<!-- results.py: NAME -->)")
+    for i, start in enumerate(opens):
+        ends = [c for c in closes if c > start]
+        if not ends or (i + 1 < len(opens) and ends[0] > opens[i + 1]):
+            line = readme.count("\n", 0, start) + 1
+            raise ValueError(f"the README's block at line {line} is not closed before the next "
+                             "one opens: add <!-- /results.py --> after its table")
+    if not Path(results).is_dir() or not any(Path(results).glob("*/*/seed*.jsonl")):
+        raise ValueError(f"--results {results}: no compact logs there (PART/REGIME/seedN.jsonl, "
+                         "as sweep.py --results writes them)")
+
     def fill(m):
         name = m.group(2)
         if name not in BLOCKS:
@@ -389,8 +405,9 @@ def main(argv=None):
         fresh = render(readme, args.results)
         if args.check:
             if fresh != readme:
+                again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--check"]
                 print(f"{args.readme}: its results tables differ from {args.results}: run "
-                      "python results.py", file=sys.stderr)
+                      f"{' '.join(['python results.py', *again])}", file=sys.stderr)
                 sys.exit(1)
             print(f"{args.readme}: its results tables are what {args.results} gives")
             return

@@ -2724,6 +2724,35 @@ def test_results_readme_tables_are_what_the_committed_logs_give(tmp_path):
         assert results.part_command(name) in readme
 
 
+def test_results_refuses_what_it_would_get_wrong_and_its_advice_repeats_the_flags(tmp_path,
+                                                                                   capsys):
+    """A block left open (rewriting it would swallow the prose up to the next block), a README
+    with no blocks, a results folder with no compact logs: one line each, nothing written. A
+    README behind its logs is told the command with the same --readme and --results."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    copy, logs = tmp_path / "README.md", shutil.copytree(results.RESULTS, tmp_path / "results")
+    first_close = readme.index("<!-- /results.py -->")
+    copy.write_text(readme[:first_close] + readme[first_close + len("<!-- /results.py -->"):])
+    before = copy.read_text()
+    err = one_line_error(results.main, ["--readme", str(copy), "--results", str(logs)], capsys)
+    assert "is not closed before the next one opens: add <!-- /results.py -->" in err
+    assert copy.read_text() == before
+    copy.write_text("no tables here\n")
+    err = one_line_error(results.main, ["--readme", str(copy), "--results", str(logs)], capsys)
+    assert "the README has no results.py blocks" in err
+    (tmp_path / "empty").mkdir()
+    copy.write_text(readme)
+    err = one_line_error(results.main, ["--readme", str(copy), "--results",
+                                        str(tmp_path / "empty")], capsys)
+    assert "no compact logs there" in err and copy.read_text() == readme
+    copy.write_text(results.BLOCK.sub(lambda m: m.group(1) + m.group(4), readme))
+    argv = ["--readme", str(copy), "--results", str(logs)]
+    err = one_line_error(results.main, [*argv, "--check"], capsys, code=1)
+    assert err.endswith(f"run python results.py {' '.join(argv)}")
+    results.main(argv)  # the advice, taken
+    results.main([*argv, "--check"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Every refusal leads somewhere: each test takes the advice its message gives and checks that the
 # next command proceeds
