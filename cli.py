@@ -4,6 +4,7 @@ fix (a bad flag, a missing file, a full disk) is one line, never a traceback.
 import argparse
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 # Every script imports this module first, so that Ctrl-C while the rest load (torch takes a
@@ -40,7 +41,8 @@ class Parser(argparse.ArgumentParser):
         return super().add_argument(*names, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
-        if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # set above, while importing
+        if (signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # set above, while importing
+                and threading.current_thread() is threading.main_thread()):  # (where signals go)
             signal.signal(signal.SIGINT, signal.default_int_handler)
         return super().parse_args(args, namespace)
 

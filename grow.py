@@ -412,8 +412,14 @@ def budget_max_steps(build, budget_steps, cfg, tokens, seq_len):
     budget_steps steps: a cheaper regime gets more steps, so regimes compare at equal compute.
     build(max_steps) -> Schedule, since stage starts may depend on the run's length."""
     budget = budget_steps * full_step_flops(cfg, tokens, seq_len)
-    # flag errors that no run length cures surface here, with their own message
-    build(100 * budget_steps)
+    # flag errors that no run length cures surface here, said as what they are: the --max-steps
+    # they name is this probe's, which the user never gave
+    try:
+        build(100 * budget_steps)
+    except ValueError as e:
+        raise ValueError(f"--budget-steps {budget_steps} cannot hold this run's schedule even in "
+                         f"{100 * budget_steps} steps, the most it is tried at ({e}): raise "
+                         "--budget-steps, or lower the other flag named") from None
     for steps in range(budget_steps, 100 * budget_steps):
         try:
             schedule = build(steps)

@@ -2925,6 +2925,19 @@ def test_resume_refuses_other_shards_in_the_same_data_folder(tmp_path, data, cap
     assert read_log(tmp_path / "run")[0][-1]["step"] == 4
 
 
+def test_a_budget_too_small_for_the_schedule_names_the_budget_and_its_advice_works(tmp_path,
+                                                                                   data, capsys):
+    """The run length --budget-steps probes is not a flag the user gave: the refusal says so and
+    names the flags that cure it; lowering the one it names, the run's flags resolve."""
+    mine = ["--budget-steps", "1", "--stages", "4", "--inc-steps", "300"]
+    flags = ["--preset", "tiny", "--data-dir", str(data), *TOY, *mine]
+    err = train_error(tmp_path, data, capsys, *mine)
+    assert ("--budget-steps 1 cannot hold this run's schedule even in 100 steps, the most it is "
+            "tried at (--inc-steps 300 exceeds --max-steps 100): raise --budget-steps, or lower "
+            "the other flag named") in err
+    assert config.parse_args([*flags[:-1], "8"]).max_steps > 1
+
+
 def test_sweep_a_second_sweep_on_one_folder_is_refused_at_start(tmp_path, data, capsys):
     out = tmp_path / "study"
     with runfolder.hold(out / "sweep.lock", "sweep"):  # a sweep running there
