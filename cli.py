@@ -50,6 +50,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by a script's own handler where it stops as for Ctrl-C: exit 143."""
+
+
 @contextmanager
 def one_line_errors(interrupted="stopped", out_of_memory="out of memory"):
     """Around a script's work: what a user can fix (bad input, a missing or unreadable file, a
@@ -63,6 +67,6 @@ def one_line_errors(interrupted="stopped", out_of_memory="out of memory"):
     except (MemoryError, torch.cuda.OutOfMemoryError):
         print(f"error: {out_of_memory}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"error: {interrupted}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)  # as the signal itself would

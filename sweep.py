@@ -29,7 +29,7 @@ each in out/PART with its compact logs in results/PART:
 
     python sweep.py --parts study,late --jobs 2
 """
-from cli import Parser, one_line_errors  # first: Ctrl-C while the rest load stops quietly
+from cli import Parser, Terminated, one_line_errors  # first: Ctrl-C while loading is quiet
 
 import os
 import signal
@@ -270,6 +270,14 @@ def sweep(regimes, seeds, extra, out, jobs=1, nproc=1, results_dir=None):
     Call it from the main thread: it handles SIGINT and SIGTERM."""
     plans = [(regime, seed, *train_flags(regime, seed, extra))
              for seed in seeds for regime in regimes]  # every run's flags checked first
+    if results_dir:  # a folder that cannot be written fails now, not after the first run
+        try:
+            Path(results_dir).mkdir(parents=True, exist_ok=True)
+            if not os.access(results_dir, os.W_OK):
+                raise PermissionError(13, "not writable")
+        except OSError as e:
+            raise ValueError(f"--results {results_dir}: cannot keep compact logs there "
+                             f"({e.strerror}): give a folder that can be written") from None
     with hold(Path(out) / "sweep.lock", "sweep"):  # one sweep a folder at a time
         # a run of other flags would be skipped (or resumed), and its numbers summarized with these
         clash = [why for regime, seed, flags, _ in plans
@@ -331,7 +339,7 @@ def run_all(plans, out, jobs, nproc, results_dir):
         """Ctrl-C reaches the runs too (one process group); SIGTERM (`kill PID`) reaches the sweep
         alone: pass it on, so the runs save a checkpoint rather than run on orphaned."""
         runs.stop(signum if signum == signal.SIGTERM else None)
-        raise KeyboardInterrupt
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     # a sweep started in the background (nohup ... &) ignores SIGINT: leave it so
     handled = [signal.SIGTERM] + ([signal.SIGINT]

@@ -2520,7 +2520,7 @@ def test_sweep_passes_sigterm_to_its_runs_which_checkpoint_and_resume(tmp_path, 
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert (proc.returncode == 130
+    assert (proc.returncode == 143  # as SIGTERM itself would
             and "stopped: run the same command again" in stderr), (stdout, stderr)
     for seed in (1, 2):
         assert (f"baseline seed {seed}: stopped (exit 143), resumable from its last checkpoint"
@@ -2695,10 +2695,20 @@ def test_sweep_results_count_as_finished_and_other_flags_are_refused(tmp_path, d
 @pytest.mark.parametrize("argv, message", [
     (["--parts", "nope"], "--parts: unknown nope; known: study"),
     (["--parts", "study", "--seeds", "1"], "--parts sets --seeds itself"),
+
     (["--parts", "study", "--", "--lr", "1"], "--parts sets the flags after -- itself"),
     (["--seeds", "1"], "give --regimes and --out (or --parts)")])
 def test_sweep_parts_take_no_other_flags(argv, message, capsys):
     assert message in one_line_error(sweep.main, argv, capsys)
+
+
+def test_sweep_results_that_cannot_be_written_is_refused_before_any_run(tmp_path, data, capsys):
+    (tmp_path / "file").write_text("")
+    err = one_line_error(sweep.main, ["--regimes", "baseline", "--out", str(tmp_path / "out"),
+                                      "--results", str(tmp_path / "file"), "--", "--preset",
+                                      "tiny", "--data-dir", str(data), "--max-steps", "2"], capsys)
+    assert f"--results {tmp_path / 'file'}: cannot keep compact logs there" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_results_readme_tables_are_what_the_committed_logs_give(tmp_path):
