@@ -750,7 +750,7 @@ def check(args):
         if value < 1:
             raise ValueError(f"{flag} {value} must be 1 or more")
     parts = args.ranks * args.accum if args.regime != "incremental" else 1  # growth: per rank
-    if args.batch_tokens % (parts * args.seq_len):
+    if not args.split and args.batch_tokens % (parts * args.seq_len):  # --split: a token's
         raise ValueError(f"--batch-tokens {args.batch_tokens} must split into "
                          + ("--ranks x --accum micro-batches of " if parts > 1 else "")
                          + f"whole --seq-len {args.seq_len} sequences")

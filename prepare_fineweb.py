@@ -279,8 +279,9 @@ def tokenize_text(text_path, out_dir, name, val_frac=0.1, piece=1 << 20, tokeniz
     n_train = int(len(tokens) * (1 - val_frac))
     if min(n_train, len(tokens) - n_train) < 2:  # a window is a token and the one after it
         raise DataError(f"{text_path} makes {len(tokens)} tokens: {n_train} to train on and "
-                        f"{len(tokens) - n_train} to validate on, where each needs 2 or more "
-                        f"(and a run's batch many more): give a longer text")
+                        f"{len(tokens) - n_train} to validate on (--val-frac {val_frac}), where "
+                        "each needs 2 or more (and a run's batch many more): give a longer text, "
+                        "or a --val-frac nearer the middle")
     for path, part in ((val, tokens[n_train:]), (train, tokens[:n_train])):
         try:
             other = path.exists() and not np.array_equal(read_shard(path), part)
@@ -511,7 +512,11 @@ def main(argv=None):
             paths = prepare_parquet(args.out or Path("data/fineweb10B"), endpoint, args.shard_size,
                                     args.workers)
     except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = args.out or Path("data/fineweb10B")
+        offline = (f"; offline, set HF_ENDPOINT to a mirror, or copy the shards into {where} and "
+                   "skip this step (train.py --data-dir reads them there)"
+                   if isinstance(e, DownloadError) and not args.text else "")
+        print(f"error: {e}{offline}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # shards are written under a temporary name, downloads as .part
         print("error: stopped; no half-written shard was kept (a partial download resumes): run "

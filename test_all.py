@@ -1611,6 +1611,23 @@ def test_data_tokens_source(hub, tmp_path, monkeypatch, capsys):
     assert "finewebedu_train_000004.bin" in err and err.count("\n") == 1
 
 
+def test_data_fineweb_not_to_be_had_says_how_to_do_without_the_hub(hub, tmp_path, monkeypatch,
+                                                                     capsys):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # it serves nothing: the listing is a 404
+    assert pf.main(["--source", "tokens", "--shards", "1", "--out", str(tmp_path / "fw")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "404" in err
+    assert (f"offline, set HF_ENDPOINT to a mirror, or copy the shards into {tmp_path / 'fw'} and "
+            "skip this step") in err
+
+
+def test_cost_split_takes_any_sequence_length(capsys):
+    """--split reports a token's FLOPs: no batch size to divide (it used to ask for one, then
+    refuse --batch-tokens with --split)."""
+    cost_main(["--split", "--seq-len", "3000"])
+    assert "sequence 3000" in capsys.readouterr().out
+
+
 def test_data_disk_too_small(hub, tmp_path, monkeypatch, capsys):
     serve_repo(hub, pf.TOKENS_REPO, "main", "",
                {data_mod.shard_name("finewebedu", 0): shard_bytes(tmp_path, range(5000))})
@@ -1694,7 +1711,8 @@ def test_data_text_too_short_for_both_splits_is_refused_and_writes_nothing(tmp_p
     assert pf.main(["--text", str(tmp_path / "two.txt"), "--out", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and (f"{tmp_path / 'two.txt'} makes 2 tokens: 1 to train on and "
-                                     "1 to validate on, where each needs 2 or more") in err
+                                     "1 to validate on (--val-frac 0.1), where each needs 2 or "
+                                     "more") in err
     assert not (tmp_path / "d").exists()
     (tmp_path / "two.txt").write_text("hi there, " * 10)
     assert pf.main(["--text", str(tmp_path / "two.txt"), "--out", str(tmp_path / "d")]) == 0
