@@ -768,12 +768,16 @@ def test_baseline_nan_keeps_last_good_and_resume_may_lower_the_lr(tmp_path, data
     torch.save(ckpt, tmp_path / "ckpt.pt")
     before = (tmp_path / "ckpt.pt").read_bytes()
     err = train_error(tmp_path, data, capsys, "--max-steps", "8", "--resume", out=".")
-    assert "loss is nan at step 4" in err and "try a lower --lr, then --resume" in err
+    assert "loss is nan at step 5" in err and "--resume with a lower --lr" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     # the advice is taken: a lower --lr is accepted on resume (these weights are NaN, so NaN again)
     err = train_error(tmp_path, data, capsys, "--max-steps", "8", "--lr", "1e-4",
                       "--min-lr", "1e-5", "--resume", out=".")
-    assert "loss is nan at step 4" in err
+    assert "loss is nan at step 5" in err and "start over in another --out" in err
+    # ... and its second half: a new run with the lower --lr trains
+    steps, _ = run_train(tmp_path / "again", data, "--max-steps", "2", "--lr", "1e-4",
+                         "--min-lr", "1e-5")
+    assert all(math.isfinite(r["loss"]) for r in steps)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "foreign", "empty"])

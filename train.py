@@ -144,9 +144,11 @@ def train_step(run, wrapped, opt, sp, step, lr):
     loss = devices.all_sum(loss, run.world) / run.world
     if not torch.isfinite(loss):
         ckpt = run.out / "ckpt.pt"
-        raise FloatingPointError(
-            f"loss is {loss.item()} at step {step}: stopped; " + (
-                f"{ckpt} holds the last good state (try a lower --lr, then --resume)"
+        raise FloatingPointError(  # step + 1: the step's number in the log and on screen
+            f"loss is {loss.item()} at step {step + 1}: stopped; " + (
+                f"{ckpt} is as it was: --resume with a lower --lr (if the loss is at once not "
+                "finite again, those weights were already damaged: start over in another --out "
+                "with a lower --lr)"
                 if ckpt.exists() else f"there is no checkpoint yet: try a lower --lr, after "
                 f"deleting {run.out / 'log.jsonl'}"))
     norm = optimizer_step(run.model, opt, lr, run.flags.grad_clip)
