@@ -308,6 +308,13 @@ def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE
         if (shards_ok([data_dir / shard_name("tinyshakespeare", i) for i in (0, 1)])
                 and read_meta(data_dir)["tokenizer"] == tokenizer_name):
             return data_dir
+        ours = {shard_name("tinyshakespeare", i) for i in (0, 1)}
+        others = sorted(p.name for p in data_dir.glob("*.bin") if p.name not in ours)
+        if others:  # said here, in train.py's words, not check_unmixed's (prepare_fineweb.py's)
+            raise DataError(f"{data_dir}, a preset's folder for Tiny Shakespeare, holds other "
+                            f"shards ({', '.join(others[:3])}{', ...' if others[3:] else ''}): "
+                            "move them to a folder of their own and train on them with "
+                            "--data-dir")
         text = data_dir / "input.txt"
         if not text.exists():
             try:

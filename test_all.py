@@ -1774,6 +1774,25 @@ def test_data_tinyshakespeare_offline(tmp_path):
     assert str(tmp_path / "ts" / "input.txt") in str(e.value) and "\n" not in str(e.value)
 
 
+def test_data_preset_folder_holding_other_shards_says_so_before_any_download(tmp_path, data):
+    """Other shards in a preset's Tiny Shakespeare folder: said first, in train.py's terms (not
+    "save input.txt", then prepare_fineweb.py's --name); moved out as advised, the folder is made
+    and the shards train with --data-dir."""
+    folder = tmp_path / "ts"
+    shutil.copytree(data, folder)
+    with pytest.raises(DataError) as e:
+        pf.prepare_tinyshakespeare(folder, url=dead_url(), retries=0)
+    assert ("a preset's folder for Tiny Shakespeare, holds other shards (toy_train_000001.bin, "
+            "toy_train_000002.bin, toy_val_000000.bin): move them to a folder of their own and "
+            "train on them with --data-dir") in str(e.value)
+    (tmp_path / "own").mkdir()
+    for shard in folder.glob("*.bin"):
+        shard.rename(tmp_path / "own" / shard.name)
+    shutil.copy(SHAKESPEARE, folder / "input.txt")
+    pf.prepare_tinyshakespeare(folder, url=dead_url(), retries=0)
+    assert data_mod.list_shards(tmp_path / "own")[0]  # and the moved shards still read
+
+
 def test_data_byte_and_char_tokenizers_round_trip_text(tmp_path, capsys):
     text = "ROMEO: héllo, wörld 😀\nJULIET: 'tis\n"
     byte = data_mod.tokenizer(data_mod.text_meta("byte", text))
