@@ -456,7 +456,8 @@ def test_baseline_loader_two_ranks_read_every_token_once(tmp_path):
             seen += x.flatten().tolist()
     expected = list(range(0, 1024)) + list(range(2000, 3024))
     assert sorted(seen) == expected  # every token once, none twice
-    assert loaders[0].state_dict() == {"epoch": 0, "shard": 1, "pos": 8}
+    assert loaders[0].state_dict() == {"epoch": 0, "shard": 1, "pos": 8,
+                                       "shards": data_mod.fingerprint(loaders[0].files)}
     loaders[0].next_batch()
     assert loaders[0].state_dict()["epoch"] == 1
     # shard order differs between epochs (seeded), the same for every rank
