@@ -2,6 +2,7 @@
 fix (a bad flag, a missing file, a full disk) is one line, never a traceback.
 """
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -61,6 +62,9 @@ def one_line_errors(interrupted="stopped", out_of_memory="out of memory"):
     running out of memory, with the script's advice; Ctrl-C is one line and exit 130."""
     try:
         yield
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except (ValueError, OSError, FloatingPointError, DataError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -786,7 +786,7 @@ def main(argv=None):
             report = growth_report(args.model, args.regime, args.steps, args.seq_len,
                                    args.batch_tokens, args.mfu, args.ranks, args.accum)
             text = growth_text
-    print(json.dumps(report) if args.json else text(report))
+        print(json.dumps(report) if args.json else text(report))
 
 
 if __name__ == "__main__":

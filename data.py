@@ -120,8 +120,12 @@ def list_shards(data_dir):
                          f"({', '.join(sorted(names))}): one folder a dataset, so move all but "
                          "one into folders of their own")
     if not train or not val:
-        raise FileNotFoundError(f"no train and val shards in {data_dir}: run `python "
-                                f"prepare_fineweb.py --out {data_dir}` (or --text FILE) first")
+        raise FileNotFoundError(f"no train and val shards in {data_dir}: make them first, from a "
+                                f"text with `python prepare_fineweb.py --text FILE --tokenizer "
+                                f"gpt2|byte|char --out {data_dir}` (the model's tokenizer; the "
+                                "presets' Shakespeare folders are made by themselves), or "
+                                f"FineWeb-Edu's GPT-2 tokens with `python prepare_fineweb.py "
+                                f"--out {data_dir}` (about 20 GB)")
     return train, val
 
 

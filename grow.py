@@ -420,12 +420,21 @@ def budget_max_steps(build, budget_steps, cfg, tokens, seq_len):
         raise ValueError(f"--budget-steps {budget_steps} cannot hold this run's schedule even in "
                          f"{100 * budget_steps} steps, the most it is tried at ({e}): raise "
                          "--budget-steps, or lower the other flag named") from None
+    too_short = None  # why the shortest lengths tried could not hold the schedule
     for steps in range(budget_steps, 100 * budget_steps):
         try:
             schedule = build(steps)
-        except ValueError:  # too short for its stages (e.g. two growths on one step): try longer
+        except ValueError as e:  # too short for its stages (e.g. two growths on one step)
+            too_short = e
             continue
-        if sum(p["steps"] * p["step_flops"]
-               for p in schedule_phases(cfg, schedule, steps, tokens, seq_len)) >= budget:
+        flops = sum(p["steps"] * p["step_flops"]
+                    for p in schedule_phases(cfg, schedule, steps, tokens, seq_len))
+        if too_short and flops > 1.01 * budget:  # the shortest run that holds it overspends
+            raise ValueError(f"--budget-steps {budget_steps} buys less than this schedule needs: "
+                             f"the shortest run that holds it, {steps} steps, spends "
+                             f"{float(flops / budget):.1f} times the budget ({too_short} "
+                             "below that): "
+                             "raise --budget-steps, or shorten the schedule (e.g. --inc-steps)")
+        if flops >= budget:
             return steps
     raise ValueError(f"--budget-steps {budget_steps}: no run length reaches the budget")

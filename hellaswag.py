@@ -250,7 +250,8 @@ def score(args, rank, world, device):
                       autocast_dtype=torch.bfloat16 if bf16 else None, progress=True)
     result["examples_per_s"] = result["n"] / (time.time() - t0)
     # the split the data says it is (a --data-file may hold any), else the flag's
-    result["split"] = "+".join(sorted({ex["split"] or args.split for ex in examples}))
+    result["split"] = "+".join(sorted({ex["split"] or (Path(args.data_file).name if args.data_file
+                                                       else args.split) for ex in examples}))
     return result
 
 
@@ -293,13 +294,14 @@ def main(argv=None):
         devices.teardown()
     if rank != 0:
         return
-    if args.json:
-        print(json.dumps(dict(result, scoring=SCORING_TAG)))
-    else:
-        print(f"hellaswag {result['split']}: acc {result['acc']:.4f}  acc_norm "
-              f"{result['acc_norm']:.4f}  n {result['n']}  "
-              f"{result['examples_per_s']:.1f} examples/s")
-        print(f"({SCORING})")
+    with one_line_errors():  # a reader gone (`| head`) included
+        if args.json:
+            print(json.dumps(dict(result, scoring=SCORING_TAG)))
+        else:
+            print(f"hellaswag {result['split']}: acc {result['acc']:.4f}  acc_norm "
+                  f"{result['acc_norm']:.4f}  n {result['n']}  "
+                  f"{result['examples_per_s']:.1f} examples/s")
+            print(f"({SCORING})")
 
 
 if __name__ == "__main__":

@@ -313,8 +313,8 @@ def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE
         if others:  # said here, in train.py's words, not check_unmixed's (prepare_fineweb.py's)
             raise DataError(f"{data_dir}, a preset's folder for Tiny Shakespeare, holds other "
                             f"shards ({', '.join(others[:3])}{', ...' if others[3:] else ''}): "
-                            "move them to a folder of their own and train on them with "
-                            "--data-dir")
+                            "move them, with its meta.json (their tokenizer), to a folder of "
+                            "their own and train on them with --data-dir")
         text = data_dir / "input.txt"
         if not text.exists():
             try:

@@ -370,8 +370,10 @@ def render(readme, results=RESULTS):
             raise ValueError(f"the README's block at line {line} is not closed before the next "
                              "one opens: add <!-- /results.py --> after its table")
     if not Path(results).is_dir() or not any(Path(results).glob("*/*/seed*.jsonl")):
-        raise ValueError(f"--results {results}: no compact logs there (PART/REGIME/seedN.jsonl, "
-                         "as sweep.py --results writes them)")
+        raise ValueError(f"--results {results}: no compact logs of the README's study there "
+                         "(PART/REGIME/seedN.jsonl, as sweep.py --parts writes them); one "
+                         "sweep's --results folder (REGIME/seedN.jsonl) is summarized by "
+                         "plot.py --study DIR")
 
     def fill(m):
         name = m.group(2)

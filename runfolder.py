@@ -132,6 +132,14 @@ def resume(path, config, schedule, schedule_of, model, opt, loader):
     if diff:
         raise ValueError(f"{path} was made with other flags ({diff}): these change "
                          "steps already taken; resume with the same values or use another --out")
+    if ckpt["model_config"] != model.config.to_dict():  # e.g. the data remade, another tokenizer
+        saved = ckpt["model_config"]
+        diff = "; ".join(f"{k}: {saved.get(k)} there, {v} here"
+                         for k, v in model.config.to_dict().items() if saved.get(k) != v)
+        raise ValueError(f"{path} holds another model than these flags and --data-dir make "
+                         f"({diff}): resume with the data it started on (its tokenizer: "
+                         f"{ckpt['tokenizer']['tokenizer']}), or start a new run in another "
+                         "--out")
     if config["max_steps"] < ckpt["step"]:
         raise ValueError(f"--max-steps {config['max_steps']} is below step {ckpt['step']}, which "
                          f"this run has reached: give --max-steps {ckpt['step']} or more to go on "

@@ -97,8 +97,8 @@ def main(argv=None):
         enc = tokenizer(ckpt["tokenizer"])  # the tokenizer the model was trained with
         texts = sample(model, enc, args.prompt, args.num_samples, args.max_new_tokens,
                        args.top_k, args.temperature, args.seed, device, plan)
-    for i, text in enumerate(texts):
-        print(f"sample {i}: {text}")
+        for i, text in enumerate(texts):
+            print(f"sample {i}: {text}")
 
 
 if __name__ == "__main__":

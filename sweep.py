@@ -324,7 +324,13 @@ def run_all(plans, out, jobs, nproc, results_dir):
             return False
         code, last = result
         if runs.stopping and not finished(folder, max_steps):  # torchrun exits 1 after a stop, too
-            say(f"{head}: stopped (exit {code}), resumable from its last checkpoint")
+            if (folder / "ckpt.pt").exists():
+                say(f"{head}: stopped (exit {code}), resumable from its last checkpoint")
+            else:  # nothing to resume: set its log aside, so that the next sweep starts it again
+                if (folder / "log.jsonl").exists():
+                    os.replace(folder / "log.jsonl", folder / "log.jsonl.stopped")
+                say(f"{head}: stopped (exit {code}) before its first checkpoint; the next sweep "
+                    "starts it again")
             return False
         if code:
             say(f"{head}: FAILED (exit {code}): {last}")

@@ -2101,6 +2101,27 @@ def test_hellaswag_cli_json(tmp_path):
     assert result["split"] == "val"  # what the data says, not only the flag
 
 
+def test_hellaswag_a_file_whose_examples_name_no_split_is_labelled_by_its_name(tmp_path, capsys):
+    lines = VAL.read_text().splitlines()[:2]
+    (tmp_path / "mine.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in json.loads(line).items() if k != "split"}) + "\n"
+        for line in lines))
+    save_plain_checkpoint(tiny_gpt(), tmp_path / "ckpt.pt")
+    hs_main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--data-file",
+             str(tmp_path / "mine.jsonl"), "--device", "cpu", "--json"])
+    assert json.loads(capsys.readouterr().out)["split"] == "mine.jsonl"  # not a guessed "val"
+
+
+def test_a_reader_gone_from_the_pipe_ends_a_script_quietly():
+    """`python cost.py ... | head -1`: the reader closes the pipe; the script stops as a Unix tool
+    does (exit 141, SIGPIPE's), with no traceback or error line."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "cost.py"), "--regime", "apollo"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before it prints: its first write meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == "", err
+
+
 def hellaswag_url(hub, body=None):
     hub.routes["/hellaswag_val.jsonl"] = (VAL.read_bytes() if body is None else body, {})
     return hub.url + "/hellaswag_{split}.jsonl"
@@ -2980,14 +3001,42 @@ def test_resume_refuses_other_shards_in_the_same_data_folder(tmp_path, data, cap
 def test_a_budget_too_small_for_the_schedule_names_the_budget_and_its_advice_works(tmp_path,
                                                                                    data, capsys):
     """The run length --budget-steps probes is not a flag the user gave: the refusal says so and
-    names the flags that cure it; lowering the one it names, the run's flags resolve."""
+    names the flags that cure it; raising the budget, the run's flags resolve. A budget that
+    buys less than the stages need is refused too (it used to be spent many times over);
+    shortening them, the run's flags resolve."""
     mine = ["--budget-steps", "1", "--stages", "4", "--inc-steps", "300"]
     flags = ["--preset", "tiny", "--data-dir", str(data), *TOY, *mine]
     err = train_error(tmp_path, data, capsys, *mine)
     assert ("--budget-steps 1 cannot hold this run's schedule even in 100 steps, the most it is "
             "tried at (--inc-steps 300 exceeds --max-steps 100): raise --budget-steps, or lower "
             "the other flag named") in err
-    assert config.parse_args([*flags[:-1], "8"]).max_steps > 1
+    assert config.parse_args([*flags[:-5], "400", *flags[-4:]]).max_steps > 300  # raised
+    # a budget the schedule's stages do not fit in: refused, not spent many times over
+    err = train_error(tmp_path, data, capsys, *mine[:1], "20", *mine[2:])
+    assert ("--budget-steps 20 buys less than this schedule needs: the shortest run that holds "
+            "it, 300 steps, spends") in err and "raise --budget-steps, or shorten" in err
+    assert config.parse_args([*flags[:-5], "20", *flags[-4:-1], "16"]).max_steps >= 20  # shorter
+
+
+def test_resume_on_data_remade_with_another_tokenizer_is_one_line(tmp_path, data, capsys):
+    """The data folder remade with another tokenizer: the model these flags make has another
+    vocabulary than the checkpoint's. Refused in one line naming both, not a size-mismatch
+    traceback; the data put back, the run resumes."""
+    folder = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    data_mod.write_shard(folder / "t_val_000000.bin", rng.integers(0, 256, 2049))
+    data_mod.write_shard(folder / "t_train_000001.bin", rng.integers(0, 256, 4097))
+    run_train(tmp_path / "run", folder, "--max-steps", "2")
+    (folder / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 256}))
+    argv = ["--preset", "tiny", "--data-dir", str(folder), "--out", str(tmp_path / "run"), *TOY,
+            "--max-steps", "4", "--resume"]
+    err = one_line_error(train.main, argv, capsys)
+    assert "holds another model than these flags and --data-dir make (vocab_size: 50304 there, " \
+           "256 here): resume with the data it started on (its tokenizer: gpt2)" in err
+    (folder / "meta.json").unlink()
+    train.main(argv)
+    assert read_log(tmp_path / "run")[0][-1]["step"] == 4
 
 
 def test_sweep_a_second_sweep_on_one_folder_is_refused_at_start(tmp_path, data, capsys):
