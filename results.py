@@ -38,12 +38,14 @@ PARTS = {
     "late": dict(regimes=["baseline-wsd", "late0", "late1", "late1-random", "late0-at0.5",
                           "late0-at0.7", "late0-at0.9"],
                  flags=CHAR, baseline="baseline-wsd"),
-    # 3. three times the budget: the baselines and the growth regimes closest to them in part 1
-    "long": dict(regimes=["baseline", "baseline-wsd", "inc4-copy-top", "inc4-isolate", "late1"],
+    # 3. three times the budget: the baselines and the three growth regimes furthest ahead of
+    # their reference in part 1 on its first two seeds (one of each kind: late expansion from one
+    # block, stacking, Apollo; G_stack, fourth, is stacking again)
+    "long": dict(regimes=["baseline", "baseline-wsd", "stack", "apollo", "late1"],
                  flags=CHAR + ["--budget-steps", "9000"], baseline="baseline"),
     # 4. width 128 (4x the parameters), the same regimes at the same FLOPs per parameter: the
     # same tokens, so the same 3,000 baseline steps
-    "wide": dict(regimes=["baseline", "baseline-wsd", "inc4-copy-top", "inc4-isolate", "late1"],
+    "wide": dict(regimes=["baseline", "baseline-wsd", "stack", "apollo", "late1"],
                  flags=CHAR + ["--budget-steps", "3000", "--n-embd", "128", "--n-head", "8"],
                  baseline="baseline"),
 }
