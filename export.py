@@ -143,7 +143,11 @@ def export(checkpoint, out):
     vocab = min(model.config.vocab_size, VOCAB) if gpt2 else meta["vocab_size"]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that crashed
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise OSError(f"--out {out}: cannot write there ({e.strerror}): choose another "
+                      "--out") from None
     config = hf_config(model.config, len(plan.blocks), vocab, EOT if gpt2 else None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name, content in hf_tokenizer(meta, model.config.block_size).items():

@@ -417,9 +417,10 @@ def budget_max_steps(build, budget_steps, cfg, tokens, seq_len):
     try:
         build(100 * budget_steps)
     except ValueError as e:
-        raise ValueError(f"--budget-steps {budget_steps} cannot hold this run's schedule even in "
-                         f"{100 * budget_steps} steps, the most it is tried at ({e}): raise "
-                         "--budget-steps, or lower the other flag named") from None
+        raise ValueError(f"--budget-steps {budget_steps}: no run of up to {100 * budget_steps} "
+                         f"steps holds this run's schedule ({e}; that --max-steps is the "
+                         "longest run tried, not one you gave): change the flag it names, or "
+                         "raise --budget-steps") from None
     too_short = None  # why the shortest lengths tried could not hold the schedule
     for steps in range(budget_steps, 100 * budget_steps):
         try:
@@ -432,9 +433,9 @@ def budget_max_steps(build, budget_steps, cfg, tokens, seq_len):
         if too_short and flops > 1.01 * budget:  # the shortest run that holds it overspends
             raise ValueError(f"--budget-steps {budget_steps} buys less than this schedule needs: "
                              f"the shortest run that holds it, {steps} steps, spends "
-                             f"{float(flops / budget):.1f} times the budget ({too_short} "
-                             "below that): "
-                             "raise --budget-steps, or shorten the schedule (e.g. --inc-steps)")
+                             f"{float(flops / budget):.2f} times the budget ({too_short} "
+                             "below that): raise --budget-steps, or shorten the schedule (fewer "
+                             "--stages, or a shorter --inc-steps)")
         if flops >= budget:
             return steps
     raise ValueError(f"--budget-steps {budget_steps}: no run length reaches the budget")

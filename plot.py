@@ -560,6 +560,9 @@ def main(argv=None):
             labels = args.labels.split(",") if args.labels else [run_label(p) for p in args.logs]
             if len(labels) != len(args.logs):
                 raise ValueError(f"--labels gives {len(labels)} labels for {len(args.logs)} logs")
+            if len(set(labels)) < len(labels):
+                raise ValueError(f"--labels {','.join(labels)}: two runs share a label; give each "
+                                 "its own (two folders of one name need --labels too)")
             runs = [read_log(p) for p in args.logs]
             tabulate, draw = (lambda: table(summarize(runs, labels)),
                               lambda: make_figure(runs, labels, args.x))

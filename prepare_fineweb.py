@@ -13,6 +13,7 @@ The hub address comes from $HF_ENDPOINT when set, else https://huggingface.co.
 
 from cli import Parser  # first: Ctrl-C while the rest load stops quietly
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -329,6 +330,8 @@ def prepare_tinyshakespeare(data_dir="data/tinyshakespeare", url=TINYSHAKESPEARE
                 raise DownloadError(f"could not download Tiny Shakespeare ({e}); save "
                                     f"{TINYSHAKESPEARE_URL} as {text}{also}; then run again"
                                     ) from None
+        for shard in ours:  # made from input.txt with another tokenizer record: made again
+            (data_dir / shard).unlink(missing_ok=True)
         tokenize_text(text, data_dir, "tinyshakespeare", tokenizer_name=tokenizer_name)
     return data_dir
 
@@ -489,8 +492,8 @@ def main(argv=None):
     if not 0 < args.val_frac < 1:
         parser.error(f"--val-frac {args.val_frac}: must be between 0 and 1, both excluded")
     if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
-        parser.error(f"--name {args.name!r}: a name of letters, digits, '.', '_' and '-', "
-                     "not a path; use --out for the folder")
+        parser.error(f"--name {args.name!r}: a name of letters, digits, '.', '_' and '-' that "
+                     "starts with a letter or digit, not a path; use --out for the folder")
     # flags the chosen source would silently ignore
     own = {"text": {"name", "val-frac", "tokenizer"}, "tokens": {"shards"},
            "parquet": {"shard-size", "workers"}}
@@ -520,6 +523,10 @@ def main(argv=None):
                                     args.workers)
     except (DataError, ValueError, OSError) as e:
         where = args.out or Path("data/fineweb10B")
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.ENOSPC):
+            print(f"error: cannot write {e.filename} ({e.strerror}): free space there, or give "
+                  "another --out", file=sys.stderr)
+            return 1
         offline = (f"; offline, set HF_ENDPOINT to a mirror, or copy the shards into {where} and "
                    "skip this step (train.py --data-dir reads them there)"
                    if isinstance(e, DownloadError) and not args.text else "")

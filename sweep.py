@@ -225,11 +225,13 @@ class Runs:
 
     def run(self, folder, flags, resume):
         """train.py in a subprocess, its output appended to FOLDER/train.out. Returns (exit code,
-        its last line of output), or None when the sweep is stopping and it was not started."""
+        its error line, else its last line of output), or None when the sweep is stopping and it
+        was not started. (torchrun ends its output with a report of its own, after the error.)"""
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [*self.launch, str(HERE / "train.py"), *flags, "--out", str(folder),
                *(["--resume"] if resume else [])]
         with open(folder / "train.out", "a") as out:
+            start = out.tell()  # this attempt's output begins here
             with self.lock:
                 if self.stopping:
                     return None
@@ -238,8 +240,11 @@ class Runs:
             code = proc.wait()
             with self.lock:
                 self.procs.discard(proc)
-        lines = (folder / "train.out").read_text(errors="replace").strip().splitlines()
-        return code, lines[-1] if lines else ""
+        with open(folder / "train.out", errors="replace") as out:
+            out.seek(start)
+            lines = out.read().strip().splitlines()
+        errors = [line for line in lines if line.startswith("error: ")]
+        return code, (errors or lines or [""])[-1]
 
     def stop(self, signum=None):
         """Start no more runs; pass `signum` on to those in flight (they checkpoint and stop)."""

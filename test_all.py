@@ -1784,14 +1784,20 @@ def test_data_preset_folder_holding_other_shards_says_so_before_any_download(tmp
     with pytest.raises(DataError) as e:
         pf.prepare_tinyshakespeare(folder, url=dead_url(), retries=0)
     assert ("a preset's folder for Tiny Shakespeare, holds other shards (toy_train_000001.bin, "
-            "toy_train_000002.bin, toy_val_000000.bin): move them to a folder of their own and "
-            "train on them with --data-dir") in str(e.value)
+            "toy_train_000002.bin, toy_val_000000.bin): move them, with its meta.json (their "
+            "tokenizer), to a folder of their own and train on them with --data-dir"
+            ) in str(e.value)
     (tmp_path / "own").mkdir()
     for shard in folder.glob("*.bin"):
         shard.rename(tmp_path / "own" / shard.name)
     shutil.copy(SHAKESPEARE, folder / "input.txt")
     pf.prepare_tinyshakespeare(folder, url=dead_url(), retries=0)
     assert data_mod.list_shards(tmp_path / "own")[0]  # and the moved shards still read
+    # its own shards under another tokenizer record (meta.json moved away, or another's): they
+    # are made again from its input.txt, not refused
+    (folder / "meta.json").unlink()
+    pf.prepare_tinyshakespeare(folder, url=dead_url(), retries=0, tokenizer_name="char")
+    assert data_mod.read_meta(folder)["tokenizer"] == "char"
 
 
 def test_data_byte_and_char_tokenizers_round_trip_text(tmp_path, capsys):
@@ -2679,6 +2685,20 @@ def test_plot_drops_what_a_run_logged_past_the_checkpoint_it_resumed_from(tmp_pa
     assert plot.stopped(run) is None  # it ended at 4, not "stopped at step 5"
     err = one_line_error(plot.main, [str(tmp_path), "--table", "--baseline", "x"], capsys)
     assert "--baseline goes with --study" in err
+    err = one_line_error(plot.main, [str(tmp_path), str(tmp_path), "--table", "--labels", "x,x"],
+                         capsys)
+    assert "two runs share a label" in err
+
+
+def test_sweep_reports_a_failed_runs_error_line_not_what_follows_it(tmp_path):
+    """torchrun ends a failed run's output with a report of its own: the sweep quotes the run's
+    error line, of this attempt, not the report's last line nor an earlier attempt's error."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.out").write_text("error: an earlier attempt's\n")
+    fails = [sys.executable, "-c", "print('step 1'); print('error: this one'); print('=' * 20); "
+             "raise SystemExit(1)"]
+    code, line = sweep.Runs(fails, dict(os.environ)).run(tmp_path / "run", [], False)
+    assert code == 1 and line == "error: this one"
 
 
 def test_results_compact_log_keeps_evals_boundaries_and_time(tmp_path, data):
@@ -2817,7 +2837,7 @@ def test_results_refuses_what_it_would_get_wrong_and_its_advice_repeats_the_flag
     copy.write_text(readme)
     err = one_line_error(results.main, ["--readme", str(copy), "--results",
                                         str(tmp_path / "empty")], capsys)
-    assert "no compact logs there" in err and copy.read_text() == readme
+    assert "no compact logs of the README's study there" in err and copy.read_text() == readme
     copy.write_text(results.BLOCK.sub(lambda m: m.group(1) + m.group(4), readme))
     argv = ["--readme", str(copy), "--results", str(logs)]
     err = one_line_error(results.main, [*argv, "--check"], capsys, code=1)
@@ -3007,9 +3027,9 @@ def test_a_budget_too_small_for_the_schedule_names_the_budget_and_its_advice_wor
     mine = ["--budget-steps", "1", "--stages", "4", "--inc-steps", "300"]
     flags = ["--preset", "tiny", "--data-dir", str(data), *TOY, *mine]
     err = train_error(tmp_path, data, capsys, *mine)
-    assert ("--budget-steps 1 cannot hold this run's schedule even in 100 steps, the most it is "
-            "tried at (--inc-steps 300 exceeds --max-steps 100): raise --budget-steps, or lower "
-            "the other flag named") in err
+    assert ("--budget-steps 1: no run of up to 100 steps holds this run's schedule (--inc-steps "
+            "300 exceeds --max-steps 100; that --max-steps is the longest run tried, not one you "
+            "gave): change the flag it names, or raise --budget-steps") in err
     assert config.parse_args([*flags[:-5], "400", *flags[-4:]]).max_steps > 300  # raised
     # a budget the schedule's stages do not fit in: refused, not spent many times over
     err = train_error(tmp_path, data, capsys, *mine[:1], "20", *mine[2:])
