@@ -126,7 +126,7 @@ def gates_open(ckpt):
 def export(checkpoint, out):
     """Write the checkpoint's model to the folder `out` (absent or empty), atomically: into a
     folder beside it, renamed into place when complete. Returns (depth, unique blocks, tokenizer
-    meta)."""
+    meta, the step of a run that stopped before its end, else None)."""
     ckpt = runfolder.read(checkpoint)
     model, plan = runfolder.load_model(ckpt)
     meta = ckpt["tokenizer"]
@@ -157,7 +157,8 @@ def export(checkpoint, out):
     # safetensors writes for its owner only: give the weights the mode of the folder's other files
     os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
     os.replace(tmp, out)  # a folder replaces an empty one in a single rename
-    return len(plan.blocks), len(set(plan.blocks)), meta
+    ended = "config" not in ckpt or ckpt["step"] >= ckpt["config"]["max_steps"]
+    return len(plan.blocks), len(set(plan.blocks)), meta, None if ended else ckpt["step"]
 
 
 def main(argv=None):
@@ -166,11 +167,12 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the folder to write; must not exist, or be empty")
     args = p.parse_args(argv)
     with one_line_errors():
-        depth, unique, meta = export(args.checkpoint, args.out)
+        depth, unique, meta, stopped = export(args.checkpoint, args.out)
     shared = f" ({unique} unique blocks unrolled)" if unique < depth else ""
     print(f"{args.out}: GPT-2 with {depth} layers{shared} and its {meta['tokenizer']} tokenizer "
           f"({meta['vocab_size']} tokens); pipeline('text-generation', {str(args.out)!r}) "
-          "loads both")
+          "loads both" + (f"; the run stopped at step {stopped}, before its end: this is the "
+                          "model as it stood there" if stopped is not None else ""))
 
 
 if __name__ == "__main__":

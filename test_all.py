@@ -3382,6 +3382,17 @@ def test_export_folder_works_with_autotokenizer_and_pipeline(name, tmp_path, cap
     made = generate("ROMEO:", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert made == ours.decode(ids[0].tolist())
 
+def test_export_of_a_run_stopped_mid_growth_says_it_is_the_model_as_it_stood(tmp_path, data,
+                                                                             capsys):
+    stopped = tmp_path / "run"
+    assert killed_run(stopped, data, 3, "--stages", "2", "--max-steps", "20",
+                      "--inc-steps", "12") == 3
+    export_main(["--checkpoint", str(stopped / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    out = capsys.readouterr().out
+    assert "GPT-2 with 2 layers" in out  # stage 1 of 2: half the 4 layers
+    assert "the run stopped at step 3, before its end: this is the model as it stood there" in out
+
+
 def test_export_of_msg_mid_ramp_gives_advice_that_works(tmp_path, data, capsys):
     """A checkpoint saved while MSG's gates were opening: a run that stopped there is told the step
     to continue past (resuming to it, the export works); a run that ends before its gates open is
@@ -3394,7 +3405,9 @@ def test_export_of_msg_mid_ramp_gives_advice_that_works(tmp_path, data, capsys):
     assert ("they are open from step 12: continue the run past it (train.py with its flags and "
             "--resume; it stopped at step 5), then export") in err
     run_train(stopped, data, *msg, "--grow-at", "0.2", "--resume")
+    capsys.readouterr()
     export_main(["--checkpoint", str(stopped / "ckpt.pt"), "--out", str(tmp_path / "a")])
+    assert "the run stopped" not in capsys.readouterr().out  # it ended
 
     late = tmp_path / "late"
     run_train(late, data, *msg, "--grow-at", "0.9")  # gates open 18 -> 26, after the end
