@@ -3339,7 +3339,7 @@ def test_export_logits_match_transformers_and_round_trip(kind, tmp_path, data, c
     assert plan == (Plan((0, 0, 1, 1)) if kind == "shared"
                     else Plan(tuple(range(model.config.n_layer))))
     export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")])
-    assert capsys.readouterr().out.endswith("loads both\n")
+    assert "loads both" in capsys.readouterr().out
     # no temp folder left
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hf")) == ["hf"]
     hf = hf_model(tmp_path / "hf")
@@ -3385,12 +3385,15 @@ def test_export_folder_works_with_autotokenizer_and_pipeline(name, tmp_path, cap
 def test_export_of_a_run_stopped_mid_growth_says_it_is_the_model_as_it_stood(tmp_path, data,
                                                                              capsys):
     stopped = tmp_path / "run"
-    assert killed_run(stopped, data, 3, "--stages", "2", "--max-steps", "20",
-                      "--inc-steps", "12") == 3
+    # SIGTERM after step 2's line: the checkpoint is of the step in flight when it lands, within
+    # stage 1 (steps 0-5)
+    step = killed_run(stopped, data, 2, "--stages", "2", "--max-steps", "20", "--inc-steps", "12")
+    assert 2 <= step < 6
     export_main(["--checkpoint", str(stopped / "ckpt.pt"), "--out", str(tmp_path / "hf")])
     out = capsys.readouterr().out
     assert "GPT-2 with 2 layers" in out  # stage 1 of 2: half the 4 layers
-    assert "the run stopped at step 3, before its end: this is the model as it stood there" in out
+    assert (f"the run stopped at step {step}, before its end: this is the model as it stood there"
+            in out)
 
 
 def test_export_of_msg_mid_ramp_gives_advice_that_works(tmp_path, data, capsys):
