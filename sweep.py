@@ -97,15 +97,15 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (GPUs) per run, launched with torchrun")
     args = p.parse_args(own)
-    if args.parts:
-        return parts_args(p, args, own, extra)
-    if not args.regimes or not args.out:
-        p.error("give --regimes and --out (or --parts)")
     if args.jobs < 1 or args.nproc < 1:
         p.error(f"--jobs {args.jobs} --nproc {args.nproc}: give whole numbers of at least 1")
     if args.jobs > 1 and args.nproc > 1:
         p.error("--jobs with --nproc: each run would take the same GPUs; "
                 "give one of them (--jobs for CPU cores)")
+    if args.parts:
+        return parts_args(p, args, own, extra)
+    if not args.regimes or not args.out:
+        p.error("give --regimes and --out (or --parts)")
     args.regimes = args.regimes.split(",")
     unknown = [r for r in args.regimes if r not in REGIMES]
     if unknown:
@@ -143,8 +143,6 @@ def parts_args(p, args, own, extra):
     if mixed or extra:
         p.error(f"--parts sets {', '.join(mixed) or 'the flags after --'} itself: give only "
                 "--parts, --jobs and --nproc")
-    if args.jobs < 1 or args.nproc < 1 or (args.jobs > 1 and args.nproc > 1):
-        p.error(f"--jobs {args.jobs} --nproc {args.nproc}: give one of them, at least 1")
     args.studies = [(results.PARTS[n]["regimes"], results.SEEDS, results.PARTS[n]["flags"],
                      f"out/{n}", str(results.RESULTS / n), results.PARTS[n]["baseline"])
                     for n in names]
