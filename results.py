@@ -276,14 +276,15 @@ def claims_block(results=RESULTS):
                              f"{ref['regime']} {mean_sd(ref['budget_val_loss'])}: {word}"
                              + (f" (n = {r['n']})" if r["n"] != 3 else ""))
                 words.append(word)
+        here = "; ".join(cells)
         if isinstance(expect, float):
             verdict = claim_verdict(["ahead" if w == "within" else "behind" if w == "beyond"
                                      else w for w in words], "ahead")
-            sense = f"gap to {found[0][1][1]['regime']} at equal steps; the claim: within "
-            cells.insert(0, sense + f"{expect:.1%}:")
+            here = (f"final-loss gap to {found[0][1][1]['regime']} at equal steps (the claim: "
+                    f"within {expect:.1%}): {here}")
         else:
             verdict = claim_verdict(words, expect)
-        lines.append(f"| {paper} | {claim} | {'; '.join(cells)} | {verdict} |")
+        lines.append(f"| {paper} | {claim} | {here} | {verdict} |")
     return "\n".join(lines)
 
 
