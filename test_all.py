@@ -2846,6 +2846,24 @@ def test_results_refuses_what_it_would_get_wrong_and_its_advice_repeats_the_flag
     results.main([*argv, "--check"])
 
 
+
+def test_results_verdicts_call_a_difference_within_the_spread_a_tie():
+    """compare: lower loss is ahead, a difference no larger than the larger sd a tie, one seed no
+    verdict; claim_verdict: a paper's claim agrees only when every regime does what it says."""
+    ref = {"budget_val_loss": (1.70, 0.02)}
+    d, spread, word = results.compare({"budget_val_loss": (1.65, 0.01)}, ref)
+    assert (d, spread, word) == (pytest.approx(-0.05), 0.02, "ahead")
+    assert results.compare({"budget_val_loss": (1.72, 0.03)}, ref)[2] == "tie"  # 0.02 <= 0.03
+    assert results.compare({"budget_val_loss": (1.75, 0.01)}, ref)[2] == "behind"
+    assert results.compare({"budget_val_loss": (1.50, None)}, ref)[1:] == (
+        None, "one seed: no verdict")
+    assert results.claim_verdict(["behind", "behind"], "behind") == "agrees"
+    assert results.claim_verdict(["ahead", "ahead"], "behind") == "disagrees"
+    assert results.claim_verdict(["ahead", "tie"], "behind") == "mixed"
+    assert results.claim_verdict(["behind", "ahead"], "behind") == "mixed"
+    assert results.claim_verdict(["tie", "tie"], "ahead") == "cannot tell: ties"
+    assert results.claim_verdict(["ahead", "one seed"], "ahead") == "no verdict yet: one seed"
+
 # ----------------------------------------------------------------------------------------------
 # Every refusal leads somewhere: each test takes the advice its message gives and checks that the
 # next command proceeds
