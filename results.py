@@ -302,18 +302,19 @@ def progress_block(results=RESULTS):
 
 
 def trained_block(results=RESULTS):
-    """Part 1's baselines beside nanoGPT's shakespeare_char figures (from its README), to judge
-    whether the baseline is trained well."""
-    cells = []
-    for ref, schedule in (("baseline", "cosine"), ("baseline-wsd", "WSD")):
-        found = row("study", ref, results)
-        if found:
-            cells.append(f"{mean_sd(found[0]['final_val_loss'], '{:.3f}')} ({schedule}, "
-                         f"n = {found[0]['n']})")
-    return "\n".join([
-        "| run | parameters | tokens seen | val loss |", "| --- | --- | --- | --- |",
-        "| part 1's baseline (`--preset char`) | 0.6M | 3.1M (3 epochs) | "
-        + ("; ".join(cells) or "not run yet") + " |",
+    """The baselines of parts 1 and 3 beside nanoGPT's shakespeare_char figures (from its
+    README), to judge whether the baseline is trained well."""
+    lines = ["| run | parameters | tokens seen | val loss |", "| --- | --- | --- | --- |"]
+    for name, what in (("study", "part 1's baseline (`--preset char`) | 0.6M | 3.1M (3 epochs)"),
+                       ("long", "part 3's, three times as long | 0.6M | 9.2M (9 epochs)")):
+        cells = []
+        for ref, schedule in (("baseline", "cosine"), ("baseline-wsd", "WSD")):
+            found = row(name, ref, results)
+            if found:
+                cells.append(f"{mean_sd(found[0]['final_val_loss'], '{:.3f}')} ({schedule}, "
+                             f"n = {found[0]['n']})")
+        lines.append(f"| {what} | {'; '.join(cells) or 'not run yet'} |")
+    return "\n".join(lines + [
         "| nanoGPT shakespeare_char, its CPU config (4 layers, d 128, no dropout) | 0.8M | 1.5M "
         "| about 1.88 |",
         "| nanoGPT shakespeare_char, GPU config (6 layers, d 384, dropout 0.2) | 10.7M | 82M "
