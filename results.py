@@ -335,6 +335,13 @@ def study_block(name, results=RESULTS, baseline=None, regimes=None):
     return plot.study_table(summary)
 
 
+def late_apart(name, late, results=RESULTS):
+    """A part's table of its late-expansion regimes against baseline-wsd (late=True), or of its
+    other regimes against the part's baseline."""
+    regimes = [r for r in PARTS[name]["regimes"] if r.startswith("late") == late]
+    return study_block(name, results, baseline="baseline-wsd" if late else None, regimes=regimes)
+
+
 def command_block(name):
     return f"```bash\n{part_command(name)}\n```"
 
@@ -347,14 +354,12 @@ BLOCKS = {  # a README block's name -> what goes between its markers
     "claims": claims_block,
     "trained": trained_block,
     "scale": scale_block,
-    "table:study": lambda results: study_block(
-        "study", results, regimes=[r for r in PARTS["study"]["regimes"]
-                                   if not r.startswith("late")]),
-    "table:study-late": lambda results: study_block(
-        "study", results, baseline="baseline-wsd", regimes=["late0", "late1"]),
+    # parts 1, 3 and 4 in two tables each: late expansion against baseline-wsd, the rest against
+    # the cosine baseline
+    **{f"table:{name}{tail}": (lambda name, late: lambda results: late_apart(name, late, results))(
+        name, late) for name in ("study", "long", "wide") for tail, late in (("", False),
+                                                                              ("-late", True))},
     "table:late": lambda results: study_block("late", results),
-    **{f"table:{name}": (lambda name: lambda results: study_block(name, results))(name)
-       for name in ("long", "wide")},
 }
 BLOCK = re.compile(r"(<!-- results\.py: (\S+) -->\n)(.*?)(<!-- /results\.py -->)", re.S)
 
