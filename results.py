@@ -206,7 +206,8 @@ def answer_block(results=RESULTS):
 
 def scale_block(results=RESULTS):
     """How the answer moves with the budget (part long) and the model's size (part wide): each
-    regime's difference from its reference at equal FLOPs, in each part that ran it."""
+    regime's difference from its reference at equal FLOPs, and the FLOPs it needs to reach the
+    reference's final val loss, in each part that ran it."""
     names = [n for n in ("study", "long", "wide") if n in PARTS]
     heads = {"study": "the study's budget", "long": "3× the budget", "wide": "width 128"}
     lines = ["| regime | " + " | ".join(heads[n] for n in names) + " |",
@@ -220,7 +221,8 @@ def scale_block(results=RESULTS):
                 cells.append("not run yet")
                 continue
             d, _, word = compare(*found[:2])
-            cells.append(f"{d:+.4f} ({word}, n = {found[0]['n']})")
+            cells.append(f"{d:+.4f} ({word}, n = {found[0]['n']}); "
+                         f"{ratio(found[0], 'flops_ratio', 'not_reached')}")
         lines.append(f"| {regime} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
