@@ -906,10 +906,13 @@ def test_every_script_stopped_while_loading_leaves_no_traceback_and_nothing_writ
     """Ctrl-C while torch and the rest are still loading (1-2 s): the script ends at once, as
     SIGINT's default does, with no traceback, and has written nothing. The signal goes once the
     script is loading libraries from site-packages with SIGINT not caught (cli has run, the parser
-    not yet), seen in /proc, not after a fixed wait that a loaded machine can outrun."""
+    not yet), seen in /proc, not after a fixed wait that a loaded machine can outrun. It starts
+    with SIGINT at its default, as from a terminal, even where the tests run in the background
+    (a shell's background job inherits SIGINT ignored)."""
     proc = subprocess.Popen([sys.executable, str(HERE / f"{script}.py"), "--out",
                              str(tmp_path / "out")], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc_dir, deadline = Path(f"/proc/{proc.pid}"), time.monotonic() + 60
     while not (re.search(r"(site|dist)-packages/\S+\.so", (proc_dir / "maps").read_text())
                and not int(re.search(r"SigCgt:\s*(\w+)", (proc_dir / "status").read_text())[1],
