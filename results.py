@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 import plot
@@ -358,10 +359,9 @@ BLOCKS = {  # a README block's name -> what goes between its markers
     "scale": scale_block,
     # parts 1, 3 and 4 in two tables each: late expansion against baseline-wsd, the rest against
     # the cosine baseline
-    **{f"table:{name}{tail}": (lambda name, late: lambda results: late_apart(name, late, results))(
-        name, late) for name in ("study", "long", "wide") for tail, late in (("", False),
-                                                                              ("-late", True))},
-    "table:late": lambda results: study_block("late", results),
+    **{f"table:{name}{tail}": partial(late_apart, name, late) for name in ("study", "long", "wide")
+       for tail, late in (("", False), ("-late", True))},
+    "table:late": partial(study_block, "late"),
 }
 BLOCK = re.compile(r"(<!-- results\.py: (\S+) -->\n)(.*?)(<!-- /results\.py -->)", re.S)
 

@@ -133,9 +133,7 @@ def resume(path, config, schedule, schedule_of, model, opt, loader):
         raise ValueError(f"{path} was made with other flags ({diff}): these change "
                          "steps already taken; resume with the same values or use another --out")
     if ckpt["model_config"] != model.config.to_dict():  # e.g. the data remade, another tokenizer
-        saved = ckpt["model_config"]
-        diff = "; ".join(f"{k}: {saved.get(k)} there, {v} here"
-                         for k, v in model.config.to_dict().items() if saved.get(k) != v)
+        diff = other_flags(ckpt["model_config"], model.config.to_dict(), may_differ=(), name=str)
         raise ValueError(f"{path} holds another model than these flags and --data-dir make "
                          f"({diff}): resume with the data it started on (its tokenizer: "
                          f"{ckpt['tokenizer']['tokenizer']}), or start a new run in another "
@@ -161,10 +159,10 @@ def resume(path, config, schedule, schedule_of, model, opt, loader):
     return RunState(**{k: ckpt[k] for k in asdict(RunState())}), changed
 
 
-def other_flags(then, now, may_differ=RESUMABLE_CHANGES):
+def other_flags(then, now, may_differ=RESUMABLE_CHANGES, name=flag):
     """The flags two runs' configs differ in, those in may_differ aside, as one phrase ("--lr:
-    0.004 there, 0.001 here; ..."), or "" where they agree."""
-    return "; ".join(f"{flag(k)}: {then.get(k)!r} there, {v!r} here" for k, v in now.items()
+    0.004 there, 0.001 here; ..."), or "" where they agree; name(key) names each."""
+    return "; ".join(f"{name(k)}: {then.get(k)!r} there, {v!r} here" for k, v in now.items()
                      if k not in may_differ and then.get(k) != v)
 
 
