@@ -387,36 +387,45 @@ def study_summary(runs, labels, baseline="baseline"):
             "budget": budget, "last_fifth": last_fifth, "regimes": regimes}
 
 
+def cell(mean_and_sd, fmt="{:.4f}".format, sd_fmt=None):
+    """A table cell: mean ± sd (sd_fmt for the sd, fmt by default), the mean alone for one run,
+    "–" for none."""
+    mean, sd = mean_and_sd
+    return "–" if mean is None else fmt(mean) + ("" if sd is None else f" ± {(sd_fmt or fmt)(sd)}")
+
+
+def reach(r, ratio, missed, fmt="{:.3f}".format):
+    """A FLOPs-ratio cell of a study_summary row: mean ± sd over the runs that got there, and how
+    many never did."""
+    text = cell(r[ratio], fmt) if r[missed] < r["n"] else ""
+    return text + (("; " if text else "") + f"{r[missed]} of {r['n']} never" if r[missed] else "")
+
+
+def signed_percent(v):
+    """+1.23%; rounded first, so that the baseline's own gap (zero, give or take rounding) reads
+    +0.00%, not -0.00%."""
+    return f"{round(v, 6) + 0.0:+.2%}"
+
+
 def study_table(summary):
     """study_summary as a markdown table, each cell mean ± sd (the mean alone for one run), and a
     line saying what the columns measure."""
-    def cell(mean_and_sd, fmt, sd_fmt=None):
-        mean, sd = mean_and_sd
-        return "–" if mean is None else fmt(mean) + ("" if sd is None else
-                                                     f" ± {(sd_fmt or fmt)(sd)}")
-
-    def reach(r, ratio, missed):
-        text = cell(r[ratio], lambda v: f"{v:.3f}") if r[missed] < r["n"] else ""
-        return text + (("; " if text else "") + f"{r[missed]} of {r['n']} never" if r[missed]
-                       else "")
-
     lines = ["| regime | n | val loss at baseline budget | final val loss | gap to baseline "
              "| training FLOPs (× baseline's) | FLOPs to reach baseline's final (×) "
              "| ... and stay there (×) | training time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["regimes"]:
         lines.append(f"| {r['regime']} | {r['n']} "
-                     f"| {cell(r['budget_val_loss'], lambda v: f'{v:.4f}')} "
-                     f"| {cell(r['final_val_loss'], lambda v: f'{v:.4f}')} "
-                     f"| {cell(r['final_gap'], lambda v: f'{v:+.2%}', lambda v: f'{v:.2%}')} "
-                     f"| {cell(r['flops'], lambda v: f'{v:.3f}')} "
+                     f"| {cell(r['budget_val_loss'])} | {cell(r['final_val_loss'])} "
+                     f"| {cell(r['final_gap'], signed_percent, '{:.2%}'.format)} "
+                     f"| {cell(r['flops'], '{:.3f}'.format)} "
                      f"| {reach(r, 'flops_ratio', 'not_reached')} "
                      f"| {reach(r, 'stay_ratio', 'not_stayed')} "
                      f"| {cell(r['train_seconds'], duration)} |")
     lines += ["", f"Mean ± sample standard deviation (n − 1) over seeds, against "
               f"{summary['baseline']}. Budget: its {summary['budget']:.3e} FLOPs (equal-FLOPs "
               f"comparisons read the budget column; equal-steps ones the final val loss, its gap "
-              f"and the FLOPs ratio). Target: the mean final val loss of its seeds, "
+              f"and the training FLOPs). Target: the mean final val loss of its seeds, "
               f"{summary['target']:.4f}: the FLOPs at the first evaluation at or below it, and "
               "from which every later one stays at or below it, as ratios to its mean training "
               f"FLOPs, {summary['baseline_flops']:.3e}, over the runs that do (\"never\": how "
@@ -451,23 +460,29 @@ def regime_curve(runs):
     return grid, losses.mean(axis=0), sd
 
 
+def reference(regime, present, baseline="baseline"):
+    """What a regime is measured against: late expansion, which uses WSD, against the same
+    schedule without the expansion (baseline-wsd) where the regimes `present` have it; every
+    other regime, baseline-wsd too, against `baseline` (the cosine one)."""
+    return "baseline-wsd" if regime.startswith("late") and "baseline-wsd" in present else baseline
+
+
 # the study figure's panels: a family of regimes each, drawn beside its reference
-FAMILIES = [("incremental (Li et al.)", lambda r: r.startswith("inc"), "baseline"),
-            ("Apollo, stacking, G_stack", lambda r: r in ("apollo", "stack", "gstack"), "baseline"),
-            ("MSG, zero-init", lambda r: r in ("msg", "zero"), "baseline"),
-            ("late expansion (Bu)", lambda r: r.startswith("late"), "baseline-wsd")]
+FAMILIES = [("incremental (Li et al.)", lambda r: r.startswith("inc")),
+            ("Apollo, stacking, G_stack", lambda r: r in ("apollo", "stack", "gstack")),
+            ("MSG, zero-init", lambda r: r in ("msg", "zero")),
+            ("late expansion (Bu)", lambda r: r.startswith("late"))]
 
 
 def families(labels, baseline="baseline"):
-    """[(title, regimes)] of the study figure's panels: each family present with its reference
-    (the late family's is baseline-wsd where the study has it), the regimes of no family in one
-    panel of their own; one panel when nothing groups."""
+    """[(title, regimes)] of the study figure's panels: each family present with its reference,
+    the regimes of no family in one panel of their own; one panel when nothing groups."""
     present = list(dict.fromkeys(labels))
     panels, placed = [], {baseline}
-    for title, member, reference in FAMILIES:
+    for title, member in FAMILIES:
         regimes = [r for r in present if member(r)]
         if regimes:
-            ref = reference if reference in present else baseline
+            ref = reference(regimes[0], present, baseline)
             panels.append((title, [ref] + regimes))
             placed |= {ref, *regimes}
     rest = [r for r in present if r not in placed]

@@ -53,13 +53,12 @@ PARTS = {
 SEEDS = [1, 2, 3]
 
 
-def part_command(name, jobs=2):
-    """The sweep.py command that runs one part (or goes on with it)."""
+def part_command(name):
+    """The sweep.py command that runs one part (or goes on with it), two runs at a time."""
     part = PARTS[name]
-    line = (f"python sweep.py --regimes {','.join(part['regimes'])} --seeds "
-            f"{','.join(map(str, SEEDS))} --baseline {part['baseline']} --jobs {jobs} "
+    return (f"python sweep.py --regimes {','.join(part['regimes'])} --seeds "
+            f"{','.join(map(str, SEEDS))} --baseline {part['baseline']} --jobs 2 "
             f"--out out/{name} --results results/{name} -- {' '.join(part['flags'])}")
-    return line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,10 +78,9 @@ def compact(folder, dest, header, points=STEP_POINTS):
     stride = max(1, len(steps) // points)
     layout = [(r.get("stage"), r.get("phase"), r.get("active_layers"), r.get("trainable_layers"))
               for r in steps]
+    edges = [i for i in range(1, len(steps)) if layout[i] != layout[i - 1]]
     keep = {s["step"] for s in steps[stride - 1::stride]} | {e["step"] for e in evals}
-    keep |= {steps[-1]["step"]} | {steps[i]["step"] for i in range(1, len(steps))
-                                   if layout[i] != layout[i - 1]}
-    keep |= {steps[i - 1]["step"] for i in range(1, len(steps)) if layout[i] != layout[i - 1]}
+    keep |= {steps[-1]["step"]} | {steps[j]["step"] for i in edges for j in (i - 1, i)}
     records, window = [{"run": header}], []
     for r in steps:
         window.append(r)
@@ -127,167 +125,169 @@ def part_runs(name, results=RESULTS):
         return None
 
 
-def reference(regime):
-    """What a regime is measured against: late expansion (which uses WSD) against the same
-    schedule without the expansion, where the part has it; every other regime against the cosine
-    baseline."""
-    return "baseline-wsd" if regime.startswith("late") else "baseline"
+def reference(name, regime):
+    """What a regime is measured against in a part (plot.reference, over the regimes the part
+    plans, so that a late regime waits for baseline-wsd rather than meet the cosine baseline)."""
+    return plot.reference(regime, PARTS[name]["regimes"], PARTS[name]["baseline"])
 
 
-def summaries(name, results=RESULTS):
-    """{reference: plot.study_summary of the part's runs against it} for each reference the part
-    has runs of ({} where it has none)."""
+def part_rows(name, results=RESULTS):
+    """(rows, labels) of one part: rows {regime: (its plot.study_summary row, its reference's
+    row)} for each regime whose reference has runs there; labels the regime of each run there
+    ([] where the part has none yet)."""
     found = part_runs(name, results)
     if found is None:
-        return {}
+        return {}, []
     runs, labels = found
-    return {ref: plot.study_summary(runs, labels, ref) for ref in ("baseline", "baseline-wsd")
-            if ref in labels}
+    rows = {}
+    for ref in sorted({reference(name, label) for label in labels} & set(labels)):
+        summary = {r["regime"]: r for r in plot.study_summary(runs, labels, ref)["regimes"]}
+        rows |= {regime: (r, summary[ref]) for regime, r in summary.items()
+                 if reference(name, regime) == ref}
+    return rows, labels
 
 
-def row(name, regime, results=RESULTS):
-    """(the regime's row, its reference's row, the reference's summary) in a part, or None where
-    either has no runs there."""
-    summary = summaries(name, results).get(reference(regime))
-    rows = {r["regime"]: r for r in (summary or {}).get("regimes", [])}
-    if regime not in rows or summary["baseline"] not in rows:
-        return None
-    return rows[regime], rows[summary["baseline"]], summary
+def missing(name, regime, labels):
+    """The cell of a regime a part cannot compare yet: not run, or its reference not run."""
+    if regime not in labels:
+        return "not run yet"
+    return f"{reference(name, regime)} not run yet (n = {labels.count(regime)})"
 
 
 def compare(r, ref, key="budget_val_loss"):
-    """(difference of means, the larger sd, "ahead" / "behind" / "tie"): a difference no larger
-    than the larger of the two standard deviations is a tie (lower loss is ahead); with one seed
-    of either there is no spread to judge by."""
+    """(difference of means, "ahead" / "behind" / "tie"): a difference no larger than the larger
+    of the two standard deviations is a tie (lower loss is ahead); with one seed of either there
+    is no spread to judge by."""
     (m, sd), (m_ref, sd_ref) = r[key], ref[key]
-    d = m - m_ref
     if sd is None or sd_ref is None:
-        return d, None, "one seed: no verdict"
-    spread = max(sd, sd_ref)
-    return d, spread, "tie" if abs(d) <= spread else "ahead" if d < 0 else "behind"
-
-
-def mean_sd(pair, fmt="{:.4f}"):
-    mean, sd = pair
-    return "–" if mean is None else fmt.format(mean) + ("" if sd is None else
-                                                        " ± " + fmt.format(sd))
+        return m - m_ref, "one seed: no verdict"
+    return m - m_ref, ("tie" if abs(m - m_ref) <= max(sd, sd_ref) else
+                       "ahead" if m < m_ref else "behind")
 
 
 def ratio(r, key, missed):
-    """A FLOPs ratio cell: mean ± sd over the seeds that got there, and how many never did."""
-    text = mean_sd(r[key], "{:.2f}") if r[missed] < r["n"] else ""
-    return text + ("; " if text and r[missed] else "") + (f"{r[missed]} of {r['n']} never"
-                                                          if r[missed] else "")
+    """A FLOPs-ratio cell, to two places: the README's tables say a fraction, not a measurement
+    to the third place."""
+    return plot.reach(r, key, missed, "{:.2f}".format)
 
 
 def answer_block(results=RESULTS):
     """The question itself, from part "study": each regime at equal FLOPs against its reference,
     and the compute it needs to reach and stay at the reference's final val loss."""
-    lines = ["| regime | against | n | val loss at equal FLOPs | difference | verdict "
-             "| FLOPs to reach the reference's final loss (×) | ... and stay there (×) |",
-             "|---|---|---:|---:|---:|---|---:|---:|"]
-    verdicts = {}  # verdict -> its regimes
+    head = ["| regime | against | n | val loss at equal FLOPs | difference | verdict "
+            "| FLOPs to reach the reference's final loss (×) | ... and stay there (×) |",
+            "|---|---|---:|---:|---:|---|---:|---:|"]
+    rows, _ = part_rows("study", results)
+    lines, verdicts = [], {}  # verdicts: verdict -> its regimes
     for regime in PARTS["study"]["regimes"]:
-        found = row("study", regime, results)
-        if found is None or regime == reference(regime):
+        if regime not in rows or regime == reference("study", regime):
             continue
-        r, ref, _ = found
-        d, spread, word = compare(r, ref)
+        r, ref = rows[regime]
+        d, word = compare(r, ref)
         verdicts.setdefault(word, []).append(regime)
-        lines.append(f"| {regime} | {ref['regime']} {mean_sd(ref['budget_val_loss'])} | {r['n']} "
-                     f"| {mean_sd(r['budget_val_loss'])} | {d:+.4f} | {word} "
+        lines.append(f"| {regime} | {ref['regime']} {plot.cell(ref['budget_val_loss'])} "
+                     f"| {r['n']} | {plot.cell(r['budget_val_loss'])} | {d:+.4f} | {word} "
                      f"| {ratio(r, 'flops_ratio', 'not_reached')} "
                      f"| {ratio(r, 'stay_ratio', 'not_stayed')} |")
-    if len(lines) == 2:
+    if not lines:
         return "No runs of part study are in results/study yet."
-    lines += ["", "In short: " + "; ".join(f"{word}: {', '.join(regimes)}"
-                                           for word, regimes in sorted(verdicts.items())) + "."]
-    return "\n".join(lines)
+    return "\n".join(head + lines + ["", "In short: " + "; ".join(
+        f"{word}: {', '.join(regimes)}" for word, regimes in sorted(verdicts.items())) + "."])
 
 
 def scale_block(results=RESULTS):
     """How the answer moves with the budget (part long) and the model's size (part wide): each
     regime's difference from its reference at equal FLOPs, and the FLOPs it needs to reach the
     reference's final val loss, in each part that ran it."""
-    names = [n for n in ("study", "long", "wide") if n in PARTS]
     heads = {"study": "the study's budget", "long": "3× the budget", "wide": "width 128"}
-    lines = ["| regime | " + " | ".join(heads[n] for n in names) + " |",
-             "|---|" + "---:|" * len(names)]
-    regimes = [r for r in PARTS.get("long", PARTS["study"])["regimes"] if r != reference(r)]
-    for regime in regimes:
+    lines = ["| regime | against | " + " | ".join(heads.values()) + " |",
+             "|---|---|" + "---:|" * len(heads)]
+    found = {name: part_rows(name, results) for name in heads}
+    for regime in PARTS["long"]["regimes"]:
+        if regime == reference("long", regime):
+            continue
         cells = []
-        for name in names:
-            found = row(name, regime, results)
-            if found is None:
-                cells.append("not run yet")
+        for name, (rows, labels) in found.items():
+            if regime not in rows:
+                cells.append(missing(name, regime, labels))
                 continue
-            d, _, word = compare(*found[:2])
-            cells.append(f"{d:+.4f} ({word}, n = {found[0]['n']}); "
-                         f"{ratio(found[0], 'flops_ratio', 'not_reached')}")
-        lines.append(f"| {regime} | " + " | ".join(cells) + " |")
+            r, ref = rows[regime]
+            d, word = compare(r, ref)
+            cells.append(f"{d:+.4f} ({word}, n = {r['n']}); "
+                         f"{ratio(r, 'flops_ratio', 'not_reached')}")
+        lines.append(f"| {regime} | {reference('long', regime)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def seeds_note(r):
+    """" (n = k)" where a regime has other than the study's number of seeds."""
+    return "" if r["n"] == len(SEEDS) else f" (n = {r['n']})"
+
+
+def loss_claim(regime, r, ref):
+    """(cell, verdict) of a claim about the val loss at equal FLOPs: the regime against its
+    reference, and the FLOPs it needs to reach the reference's final loss (how much it saves)."""
+    d, word = compare(r, ref)
+    return (f"{regime} {plot.cell(r['budget_val_loss'])} against {ref['regime']} "
+            f"{plot.cell(ref['budget_val_loss'])}{seeds_note(r)}: {word}; FLOPs to reach its "
+            f"final loss: {ratio(r, 'flops_ratio', 'not_reached')}"), word
+
+
+def gap_claim(bound, regime, r, ref):
+    """(cell, verdict) of a claim that the final val loss at equal steps is within `bound` (a
+    fraction) of the reference's: "within" or "beyond" when the whole mean ± sd is, else tie."""
+    gap, sd = r["final_gap"]
+    word = ("one seed: no verdict" if sd is None else "within" if gap + sd <= bound
+            else "beyond" if gap - sd > bound else "tie")
+    return (f"{regime}'s final-loss gap to {ref['regime']} at equal steps "
+            f"{plot.cell(r['final_gap'], '{:+.1%}'.format, '{:.1%}'.format)}{seeds_note(r)}: "
+            f"{word}"), word
+
+
 # each paper's claim, at the scale it was made at, and what would agree with it here: a regime
-# "ahead" of (or "behind") its reference at equal FLOPs in part study, or, for late expansion,
-# a final val loss within a gap of its reference's at equal steps in part late
+# "ahead" of (or "behind") its reference at equal FLOPs in part study (Li et al.'s as published:
+# new layers from their own init), or, for late expansion, a final val loss within a gap of its
+# reference's at equal steps in part late
 CLAIMS = [
     ("Li, Fung & Huang 2024", "incremental models trail the baseline at the equal-cost point and "
      "need about 45% more compute to match it (GPT-2 124M, 10B tokens)",
-     "study", ["inc4-freeze", "inc4-isolate", "inc4-copy-top", "inc12"], "behind"),
+     "study", ["inc4-freeze", "inc4-isolate", "inc12"], "behind", loss_claim),
     ("Apollo (Pan et al. 2024)", "47.9% of the compute saved (GPT-Base)", "study", ["apollo"],
-     "ahead"),
-    ("G_stack (Du et al. 2024)", "a 54.6% speed-up (7B)", "study", ["gstack"], "ahead"),
-    ("MSG (Yao et al. 2024)", "a 1.4× speed-up (GPT-2)", "study", ["msg"], "ahead"),
+     "ahead", loss_claim),
+    ("G_stack (Du et al. 2024)", "a 54.6% speed-up (7B)", "study", ["gstack"], "ahead",
+     loss_claim),
+    ("MSG (Yao et al. 2024)", "a 1.4× speed-up (GPT-2)", "study", ["msg"], "ahead", loss_claim),
     ("Bu 2025, late expansion", "at equal steps, a final loss within 0.5% of the baseline's for "
      "GPT-2 124M (within 0.2% at 7B, where the \"≈80% of compute saved\" headline is made)",
-     "late", ["late0", "late1"], 0.005),
+     "late", ["late0", "late1"], "within", partial(gap_claim, 0.005)),
 ]
 
 
 def claim_verdict(words, expect):
-    """One verdict from each regime's comparison: agrees or disagrees when all do, cannot tell
-    when all are ties, mixed otherwise."""
+    """One verdict from each regime's: agrees when every regime does what the claim says,
+    disagrees when every one does the opposite, cannot tell when all are ties, mixed otherwise."""
     if any(w.startswith("one seed") for w in words):
         return "no verdict yet: one seed"
     if all(w == expect for w in words):
         return "agrees"
-    if all(w in ("ahead", "behind") and w != expect for w in words):
+    if all(w not in (expect, "tie") for w in words):
         return "disagrees"
     return "cannot tell: ties" if all(w == "tie" for w in words) else "mixed"
 
 
 def claims_block(results=RESULTS):
-    lines = ["| paper | its claim, at its scale | here (3 seeds each unless said) "
+    """Each paper's claim beside what its regimes did here, and a verdict (claim_verdict)."""
+    lines = [f"| paper | its claim, at its scale | here ({len(SEEDS)} seeds each unless said) "
              "| verdict at this scale |", "| --- | --- | --- | --- |"]
-    for paper, claim, part, regimes, expect in CLAIMS:
-        found = [(regime, row(part, regime, results)) for regime in regimes]
-        found = [(regime, f) for regime, f in found if f is not None]
-        if not found:
+    for paper, claim, part, regimes, expect, judge in CLAIMS:
+        rows, _ = part_rows(part, results)
+        judged = [judge(regime, *rows[regime]) for regime in regimes if regime in rows]
+        if not judged:
             lines.append(f"| {paper} | {claim} | not run yet (part {part}) | – |")
             continue
-        cells, words = [], []
-        for regime, (r, ref, _) in found:
-            if isinstance(expect, float):  # a final-loss gap at equal steps
-                gap, sd = r["final_gap"]
-                cells.append(f"{regime} {gap:+.1%} ± {(sd or 0):.1%} (n = {r['n']})")
-                words.append("one seed" if sd is None else "within" if gap + sd <= expect
-                             else "beyond" if gap - sd > expect else "tie")
-            else:
-                d, _, word = compare(r, ref)
-                cells.append(f"{regime} {mean_sd(r['budget_val_loss'])} against "
-                             f"{ref['regime']} {mean_sd(ref['budget_val_loss'])}: {word}"
-                             + (f" (n = {r['n']})" if r["n"] != 3 else ""))
-                words.append(word)
-        here = "; ".join(cells)
-        if isinstance(expect, float):
-            verdict = claim_verdict(["ahead" if w == "within" else "behind" if w == "beyond"
-                                     else w for w in words], "ahead")
-            here = (f"final-loss gap to {found[0][1][1]['regime']} at equal steps (the claim: "
-                    f"within {expect:.1%}): {here}")
-        else:
-            verdict = claim_verdict(words, expect)
-        lines.append(f"| {paper} | {claim} | {here} | {verdict} |")
+        here = "; ".join(text for text, _ in judged)
+        lines.append(f"| {paper} | {claim} | {here} "
+                     f"| {claim_verdict([word for _, word in judged], expect)} |")
     return "\n".join(lines)
 
 
@@ -310,12 +310,11 @@ def trained_block(results=RESULTS):
     lines = ["| run | parameters | tokens seen | val loss |", "| --- | --- | --- | --- |"]
     for name, what in (("study", "part 1's baseline (`--preset char`) | 0.6M | 3.1M (3 epochs)"),
                        ("long", "part 3's, three times as long | 0.6M | 9.2M (9 epochs)")):
-        cells = []
-        for ref, schedule in (("baseline", "cosine"), ("baseline-wsd", "WSD")):
-            found = row(name, ref, results)
-            if found:
-                cells.append(f"{mean_sd(found[0]['final_val_loss'], '{:.3f}')} ({schedule}, "
-                             f"n = {found[0]['n']})")
+        rows, _ = part_rows(name, results)
+        cells = [f"{plot.cell(rows[ref][0]['final_val_loss'], '{:.3f}'.format)} ({schedule}, "
+                 f"n = {rows[ref][0]['n']})"
+                 for ref, schedule in (("baseline", "cosine"), ("baseline-wsd", "WSD"))
+                 if ref in rows]
         lines.append(f"| {what} | {'; '.join(cells) or 'not run yet'} |")
     return "\n".join(lines + [
         "| nanoGPT shakespeare_char, its CPU config (4 layers, d 128, no dropout) | 0.8M | 1.5M "
@@ -341,17 +340,20 @@ def study_block(name, results=RESULTS, baseline=None, regimes=None):
 def late_apart(name, late, results=RESULTS):
     """A part's table of its late-expansion regimes against baseline-wsd (late=True), or of its
     other regimes against the part's baseline."""
-    regimes = [r for r in PARTS[name]["regimes"] if r.startswith("late") == late]
-    return study_block(name, results, baseline="baseline-wsd" if late else None, regimes=regimes)
+    wsd = [r for r in PARTS[name]["regimes"] if reference(name, r) == "baseline-wsd"]
+    if late:
+        return study_block(name, results, baseline="baseline-wsd", regimes=wsd)
+    rest = [r for r in PARTS[name]["regimes"] if r not in wsd]
+    return study_block(name, results, regimes=rest)
 
 
-def command_block(name):
+def command_block(name, results=RESULTS):
+    """A part's command (the same whatever `results`)."""
     return f"```bash\n{part_command(name)}\n```"
 
 
 BLOCKS = {  # a README block's name -> what goes between its markers
-    **{f"command:{name}": (lambda name: lambda results: command_block(name))(name)
-       for name in PARTS},
+    **{f"command:{name}": partial(command_block, name) for name in PARTS},
     "progress": progress_block,
     "answer": answer_block,
     "claims": claims_block,

@@ -2859,20 +2859,41 @@ def test_results_refuses_what_it_would_get_wrong_and_its_advice_repeats_the_flag
 
 def test_results_verdicts_call_a_difference_within_the_spread_a_tie():
     """compare: lower loss is ahead, a difference no larger than the larger sd a tie, one seed no
-    verdict; claim_verdict: a paper's claim agrees only when every regime does what it says."""
-    ref = {"budget_val_loss": (1.70, 0.02)}
-    d, spread, word = results.compare({"budget_val_loss": (1.65, 0.01)}, ref)
-    assert (d, spread, word) == (pytest.approx(-0.05), 0.02, "ahead")
-    assert results.compare({"budget_val_loss": (1.72, 0.03)}, ref)[2] == "tie"  # 0.02 <= 0.03
-    assert results.compare({"budget_val_loss": (1.75, 0.01)}, ref)[2] == "behind"
-    assert results.compare({"budget_val_loss": (1.50, None)}, ref)[1:] == (
-        None, "one seed: no verdict")
+    verdict; gap_claim: within a bound only when the whole mean ± sd is; claim_verdict: a paper's
+    claim agrees only when every regime does what it says."""
+    ref = {"budget_val_loss": (1.70, 0.02), "regime": "baseline-wsd"}
+    d, word = results.compare({"budget_val_loss": (1.65, 0.01)}, ref)
+    assert (d, word) == (pytest.approx(-0.05), "ahead")
+    assert results.compare({"budget_val_loss": (1.72, 0.03)}, ref)[1] == "tie"  # 0.02 <= 0.03
+    assert results.compare({"budget_val_loss": (1.75, 0.01)}, ref)[1] == "behind"
+    assert results.compare({"budget_val_loss": (1.50, None)}, ref)[1] == "one seed: no verdict"
+    gap = {(0.004, 0.0005): "within", (0.004, 0.002): "tie", (0.01, 0.002): "beyond",
+           (0.001, None): "one seed: no verdict"}
+    for (mean, sd), word in gap.items():
+        cell, got = results.gap_claim(0.005, "late0", {"final_gap": (mean, sd), "n": 3}, ref)
+        assert got == word and cell.startswith("late0's final-loss gap to baseline-wsd")
     assert results.claim_verdict(["behind", "behind"], "behind") == "agrees"
     assert results.claim_verdict(["ahead", "ahead"], "behind") == "disagrees"
+    assert results.claim_verdict(["beyond", "beyond"], "within") == "disagrees"
     assert results.claim_verdict(["ahead", "tie"], "behind") == "mixed"
     assert results.claim_verdict(["behind", "ahead"], "behind") == "mixed"
     assert results.claim_verdict(["tie", "tie"], "ahead") == "cannot tell: ties"
     assert results.claim_verdict(["ahead", "one seed"], "ahead") == "no verdict yet: one seed"
+    assert plot.signed_percent(-1e-17) == "+0.00%" and plot.signed_percent(-0.0123) == "-1.23%"
+
+
+def test_results_late_regimes_wait_for_their_own_reference():
+    """Late expansion is measured against baseline-wsd in a part that plans it, even before it has
+    run (its cell says so), never against the cosine baseline meanwhile; elsewhere (plot.py
+    --study on a folder without it) against the study's baseline."""
+    assert results.reference("wide", "late1") == "baseline-wsd"
+    assert results.reference("wide", "baseline-wsd") == results.reference("wide", "stack") == \
+        "baseline"
+    assert results.missing("wide", "late1", ["baseline", "late1"]) == (
+        "baseline-wsd not run yet (n = 1)")
+    assert results.missing("wide", "apollo", ["baseline", "late1"]) == "not run yet"
+    assert plot.reference("late1", ["baseline", "late1"]) == "baseline"
+    assert plot.reference("late1", ["baseline", "baseline-wsd", "late1"]) == "baseline-wsd"
 
 # ----------------------------------------------------------------------------------------------
 # Every refusal leads somewhere: each test takes the advice its message gives and checks that the
