@@ -279,9 +279,10 @@ def claims_block(results=RESULTS):
     """Each paper's claim beside what its regimes did here, and a verdict (claim_verdict)."""
     lines = [f"| paper | its claim, at its scale | here ({len(SEEDS)} seeds each unless said) "
              "| verdict at this scale |", "| --- | --- | --- | --- |"]
+    rows = {part: part_rows(part, results)[0] for part in {c[2] for c in CLAIMS}}
     for paper, claim, part, regimes, expect, judge in CLAIMS:
-        rows, _ = part_rows(part, results)
-        judged = [judge(regime, *rows[regime]) for regime in regimes if regime in rows]
+        judged = [judge(regime, *rows[part][regime]) for regime in regimes
+                  if regime in rows[part]]
         if not judged:
             lines.append(f"| {paper} | {claim} | not run yet (part {part}) | – |")
             continue
